@@ -1,0 +1,23 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED = Path(os.environ.get("HUB_CCROP_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+
+@pytest.fixture(scope="session")
+def cifar10_parquet() -> Path:
+    """The local CIFAR-10 train parquet from ../shared (skips when absent)."""
+    files = sorted((SHARED / "data" / "cifar10" / "plain_text").glob("train-*.parquet"))
+    if not files:
+        pytest.skip(f"CIFAR-10 parquet not found under {SHARED}/data/cifar10")
+    return files[0]
