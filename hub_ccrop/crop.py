@@ -17,7 +17,7 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-__all__ = ["FULL_BOX", "ContrastiveCrop", "sample_beta", "sample_crop_params"]
+__all__ = ["FULL_BOX", "ContrastiveCrop", "object_miss_rate", "sample_beta", "sample_crop_params"]
 
 FULL_BOX: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
 MAX_TRIES = 10
@@ -211,3 +211,39 @@ def sample_crop_params(
 
 def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
     return torch.rand(shape, generator=generator, dtype=torch.float64, device=device)
+
+
+def object_miss_rate(
+    objects: Tensor,
+    boxes: Tensor,
+    sizes: Tensor,
+    *,
+    scale: Sequence[float] = (0.2, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    alpha: float = 1.0,
+    min_cover: float = 0.2,
+    repeats: int = 4,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Share of view pairs in which at least one view covers less than ``min_cover`` of the object.
+
+    The paper's false positives: ``objects`` are ground-truth boxes ``[N, 4]``; ContrastiveCrop pairs use
+    ``boxes`` and ``alpha``, RandomResizedCrop pairs the whole image and alpha 1. ``sizes`` is ``[N, 2]`` (H, W).
+    """
+    g = torch.Generator().manual_seed(seed)
+    sizes = sizes.to(torch.float64)
+    obj_px = objects.to(torch.float64) * sizes[:, [1, 0, 1, 0]]
+    obj_area = ((obj_px[:, 2] - obj_px[:, 0]) * (obj_px[:, 3] - obj_px[:, 1])).clamp_min(1e-9)
+
+    def coverage(crop_boxes: Tensor, a: float) -> Tensor:
+        i, j, h, w = sample_crop_params(crop_boxes, sizes.long(), scale=scale, ratio=ratio, alpha=a, generator=g).T
+        lt_x, lt_y = torch.maximum(obj_px[:, 0], j), torch.maximum(obj_px[:, 1], i)
+        rb_x, rb_y = torch.minimum(obj_px[:, 2], j + w), torch.minimum(obj_px[:, 3], i + h)
+        return (rb_x - lt_x).clamp(min=0) * (rb_y - lt_y).clamp(min=0) / obj_area
+
+    full = torch.tensor([FULL_BOX], dtype=torch.float32).expand_as(boxes)
+    rates = {}
+    for name, crop_boxes, a in (("rcrop", full, 1.0), ("ccrop", boxes, alpha)):
+        misses = [(coverage(crop_boxes, a) < min_cover) | (coverage(crop_boxes, a) < min_cover) for _ in range(repeats)]
+        rates[name] = torch.cat(misses).double().mean().item()
+    return rates

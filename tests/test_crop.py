@@ -11,7 +11,14 @@ from PIL import Image
 from scipy import stats
 from torchvision.transforms import RandomResizedCrop
 
-from hub_ccrop.crop import FULL_BOX, ContrastiveCrop, _fallback_crop, sample_beta, sample_crop_params
+from hub_ccrop.crop import (
+    FULL_BOX,
+    ContrastiveCrop,
+    _fallback_crop,
+    object_miss_rate,
+    sample_beta,
+    sample_crop_params,
+)
 
 N_DRAWS = 4000
 
@@ -168,3 +175,17 @@ def test_transform_output_pil_and_tensor():
 def test_bad_parameters_are_refused(kwargs):
     with pytest.raises(ValueError):
         ContrastiveCrop(8, **kwargs)
+
+
+def test_object_miss_rate():
+    """Whole-image boxes make both samplers identical; boxes on the object cut misses (the paper's claim)."""
+    n = 2000
+    sizes = torch.full((n, 2), 64)
+    objects = torch.tensor([[0.05, 0.05, 0.3, 0.3]]).expand(n, 4)
+    full = torch.tensor([FULL_BOX]).expand(n, 4)
+    same = object_miss_rate(objects, full, sizes, alpha=1.0, seed=1)
+    assert abs(same["rcrop"] - same["ccrop"]) < 0.03
+    tight = object_miss_rate(objects, objects, sizes, alpha=0.6, seed=1)
+    assert 0.2 < tight["rcrop"] and tight["ccrop"] < tight["rcrop"] - 0.1
+    whole_object = object_miss_rate(full, full, sizes, seed=1)
+    assert whole_object["rcrop"] < 0.01  # crops cover >= ~20% of a whole-image object (w, h are rounded)

@@ -1,0 +1,561 @@
+"""Detection transfer: torchvision Faster R-CNN + FPN on a timm backbone, and detectron2 export.
+
+- ``build_faster_rcnn`` puts a pretrained backbone (run folder, timm export, ``hf-hub:`` id, or a timm
+  ``features_only`` model) under a ``torchvision.ops.FeaturePyramidNetwork`` (+ ``LastLevelMaxPool``) and
+  torchvision's ``FasterRCNN``; BatchNorms frozen (``FrozenBatchNorm2d``) or trainable, early stages
+  frozen as in torchvision's ``trainable_layers``.
+- ``DetectionDataset`` reads a Hub-format detection dataset (image + objects with boxes and category
+  ids; column names and box format configurable) into torchvision targets; ``detection_collate``.
+- ``finetune_detection`` trains under ``accelerate`` (warm-up + step schedule) and
+  ``evaluate_detection`` computes COCO-style mAP with ``torchmetrics`` (pycocotools backend), gathering
+  predictions **by image id** across processes.
+- ``to_detectron2`` / ``from_detectron2`` / ``export_detectron2``: the key renaming of MoCo's
+  ``detection/convert-pretrain-to-detectron2.py`` for ResNets, written as a detectron2 ``.pkl``.
+- ``add_cli`` registers ``hub-ccrop finetune-detection`` and ``hub-ccrop export-detectron2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import pickle
+import re
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from hub_ccrop.evaluate import (
+    _is_main,
+    _resolve_columns,
+    _set_epoch,
+    _to_pil,
+    add_dataset_args,
+    default_output_dir,
+    load_backbone,
+    load_split,
+    write_results,
+)
+
+__all__ = [
+    "DetectionDataset",
+    "TimmFPNBackbone",
+    "add_cli",
+    "build_faster_rcnn",
+    "detection_collate",
+    "evaluate_detection",
+    "export_detectron2",
+    "finetune_detection",
+    "from_detectron2",
+    "to_detectron2",
+]
+
+
+# ----------------------------------------------------------------------------------------------------
+# model
+
+
+class TimmFPNBackbone(nn.Module):
+    """A timm ``features_only`` model followed by an FPN; ``out_channels`` as torchvision expects.
+
+    ``forward`` returns an ``OrderedDict`` ``{"0": P2, "1": P3, ..., "pool": P6}`` (one map per
+    ``out_indices`` entry of the body, plus the max-pooled extra level).
+    """
+
+    def __init__(self, body: nn.Module, out_channels: int = 256) -> None:
+        super().__init__()
+        from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(body.feature_info.channels(), out_channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.body.feature_info.channels())
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        feats = self.body(x)
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
+
+
+def freeze_stages(body: nn.Module, trainable_stages: int) -> list[str]:
+    """Freeze all but the last ``trainable_stages`` feature stages of a timm ``features_only`` body.
+
+    Stages are the body's ``feature_info`` entries (ResNet: stem, layer1..layer4), so 3 trains
+    layer2..layer4 as torchvision's ``trainable_layers=3``. Frozen modules get ``requires_grad=False``
+    and frozen BatchNorms. Returns the frozen module names.
+    """
+    from timm.utils import freeze
+
+    stages = [info["module"].replace(".", "_") for info in body.feature_info.info]
+    if not 0 <= trainable_stages <= len(stages):
+        raise ValueError(f"trainable_stages must be in [0, {len(stages)}], got {trainable_stages}")
+    if trainable_stages == len(stages):
+        return []
+    last_frozen = stages[len(stages) - trainable_stages - 1]
+    frozen = []
+    for name, _ in body.named_children():
+        frozen.append(name)
+        if name == last_frozen:
+            break
+    freeze(body, frozen)
+    return frozen
+
+
+def build_faster_rcnn(
+    backbone: str | Path | nn.Module,
+    num_categories: int,
+    *,
+    out_indices: Sequence[int] = (1, 2, 3, 4),
+    fpn_channels: int = 256,
+    frozen_bn: bool = True,
+    trainable_stages: int = 3,
+    min_size: int = 800,
+    max_size: int = 1333,
+    **faster_rcnn_kwargs: Any,
+) -> nn.Module:
+    """torchvision ``FasterRCNN`` with an FPN over a timm backbone's multi-scale features.
+
+    ``backbone`` is a source for ``load_backbone`` (run folder, timm export, ``hf-hub:``/``timm:`` id)
+    or an already built timm ``features_only`` model. ``num_categories`` excludes the background
+    (torchvision's ``num_classes`` is ``num_categories + 1``; labels are 1..num_categories).
+    Anchors: one size per level (32, 64, ...) x ratios (0.5, 1, 2); images are normalized inside the
+    model with the backbone's mean/std, so inputs are RGB floats in [0, 1].
+    """
+    from timm.layers import freeze_batch_norm_2d
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.ops import MultiScaleRoIAlign
+
+    if isinstance(backbone, nn.Module):
+        body = backbone
+    else:
+        body = load_backbone(backbone, features_only=True, out_indices=tuple(out_indices))
+    if not hasattr(body, "feature_info"):
+        raise TypeError("build_faster_rcnn needs a timm features_only model (with feature_info)")
+    if frozen_bn:
+        body = freeze_batch_norm_2d(body)  # torchvision's FrozenBatchNorm2d (timm's *Act variant for BN+act)
+    freeze_stages(body, trainable_stages)
+    fpn = TimmFPNBackbone(body, fpn_channels)
+    levels = fpn.num_levels
+    anchors = AnchorGenerator(
+        sizes=tuple((32 * 2**i,) for i in range(levels + 1)), aspect_ratios=((0.5, 1.0, 2.0),) * (levels + 1)
+    )
+    roi_pool = MultiScaleRoIAlign(featmap_names=[str(i) for i in range(levels)], output_size=7, sampling_ratio=2)
+    cfg = getattr(body, "pretrained_cfg", {}) or {}
+    return FasterRCNN(
+        fpn,
+        num_classes=num_categories + 1,
+        min_size=min_size,
+        max_size=max_size,
+        image_mean=list(cfg.get("mean", (0.485, 0.456, 0.406))),
+        image_std=list(cfg.get("std", (0.229, 0.224, 0.225))),
+        rpn_anchor_generator=anchors,
+        box_roi_pool=roi_pool,
+        **faster_rcnn_kwargs,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# data
+
+
+class DetectionDataset(Dataset):
+    """Hub-format detection rows as ``(image [3,H,W] in [0,1], target)`` for torchvision.
+
+    Rows hold an image and objects with boxes and category ids, either nested in ``objects_column``
+    (a dict of lists, as in ``cppe-5`` or ``detection-datasets/coco``, or a list of dicts) or as
+    top-level columns when ``objects_column`` is ``None``. ``box_format`` is ``xyxy``, ``xywh`` or
+    ``cxcywh`` in pixels (``normalized=True``: fractions of the image size). Labels are
+    ``category + category_offset`` (offset 1 for 0-based categories: 0 is the background).
+    Degenerate boxes are dropped; ``train=True`` adds a random horizontal flip. ``image_id`` is the row
+    index.
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        *,
+        image_column: str = "image",
+        objects_column: str | None = "objects",
+        bbox_key: str = "bbox",
+        category_key: str = "category",
+        box_format: str = "xywh",
+        normalized: bool = False,
+        category_offset: int = 1,
+        train: bool = False,
+    ) -> None:
+        if box_format not in ("xyxy", "xywh", "cxcywh"):
+            raise ValueError(f"box_format must be xyxy, xywh or cxcywh, got {box_format!r}")
+        self.data, self.image_column, self.objects_column = data, image_column, objects_column
+        self.bbox_key, self.category_key, self.box_format = bbox_key, category_key, box_format
+        self.normalized, self.category_offset, self.train = normalized, category_offset, train
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def _objects(self, row: Mapping[str, Any]) -> tuple[list, list]:
+        objects = row if self.objects_column is None else row[self.objects_column]
+        if isinstance(objects, Mapping):
+            return list(objects[self.bbox_key]), list(objects[self.category_key])
+        return [o[self.bbox_key] for o in objects], [o[self.category_key] for o in objects]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
+        from torchvision.ops import box_convert
+        from torchvision.transforms.functional import pil_to_tensor
+
+        row = self.data[index]
+        image = pil_to_tensor(_to_pil(row[self.image_column])).float().div_(255)
+        height, width = image.shape[-2:]
+        bboxes, categories = self._objects(row)
+        boxes = torch.as_tensor(bboxes, dtype=torch.float32).reshape(-1, 4)
+        boxes = box_convert(boxes, self.box_format, "xyxy")
+        if self.normalized:
+            boxes = boxes * torch.tensor([width, height, width, height], dtype=torch.float32)
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+        labels = torch.as_tensor(categories, dtype=torch.int64).reshape(-1) + self.category_offset
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes, labels = boxes[keep], labels[keep]
+        if self.train and torch.rand(()) < 0.5:
+            image = image.flip(-1)
+            boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+        return image, {"boxes": boxes, "labels": labels, "image_id": torch.tensor(index, dtype=torch.int64)}
+
+
+def detection_collate(batch: Sequence[tuple[Tensor, dict[str, Tensor]]]) -> tuple[list[Tensor], list[dict]]:
+    """Lists of images and targets (images differ in size; the model batches them itself)."""
+    images, targets = zip(*batch, strict=True)
+    return list(images), list(targets)
+
+
+# ----------------------------------------------------------------------------------------------------
+# training and evaluation
+
+
+def _to_device(images: list[Tensor], targets: list[dict], device: torch.device) -> tuple[list[Tensor], list[dict]]:
+    return [i.to(device, non_blocking=True) for i in images], [{k: v.to(device) for k, v in t.items()} for t in targets]
+
+
+@torch.no_grad()
+def evaluate_detection(
+    model: nn.Module, loader: Iterable, *, accelerator: Any = None, progress: bool = True
+) -> dict[str, float | None]:
+    """COCO-style box mAP (percent) with ``torchmetrics`` ``MeanAveragePrecision`` (pycocotools).
+
+    Under several processes, predictions and targets are gathered and de-duplicated **by image id**,
+    then every process computes the same numbers. Entries torchmetrics marks unavailable (-1, e.g. no
+    large objects) are ``None``.
+    """
+    from torchmetrics.detection import MeanAveragePrecision
+
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    rows: list[tuple[int, dict, dict]] = []
+    try:
+        for images, targets in tqdm(loader, desc="detection eval", leave=False,
+                                    disable=not (progress and _is_main(accelerator))):  # fmt: skip
+            images, _ = _to_device(images, [], device)
+            outputs = model(images)
+            for out, tgt in zip(outputs, targets, strict=True):
+                pred = {k: out[k].float().cpu() for k in ("boxes", "scores", "labels")}
+                rows.append((int(tgt["image_id"]), pred, {k: tgt[k].cpu() for k in ("boxes", "labels")}))
+    finally:
+        model.train(was_training)
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        rows = gather_object(rows)
+    unique = {image_id: (pred, tgt) for image_id, pred, tgt in sorted(rows, key=lambda r: r[0], reverse=True)}
+    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools", sync_on_compute=False)
+    for image_id in sorted(unique):
+        pred, tgt = unique[image_id]
+        metric.update([pred], [tgt])
+    result = metric.compute()
+    out: dict[str, float | None] = {}
+    for key, value in result.items():
+        if isinstance(value, Tensor) and value.numel() == 1 and key != "classes":
+            out[key] = None if float(value) < 0 else 100.0 * float(value)
+    out["num_images"] = len(unique)
+    return out
+
+
+def finetune_detection(
+    model: nn.Module,
+    train_loader: Iterable,
+    test_loader: Iterable | None = None,
+    *,
+    steps: int = 1000,
+    lr: float = 0.02,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    warmup_steps: int = 100,
+    milestones: Sequence[float] = (2 / 3, 8 / 9),
+    gamma: float = 0.1,
+    accelerator: Any = None,
+    sync_bn: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune a torchvision detector for ``steps`` iterations, then evaluate on ``test_loader``.
+
+    SGD with a linear warm-up (from 0.001x) and x``gamma`` steps at the ``milestones`` fractions of
+    training (detectron2's schedule shape). Loaders yield ``(images, targets)`` (``detection_collate``)
+    and must already be sharded under several processes; trainable BatchNorms become SyncBatchNorm
+    there (``sync_bn``). Returns the losses, the schedule and the COCO metrics (percent).
+    """
+    from accelerate import Accelerator
+
+    accelerator = accelerator or Accelerator()
+    if sync_bn and accelerator.num_processes > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    decay_steps = [int(m * steps) for m in milestones]
+
+    def lr_factor(step: int) -> float:
+        warm = 1.0 if step >= warmup_steps else 0.001 + (1 - 0.001) * step / warmup_steps
+        return warm * gamma ** sum(step >= s for s in decay_steps)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    wrapped.train()
+    step, epoch, history = 0, 0, []
+    bar = tqdm(total=steps, desc="detection finetune", disable=not (progress and _is_main(accelerator)))
+    while step < steps:
+        _set_epoch(train_loader, epoch)
+        for images, targets in train_loader:
+            images, targets = _to_device(images, targets, accelerator.device)
+            with accelerator.autocast():
+                losses = wrapped(images, targets)
+            loss = sum(losses.values())
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"non-finite detection loss at step {step}: {losses}")
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            history.append({"step": step, "loss": loss.item(), **{k: v.item() for k, v in losses.items()}})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if step >= steps:
+                break
+        epoch += 1
+    bar.close()
+    result: dict[str, Any] = {
+        "protocol": "faster-rcnn-fpn (torchvision), COCO-style box mAP (percent)",
+        "steps": steps,
+        "optimizer": {"name": "sgd", "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+                      "warmup_steps": warmup_steps, "milestones": decay_steps, "gamma": gamma},
+        "final_loss": history[-1]["loss"] if history else None,
+        "loss_history": history,
+    }  # fmt: skip
+    if test_loader is not None:
+        result["metrics"] = evaluate_detection(wrapped, test_loader, accelerator=accelerator, progress=progress)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# detectron2 export (MoCo's key renaming)
+
+_CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.")
+_TO_D2 = [
+    (re.compile(r"^conv1\.weight$"), "stem.conv1.weight"),
+    (re.compile(r"^bn1\.(\w+)$"), r"stem.conv1.norm.\1"),
+    (re.compile(r"^layer(\d)\.(\d+)\.conv(\d)\.weight$"), "res{n}.\\2.conv\\3.weight"),
+    (re.compile(r"^layer(\d)\.(\d+)\.bn(\d)\.(\w+)$"), "res{n}.\\2.conv\\3.norm.\\4"),
+    (re.compile(r"^layer(\d)\.(\d+)\.downsample\.0\.weight$"), "res{n}.\\2.shortcut.weight"),
+    (re.compile(r"^layer(\d)\.(\d+)\.downsample\.1\.(\w+)$"), "res{n}.\\2.shortcut.norm.\\3"),
+]
+_FROM_D2 = [
+    (re.compile(r"^stem\.conv1\.weight$"), "conv1.weight"),
+    (re.compile(r"^stem\.conv1\.norm\.(\w+)$"), r"bn1.\1"),
+    (re.compile(r"^res(\d)\.(\d+)\.conv(\d)\.weight$"), "layer{n}.\\2.conv\\3.weight"),
+    (re.compile(r"^res(\d)\.(\d+)\.conv(\d)\.norm\.(\w+)$"), "layer{n}.\\2.bn\\3.\\4"),
+    (re.compile(r"^res(\d)\.(\d+)\.shortcut\.weight$"), "layer{n}.\\2.downsample.0.weight"),
+    (re.compile(r"^res(\d)\.(\d+)\.shortcut\.norm\.(\w+)$"), "layer{n}.\\2.downsample.1.\\3"),
+]
+
+
+def _rename(key: str, rules: list[tuple[re.Pattern, str]], stage_shift: int) -> str | None:
+    for pattern, template in rules:
+        match = pattern.match(key)
+        if match:
+            stage = int(match.group(1)) + stage_shift if match.groups() and template.count("{n}") else 0
+            return match.expand(template.replace("{n}", str(stage)))
+    return None
+
+
+def to_detectron2(state_dict: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
+    """Rename a timm/torchvision ResNet state dict to detectron2's ResNet names (numpy arrays).
+
+    ``conv1 -> stem.conv1``, ``bn1 -> stem.conv1.norm``, ``layerN -> res(N+1)``, ``bnK -> convK.norm``,
+    ``downsample.0 -> shortcut``, ``downsample.1 -> shortcut.norm`` (MoCo's converter). Classifier weights
+    and ``num_batches_tracked`` are dropped; any other key (SE blocks, deep stems, ...) is an error.
+    """
+    out, unknown = {}, []
+    for key, value in state_dict.items():
+        if key.endswith("num_batches_tracked") or key.startswith(_CLASSIFIER_PREFIXES):
+            continue
+        new = _rename(key, _TO_D2, +1)
+        if new is None:
+            unknown.append(key)
+        else:
+            out[new] = value.detach().cpu().numpy()
+    if unknown:
+        raise ValueError(f"not a plain ResNet (detectron2 has no names for): {unknown[:8]}")
+    if "stem.conv1.weight" in out and out["stem.conv1.weight"].shape[-1] != 7:
+        warnings.warn(
+            "the stem conv is not 7x7 (a CIFAR stem?): detectron2's standard ResNet stem will not match it",
+            stacklevel=2,
+        )
+    return out
+
+
+def from_detectron2(model: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Inverse of ``to_detectron2``: detectron2 ResNet names back to timm names (torch tensors)."""
+    out = {}
+    for key, value in model.items():
+        new = _rename(key, _FROM_D2, -1)
+        if new is None:
+            raise ValueError(f"unknown detectron2 key {key!r}")
+        out[new] = torch.as_tensor(np.asarray(value))
+    return out
+
+
+def export_detectron2(source: str | Path | nn.Module, output: str | Path) -> Path:
+    """Write a backbone (``load_backbone`` source or module) as a detectron2 ``.pkl``.
+
+    The file holds ``{"model": {name: ndarray}, "__author__": "hub_ccrop", "matching_heuristics": True}``,
+    usable as ``MODEL.WEIGHTS`` with detectron2's R-50 (or R-18/R-34 with ``RESNETS.DEPTH`` and
+    ``RES2_OUT_CHANNELS: 64``) configs, like MoCo's converted checkpoints.
+    """
+    module = source if isinstance(source, nn.Module) else load_backbone(source)
+    payload = {"model": to_detectron2(module.state_dict()), "__author__": "hub_ccrop", "matching_heuristics": True}
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("wb") as f:
+        pickle.dump(payload, f)
+    return output
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line
+
+
+def _num_categories(data: Any, objects_column: str | None, category_key: str) -> int:
+    """From a ``ClassLabel`` feature when there is one, else ``max(category) + 1`` over the split."""
+    import datasets
+
+    feature = data.features[objects_column] if objects_column else data.features
+    while not isinstance(feature, (dict, datasets.ClassLabel)) and hasattr(feature, "feature"):
+        feature = feature.feature
+    if isinstance(feature, dict):
+        feature = feature[category_key]
+        while hasattr(feature, "feature") and not isinstance(feature, datasets.ClassLabel):
+            feature = feature.feature
+    if isinstance(feature, datasets.ClassLabel):
+        return feature.num_classes
+    probe = DetectionDataset(data, objects_column=objects_column, category_key=category_key)
+    column = data[objects_column] if objects_column else data
+    return 1 + max((max(probe._objects(row)[1], default=-1) for row in column), default=-1)
+
+
+def _run_finetune_detection(args: argparse.Namespace) -> dict[str, Any]:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    load = dict(name=args.config_name, data_dir=args.data_dir, data_files=args.data_files)
+    train_data = load_split(args.dataset, args.train_split, **load)
+    test_data = load_split(args.dataset, args.test_split, **load) if args.test_split else None
+    image_column = args.image_column or _resolve_columns(train_data, None, "-")[0]
+    objects_column = None if args.objects_column in ("", "none") else args.objects_column
+    num_categories = args.num_categories or _num_categories(train_data, objects_column, args.category_key)
+    model = build_faster_rcnn(
+        args.source, num_categories, out_indices=args.out_indices, fpn_channels=args.fpn_channels,
+        frozen_bn=not args.trainable_bn, trainable_stages=args.trainable_stages,
+        min_size=args.min_size, max_size=args.max_size,
+    )  # fmt: skip
+    columns = dict(image_column=image_column, objects_column=objects_column, bbox_key=args.bbox_key,
+                   category_key=args.category_key, box_format=args.box_format, normalized=args.normalized_boxes,
+                   category_offset=args.category_offset)  # fmt: skip
+    per_process = max(args.batch_size // accelerator.num_processes, 1)
+
+    def loader(data: Any, train: bool) -> DataLoader:
+        return DataLoader(DetectionDataset(data, train=train, **columns), batch_size=per_process, shuffle=train,
+                          drop_last=train, num_workers=args.num_workers, collate_fn=detection_collate,
+                          pin_memory=torch.cuda.is_available())  # fmt: skip
+
+    train_loader = accelerator.prepare(loader(train_data, True))
+    test_loader = accelerator.prepare(loader(test_data, False)) if test_data is not None else None
+    result = finetune_detection(
+        model, train_loader, test_loader, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, accelerator=accelerator, progress=not args.no_progress,
+    )  # fmt: skip
+    result = {**result, "source": args.source, "dataset": args.dataset, "train_split": args.train_split,
+              "test_split": args.test_split, "num_categories": num_categories, "batch_size": args.batch_size,
+              "frozen_bn": not args.trainable_bn, "trainable_stages": args.trainable_stages,
+              "min_size": args.min_size, "max_size": args.max_size}  # fmt: skip
+    out = Path(args.output) if args.output else default_output_dir(args.source, None) / "detection"
+    if accelerator.is_main_process:
+        from safetensors.torch import save_file
+
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+        save_file(state, str(out / "detector.safetensors"))
+        path = write_results(out, "detection.json", result)
+        box_map = result.get("metrics", {}).get("map")
+        print(f"detection: box mAP {box_map}  -> {path}")
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _run_export_detectron2(args: argparse.Namespace) -> Path:
+    path = export_detectron2(args.source, args.output)
+    print(f"wrote {path}")
+    return path
+
+
+def add_cli(subparsers: Any) -> None:
+    """Register ``finetune-detection`` and ``export-detectron2`` on an argparse subparsers object."""
+    det = subparsers.add_parser("finetune-detection", help="fine-tune Faster R-CNN + FPN on a detection dataset")
+    det.add_argument("source", help="run folder, timm export folder, hf-hub:ORG/NAME or timm:NAME")
+    add_dataset_args(det)
+    det.add_argument("--train-split", default="train")
+    det.add_argument("--test-split", default="test", help="'' to skip evaluation")
+    det.add_argument("--objects-column", default="objects", help="column with boxes+categories ('none': top level)")
+    det.add_argument("--bbox-key", default="bbox")
+    det.add_argument("--category-key", default="category")
+    det.add_argument("--box-format", choices=["xyxy", "xywh", "cxcywh"], default="xywh")
+    det.add_argument("--normalized-boxes", action="store_true", help="boxes are fractions of the image size")
+    det.add_argument("--category-offset", type=int, default=1, help="label = category + offset (0 = background)")
+    det.add_argument("--num-categories", type=int, default=None, help="default: from the ClassLabel feature")
+    det.add_argument("--out-indices", type=int, nargs="+", default=[1, 2, 3, 4])
+    det.add_argument("--fpn-channels", type=int, default=256)
+    det.add_argument("--trainable-bn", action="store_true", help="train BatchNorms (SyncBN over processes)")
+    det.add_argument("--trainable-stages", type=int, default=3)
+    det.add_argument("--min-size", type=int, default=800)
+    det.add_argument("--max-size", type=int, default=1333)
+    det.add_argument("--steps", type=int, default=1000)
+    det.add_argument("--batch-size", type=int, default=16, help="global batch size")
+    det.add_argument("--lr", type=float, default=0.02)
+    det.add_argument("--weight-decay", type=float, default=1e-4)
+    det.add_argument("--warmup-steps", type=int, default=100)
+    det.add_argument("--num-workers", type=int, default=4)
+    det.add_argument("--output", default=None, help="default: RUN/detection for a run folder, else ./detection")
+    det.add_argument("--no-progress", action="store_true")
+    det.set_defaults(func=_run_finetune_detection)
+
+    exp = subparsers.add_parser("export-detectron2", help="write a ResNet backbone as a detectron2 .pkl")
+    exp.add_argument("source", help="run folder, timm export folder, hf-hub:ORG/NAME or timm:NAME")
+    exp.add_argument("output", help="output .pkl path")
+    exp.set_defaults(func=_run_export_detectron2)

@@ -1,0 +1,945 @@
+"""Evaluation and downstream use: kNN, linear probe, classification fine-tuning.
+
+- ``extract_features`` runs a backbone over ``(images, ids, labels)`` batches (batched, no grad, optional
+  autocast/channels_last) and, over several ``accelerate`` processes, gathers the results **by id**.
+- ``knn_predict`` / ``knn_accuracy`` / ``knn_evaluate``: the weighted kNN of the InstDisc/SimCLR
+  monitors (cosine similarity, k = 200, weights ``exp(sim / T)``, T = 0.1). The training monitor and
+  ``hub-ccrop eval knn`` call the same functions.
+- ``linear_probe``: the paper's protocol (frozen backbone in eval mode, 100 epochs, SGD lr 10,
+  momentum 0.9, x0.1 at epochs 60 and 80, wd 0, augmented training images). It reports the **last**
+  epoch; the best epoch is reported too, labelled as such. ``linear_probe_on_features`` is a fast check
+  on cached, un-augmented features: a different protocol, labelled differently.
+- ``load_backbone`` loads a run folder, a local timm export or an ``hf-hub:`` id; ``finetune`` trains
+  a new head (and all or part of the backbone) for classification.
+- ``add_cli`` registers ``hub-ccrop eval knn|linear`` and ``hub-ccrop finetune``.
+
+Accuracies are percentages (0-100).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib
+import io
+import json
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+__all__ = [
+    "ImageClassificationDataset",
+    "add_cli",
+    "backbone_data_config",
+    "classification_transform",
+    "default_autocast_dtype",
+    "extract_features",
+    "finetune",
+    "freeze_except",
+    "gather_by_id",
+    "image_column_of",
+    "knn_accuracy",
+    "knn_evaluate",
+    "knn_predict",
+    "label_column_of",
+    "linear_probe",
+    "linear_probe_on_features",
+    "load_backbone",
+    "load_split",
+    "to_rgb_image",
+    "topk_accuracy",
+    "write_results",
+]
+
+LINEAR_PROTOCOL = "linear-probe (paper): frozen backbone, augmented train images, last epoch"
+FAST_LINEAR_PROTOCOL = "linear-probe-cached-features (fast check, not the paper's protocol)"
+KNN_PROTOCOL = "knn (cosine, weighted exp(sim/T) voting)"
+BEST_EPOCH_NOTE = "best_top1/best_epoch: the best epoch on the test set, not the paper's protocol (it reports the last epoch)"
+
+
+# ----------------------------------------------------------------------------------------------------
+# small helpers
+
+
+def default_autocast_dtype(device: torch.device | str) -> torch.dtype | None:
+    """bf16 on CUDA devices that support it, else ``None`` (no autocast)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def is_main_process(accelerator: Any) -> bool:
+    return accelerator is None or accelerator.is_main_process
+
+
+def _distributed(accelerator: Any) -> bool:
+    return accelerator is not None and accelerator.num_processes > 1
+
+
+def _model_device(model: nn.Module, accelerator: Any = None) -> torch.device:
+    if accelerator is not None:
+        return accelerator.device
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def set_loader_epoch(loader: Iterable, epoch: int) -> None:
+    """Reshuffle distributed/accelerate loaders per epoch (no-op for plain loaders)."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    elif hasattr(getattr(loader, "sampler", None), "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+
+
+@contextmanager
+def _frozen(module: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and no gradients inside the block; the previous state is restored afterwards."""
+    was_training = module.training
+    flags = [p.requires_grad for p in module.parameters()]
+    module.eval()
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+        module.train(was_training)
+
+
+def gather_by_id(ids: Tensor, *values: Tensor, accelerator: Any = None) -> tuple[Tensor, ...]:
+    """Gather per-process rows over all processes; return ``(ids, *values)`` on CPU sorted by id.
+
+    Rows are matched by id, never by order: shards may be uneven and ``accelerate`` pads the last
+    batches with repeated samples; one row per id is kept (the first occurrence).
+    """
+    if _distributed(accelerator):
+        device = accelerator.device
+        ids = accelerator.pad_across_processes(ids.to(device), dim=0, pad_index=-1)
+        values = tuple(accelerator.pad_across_processes(v.to(device), dim=0, pad_index=0) for v in values)
+        ids, *gathered = accelerator.gather((ids, *values))
+        keep = ids >= 0
+        ids, values = ids[keep], tuple(v[keep] for v in gathered)
+    ids, order = torch.sort(ids.cpu(), stable=True)
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep[1:] = ids[1:] != ids[:-1]
+    return (ids[keep], *(v.cpu()[order][keep] for v in values))
+
+
+def _forward(
+    model: nn.Module, images: Tensor, device: torch.device, autocast_dtype: torch.dtype | None, channels_last: bool
+) -> Tensor:
+    """``model(images)`` on ``device`` with optional autocast/channels_last, as float32."""
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        out = model(images)
+    return out.float()
+
+
+# ----------------------------------------------------------------------------------------------------
+# features and kNN
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: nn.Module,
+    loader: Iterable,
+    *,
+    accelerator: Any = None,
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    normalize: bool = True,
+    progress: bool = True,
+    desc: str = "features",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Run ``backbone`` (eval mode, no grad) over ``(images, ids, labels)`` batches.
+
+    Returns ``(ids, feats, labels)`` on CPU, sorted by id; ``feats`` are float32 and L2-normalized
+    unless ``normalize=False`` (then they are the raw outputs, e.g. logits of a classifier). With an
+    accelerator over several processes, each process runs its shard and results are gathered by id,
+    so every process returns the same full result. The model's train/eval mode is restored.
+    """
+    device = _model_device(backbone, accelerator)
+    was_training = backbone.training
+    backbone.eval()
+    all_ids, all_feats, all_labels = [], [], []
+    try:
+        for images, ids, labels in tqdm(loader, desc=desc, disable=not (progress and is_main_process(accelerator)), leave=False):
+            feats = _forward(backbone, images, device, autocast_dtype, channels_last)
+            all_feats.append(F.normalize(feats, dim=1) if normalize else feats)
+            all_ids.append(torch.as_tensor(ids, dtype=torch.int64).to(device))
+            all_labels.append(torch.as_tensor(labels, dtype=torch.int64).to(device))
+    finally:
+        backbone.train(was_training)
+    if not all_feats:
+        raise ValueError("extract_features: the loader produced no batches")
+    ids, feats, labels = gather_by_id(
+        torch.cat(all_ids), torch.cat(all_feats), torch.cat(all_labels), accelerator=accelerator
+    )
+    return ids, feats, labels
+
+
+@torch.no_grad()
+def knn_predict(
+    train_feats: Tensor,
+    train_labels: Tensor,
+    test_feats: Tensor,
+    *,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+    chunk_size: int = 1024,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Weighted kNN class scores ``[N_test, num_classes]`` (on CPU).
+
+    Features must be L2-normalized (cosine similarity = dot product). Each of the ``k`` nearest
+    training samples votes for its label with weight ``exp(sim / temperature)``.
+    """
+    device = torch.device(device) if device is not None else train_feats.device
+    if train_labels.numel() and int(train_labels.min()) < 0:
+        raise ValueError("knn_predict: training labels must be >= 0 (unlabeled rows cannot vote)")
+    train_feats = train_feats.to(device, torch.float32)
+    train_labels = train_labels.to(device, torch.int64)
+    k = min(k, train_feats.shape[0])
+    scores = []
+    for chunk in test_feats.split(chunk_size):
+        sim = chunk.to(device, torch.float32) @ train_feats.T
+        top_sim, top_idx = sim.topk(k, dim=1)
+        weights = (top_sim / temperature).exp()
+        votes = torch.zeros(chunk.shape[0], num_classes, device=device)
+        votes.scatter_add_(1, train_labels[top_idx], weights)
+        scores.append(votes.cpu())
+    return torch.cat(scores) if scores else torch.zeros(0, num_classes)
+
+
+def topk_accuracy(scores: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """``{"top1": %, "top5": %}`` of class ``scores`` ``[N, C]`` against ``labels`` (k capped at C)."""
+    labels = labels.to(scores.device)
+    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
+    hits = top == labels[:, None]
+    n = max(labels.numel(), 1)
+    return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).sum().item() / n for k in ks}
+
+
+def knn_accuracy(
+    train_feats: Tensor,
+    train_labels: Tensor,
+    test_feats: Tensor,
+    test_labels: Tensor,
+    *,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+    chunk_size: int = 1024,
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
+    """kNN top-1/top-5 accuracy (percent) of ``test_feats`` against a labeled feature bank."""
+    scores = knn_predict(
+        train_feats,
+        train_labels,
+        test_feats,
+        num_classes=num_classes,
+        k=k,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        device=device,
+    )
+    return topk_accuracy(scores, test_labels)
+
+
+def knn_evaluate(
+    backbone: nn.Module,
+    train_loader: Iterable,
+    test_loader: Iterable,
+    *,
+    num_classes: int | None = None,
+    k: int = 200,
+    temperature: float = 0.1,
+    accelerator: Any = None,
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Extract features of both splits and return kNN ``top1``/``top5`` (+ the settings used).
+
+    Every process returns the same numbers. ``num_classes`` defaults to ``max(label) + 1``.
+    """
+    kw = dict(accelerator=accelerator, autocast_dtype=autocast_dtype, channels_last=channels_last, progress=progress)
+    _, train_feats, train_labels = extract_features(backbone, train_loader, desc="knn train", **kw)
+    _, test_feats, test_labels = extract_features(backbone, test_loader, desc="knn test", **kw)
+    if num_classes is None:
+        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    device = accelerator.device if accelerator is not None else None
+    acc = knn_accuracy(
+        train_feats, train_labels, test_feats, test_labels,
+        num_classes=num_classes, k=k, temperature=temperature, device=device,
+    )  # fmt: skip
+    return {
+        "protocol": KNN_PROTOCOL,
+        **acc,
+        "k": k,
+        "temperature": temperature,
+        "num_classes": num_classes,
+        "num_train": int(train_labels.numel()),
+        "num_test": int(test_labels.numel()),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# linear probe
+
+
+def _fit_linear(
+    head: nn.Linear,
+    epoch_batches: Callable[[int], Iterable[tuple[Tensor, Tensor]]],
+    test_feats: Tensor,
+    test_labels: Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    milestones: Sequence[int],
+    gamma: float,
+    accelerator: Any = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """SGD + multi-step schedule on ``head``; evaluate on ``test_feats`` after every epoch.
+
+    ``epoch_batches(epoch)`` yields ``(features, labels)`` on the head's device. Gradients are
+    averaged over processes when an accelerator runs several (every process keeps an identical head).
+    """
+    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma)
+    device = head.weight.device
+    test_feats, test_labels = test_feats.to(device), test_labels.to(device)
+    history: list[dict[str, float]] = []
+    bar = tqdm(range(epochs), desc="linear probe", disable=not (progress and is_main_process(accelerator)))
+    for epoch in bar:
+        head.train()
+        loss_sum, seen = 0.0, 0
+        for feats, labels in epoch_batches(epoch):
+            loss = F.cross_entropy(head(feats), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if _distributed(accelerator):
+                for p in head.parameters():
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+            optimizer.step()
+            loss_sum += loss.item() * labels.numel()
+            seen += labels.numel()
+        lr_now = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        head.eval()
+        with torch.no_grad():
+            acc = topk_accuracy(torch.cat([head(c) for c in test_feats.split(4096)]), test_labels)
+        history.append({"epoch": epoch + 1, "lr": lr_now, "train_loss": loss_sum / max(seen, 1), **acc})
+        bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.3f}", top1=f"{acc['top1']:.2f}")
+    last = history[-1]
+    best = max(history, key=lambda h: h["top1"])
+    return {
+        "top1": last["top1"],
+        "top5": last["top5"],
+        "epochs": epochs,
+        "best_top1": best["top1"],
+        "best_epoch": best["epoch"],
+        "note": BEST_EPOCH_NOTE,
+        "optimizer": {"name": "sgd", "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+                      "milestones": list(milestones), "gamma": gamma},
+        "history": history,
+    }  # fmt: skip
+
+
+def _new_head(dim: int, num_classes: int, device: torch.device, seed: int) -> nn.Linear:
+    """The linear classifier, initialized as in the official code (N(0, 0.01), zero bias), seeded."""
+    head = nn.Linear(dim, num_classes)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.normal_(0.0, 0.01, generator=generator)
+        head.bias.zero_()
+    return head.to(device)
+
+
+def linear_probe(
+    backbone: nn.Module,
+    train_loader: Iterable,
+    test_loader: Iterable,
+    *,
+    num_classes: int,
+    epochs: int = 100,
+    lr: float = 10.0,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    milestones: Sequence[int] = (60, 80),
+    gamma: float = 0.1,
+    accelerator: Any = None,
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The paper's linear evaluation: a linear layer on a frozen backbone kept in eval mode.
+
+    ``train_loader`` yields augmented ``(images, ids, labels)`` (RandomResizedCrop + flip; batch 512
+    in total, ``drop_last``), ``test_loader`` the resize/normalize-only test images. Under several
+    processes both loaders must already be sharded (``accelerator.prepare``). The backbone is frozen,
+    so test features are computed once (same result as re-running it every epoch). The backbone's
+    weights, BN statistics, ``requires_grad`` flags and mode are unchanged afterwards.
+
+    Returns the last epoch's ``top1``/``top5`` (the reported numbers), ``best_top1``/``best_epoch``
+    (labelled as not the paper's protocol), the settings and the per-epoch history.
+    """
+    device = _model_device(backbone, accelerator)
+    with _frozen(backbone):
+        _, test_feats, test_labels = extract_features(
+            backbone, test_loader, accelerator=accelerator, autocast_dtype=autocast_dtype,
+            channels_last=channels_last, normalize=False, progress=progress, desc="linear test features",
+        )  # fmt: skip
+        head = _new_head(test_feats.shape[1], num_classes, device, seed)
+
+        def epoch_batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+            set_loader_epoch(train_loader, epoch)
+            for images, _ids, labels in train_loader:
+                with torch.no_grad():
+                    feats = _forward(backbone, images, device, autocast_dtype, channels_last)
+                yield feats, torch.as_tensor(labels, dtype=torch.int64).to(device)
+
+        result = _fit_linear(
+            head, epoch_batches, test_feats, test_labels,
+            epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
+            milestones=milestones, gamma=gamma, accelerator=accelerator, progress=progress,
+        )  # fmt: skip
+    return {"protocol": LINEAR_PROTOCOL, **result, "num_classes": num_classes, "num_test": int(test_labels.numel())}
+
+
+def linear_probe_on_features(
+    train_feats: Tensor,
+    train_labels: Tensor,
+    test_feats: Tensor,
+    test_labels: Tensor,
+    *,
+    num_classes: int,
+    epochs: int = 100,
+    lr: float = 10.0,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    milestones: Sequence[int] = (60, 80),
+    gamma: float = 0.1,
+    batch_size: int = 512,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fast check: the same optimizer/schedule on cached (un-augmented) features.
+
+    Not the paper's protocol (no augmentation): the result is labelled ``linear-probe-cached-features``.
+    Use raw features (``extract_features(..., normalize=False)``) to mirror the paper's head input.
+    """
+    device = torch.device(device) if device is not None else train_feats.device
+    train_feats, train_labels = train_feats.to(device, torch.float32), train_labels.to(device, torch.int64)
+    head = _new_head(train_feats.shape[1], num_classes, device, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+
+    def epoch_batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        order = torch.randperm(train_feats.shape[0], generator=generator).to(device)
+        for idx in order.split(batch_size):
+            yield train_feats[idx], train_labels[idx]
+
+    result = _fit_linear(
+        head, epoch_batches, test_feats.float(), test_labels,
+        epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
+        milestones=milestones, gamma=gamma, progress=progress,
+    )  # fmt: skip
+    return {"protocol": FAST_LINEAR_PROTOCOL, **result, "batch_size": batch_size, "num_classes": num_classes,
+            "num_train": int(train_labels.numel()), "num_test": int(test_labels.numel())}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# loading backbones
+
+
+def _import_custom_models() -> None:
+    """Register the project's timm models (e.g. ``resnet18_cifar``) if ``hub_ccrop.models`` exists."""
+    try:
+        importlib.import_module("hub_ccrop.models")
+    except ModuleNotFoundError as e:
+        if e.name != "hub_ccrop.models":
+            raise
+
+
+def _input_size(value: Any) -> tuple[int, int, int]:
+    if isinstance(value, int):
+        return (3, value, value)
+    value = tuple(int(v) for v in value)
+    return (3, *value) if len(value) == 2 else value  # type: ignore[return-value]
+
+
+def _run_data_cfg(run: dict[str, Any]) -> dict[str, Any]:
+    """pretrained_cfg entries (input size, crop_pct, mean, std) from a run's ``run.json``."""
+    cfg: dict[str, Any] = {}
+    if run.get("input_size") is not None:
+        cfg["input_size"] = _input_size(run["input_size"])
+        # native-size eval for small images (CIFAR/STL/Tiny), resize 256 / crop 224 style otherwise
+        cfg["crop_pct"] = float(run.get("crop_pct", 1.0 if cfg["input_size"][-1] <= 96 else 0.875))
+    for key in ("mean", "std"):
+        if run.get(key) is not None:
+            cfg[key] = tuple(float(v) for v in run[key])
+    return cfg
+
+
+def load_backbone(source: str | Path, *, num_classes: int = 0, **timm_kwargs: Any) -> nn.Module:
+    """Load a pretrained backbone through timm.
+
+    ``source`` is (a) a run folder (``run.json`` + ``backbone.safetensors``), (b) a local timm export
+    (``config.json`` + ``model.safetensors``) or ``local-dir:DIR``, (c) ``hf-hub:ORG/NAME``, or
+    (d) ``timm:NAME`` for timm's own pretrained weights (baselines). ``num_classes > 0`` adds a new,
+    randomly initialized head; ``timm_kwargs`` go to ``timm.create_model`` (e.g. ``features_only=True,
+    out_indices=(1, 2, 3, 4)``, ``drop_path_rate``). Weights are read from safetensors (or timm's
+    loaders). The model's ``pretrained_cfg`` carries the run's input size and mean/std, so
+    ``backbone_data_config(model)`` gives the matching preprocessing.
+    """
+    _import_custom_models()
+    features_only = bool(timm_kwargs.get("features_only", False))
+    if features_only and num_classes:
+        raise ValueError("load_backbone: features_only=True and num_classes > 0 are exclusive")
+    head = {} if features_only else {"num_classes": num_classes}
+    src = str(source)
+    if src.startswith(("hf-hub:", "local-dir:")):
+        return timm.create_model(src, pretrained=True, **head, **timm_kwargs)
+    if src.startswith("timm:"):
+        return timm.create_model(src[len("timm:") :], pretrained=True, **head, **timm_kwargs)
+    path = Path(src)
+    if (path / "run.json").is_file():
+        run = json.loads((path / "run.json").read_text())
+        weights = path / "backbone.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} not found (a run folder needs its backbone.safetensors)")
+        # the run's backbone has no classifier: load it strictly with num_classes=0, then add the head
+        overlay = {"file": str(weights), "num_classes": 0, **_run_data_cfg(run)}
+        kwargs = {**run.get("model_args", {}), **timm_kwargs, "num_classes": 0}
+        model = timm.create_model(run["model"], pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        if num_classes:
+            model.reset_classifier(num_classes)
+        return model
+    if (path / "config.json").is_file():
+        return timm.create_model(f"local-dir:{path}", pretrained=True, **head, **timm_kwargs)
+    raise FileNotFoundError(
+        f"{source!r} is not a run folder (run.json), a timm export (config.json), hf-hub:ORG/NAME or timm:NAME"
+    )
+
+
+def backbone_data_config(model: nn.Module) -> dict[str, Any]:
+    """timm's data config (``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``) of a model."""
+    return timm.data.resolve_model_data_config(model)
+
+
+# ----------------------------------------------------------------------------------------------------
+# datasets for the CLI
+
+
+def to_rgb_image(value: Any) -> Image.Image:
+    """Decode a datasets image cell (PIL image, ``{"bytes", "path"}`` dict, bytes, path or array) to RGB."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        value = Image.open(io.BytesIO(value))
+    elif isinstance(value, (str, Path)):
+        value = Image.open(value)
+    elif not isinstance(value, Image.Image):
+        value = Image.fromarray(np.asarray(value))
+    return value.convert("RGB")
+
+
+def classification_transform(data_config: dict[str, Any], *, train: bool) -> Callable[[Image.Image], Tensor]:
+    """Train: RandomResizedCrop + flip; test: resize (``size / crop_pct``) + center crop. Both normalize."""
+    from torchvision import transforms as T
+
+    size = tuple(data_config["input_size"][-2:])
+    normalize = [T.ToTensor(), T.Normalize(data_config["mean"], data_config["std"])]
+    if train:
+        return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *normalize])
+    resize = int(math.floor(min(size) / data_config.get("crop_pct", 1.0)))
+    return T.Compose([T.Resize(resize), T.CenterCrop(size), *normalize])
+
+
+class ImageClassificationDataset(Dataset):
+    """A ``datasets.Dataset`` with image/label columns as ``(image, id, label)`` items (id = row index)."""
+
+    def __init__(self, data: Any, transform: Callable, image_column: str = "image", label_column: str = "label"):
+        self.data, self.transform = data, transform
+        self.image_column, self.label_column = image_column, label_column
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        row = self.data[index]
+        return self.transform(to_rgb_image(row[self.image_column])), index, int(row[self.label_column])
+
+
+def load_split(
+    dataset: str, split: str, *, name: str | None = None, data_dir: str | None = None,
+    data_files: Sequence[str] | None = None,
+) -> Any:  # fmt: skip
+    """``datasets.load_dataset`` for one split: a Hub id, a local folder, or ``parquet``/``imagefolder``.
+
+    ``data_files`` are ``SPLIT=PATTERN`` strings (or bare patterns, which form the ``train`` split).
+    Split slicing works (``train[:45000]``, ``train[45000:]``) to hold out part of a split.
+    """
+    import datasets
+
+    files: dict[str, list[str]] | None = None
+    if data_files:
+        files = {}
+        for item in data_files:
+            key, _, pattern = item.rpartition("=")
+            files.setdefault(key or "train", []).append(pattern)
+    return datasets.load_dataset(dataset, name, split=split, data_dir=data_dir, data_files=files)
+
+
+def image_column_of(data: Any, name: str | None = None) -> str:
+    """``name``, else the first ``Image`` feature of a ``datasets.Dataset``, else ``image``/``img``."""
+    import datasets
+
+    if name:
+        return name
+    found = [c for c, f in data.features.items() if isinstance(f, datasets.Image)]
+    found += [c for c in ("image", "img") if c in data.features]
+    if not found:
+        raise ValueError(f"no image column among {list(data.features)}: pass --image-column")
+    return found[0]
+
+
+def label_column_of(data: Any, name: str | None = None) -> str:
+    """``name``, else the first ``ClassLabel`` feature, else ``label``/``labels``/``fine_label``."""
+    import datasets
+
+    if name:
+        return name
+    found = [c for c, f in data.features.items() if isinstance(f, datasets.ClassLabel)]
+    found += [c for c in ("label", "labels", "fine_label") if c in data.features]
+    if not found:
+        raise ValueError(f"no label column among {list(data.features)}: pass --label-column")
+    return found[0]
+
+
+def _num_classes(data: Any, label_column: str) -> int:
+    import datasets
+
+    feature = data.features[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        return feature.num_classes
+    return int(max(data[label_column])) + 1
+
+
+def write_results(output_dir: str | Path, filename: str, results: dict[str, Any]) -> Path:
+    """Write ``results`` (+ the UTC date) as JSON to ``output_dir/filename``; returns the path."""
+    path = Path(output_dir) / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {**results, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# fine-tuning
+
+
+def _head_module_names(model: nn.Module) -> set[str]:
+    """Top-level module names that hold the classifier (from ``pretrained_cfg['classifier']``)."""
+    classifier = model.pretrained_cfg.get("classifier", "fc") if hasattr(model, "pretrained_cfg") else "fc"
+    names = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    return {n.split(".")[0] for n in names}
+
+
+def freeze_except(model: nn.Module, trainable: Sequence[str]) -> list[str]:
+    """Freeze every top-level module not named in ``trainable`` (and not the classifier).
+
+    Frozen modules get ``requires_grad=False`` and their BatchNorms become ``FrozenBatchNorm2d`` (timm's
+    ``freeze``), so their statistics stay fixed in train mode. Returns the frozen module names.
+    """
+    from timm.utils import freeze
+
+    keep = set(trainable) | _head_module_names(model)
+    children = [n for n, _ in model.named_children()]
+    unknown = [n for n in trainable if n not in children]
+    if unknown:
+        raise ValueError(f"unknown top-level modules {unknown}; the model has {children}")
+    frozen = [n for n in children if n not in keep]
+    if frozen:
+        freeze(model, frozen)
+    return frozen
+
+
+def finetune(
+    model: nn.Module,
+    train_loader: Iterable,
+    test_loader: Iterable,
+    *,
+    epochs: int = 30,
+    lr: float = 0.01,
+    weight_decay: float = 1e-4,
+    optimizer: str = "sgd",
+    momentum: float = 0.9,
+    warmup_epochs: float = 0.0,
+    label_smoothing: float = 0.0,
+    accelerator: Any = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune a classifier (``model`` with its new head; freeze parts first with ``freeze_except``).
+
+    Cosine learning rate per step after an optional linear warm-up. ``train_loader``/``test_loader``
+    yield ``(images, ids, labels)`` and must already be sharded under several processes. ``model`` is
+    wrapped by ``accelerator.prepare`` (mixed precision, DDP); the unwrapped model stays usable.
+    Returns the last epoch's test ``top1``/``top5`` and the per-epoch history.
+    """
+    from accelerate import Accelerator
+
+    accelerator = accelerator or Accelerator()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    elif optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+    steps_per_epoch = max(len(train_loader), 1)  # type: ignore[arg-type]
+    total, warmup = epochs * steps_per_epoch, int(warmup_epochs * steps_per_epoch)
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    wrapped, opt = accelerator.prepare(model, opt)
+    history: list[dict[str, float]] = []
+    for epoch in range(epochs):
+        wrapped.train()
+        set_loader_epoch(train_loader, epoch)
+        loss_sum, seen = 0.0, 0
+        bar = tqdm(train_loader, desc=f"finetune {epoch + 1}/{epochs}", leave=False,
+                   disable=not (progress and is_main_process(accelerator)))  # fmt: skip
+        for images, _ids, labels in bar:
+            images, labels = images.to(accelerator.device), torch.as_tensor(labels).to(accelerator.device)
+            with accelerator.autocast():
+                loss = F.cross_entropy(wrapped(images).float(), labels, label_smoothing=label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            opt.step()
+            scheduler.step()
+            loss_sum += loss.item() * labels.numel()
+            seen += labels.numel()
+        _, logits, labels = extract_features(
+            wrapped, test_loader, accelerator=accelerator, normalize=False, progress=progress, desc="finetune test"
+        )
+        history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), **topk_accuracy(logits, labels)})
+    last = history[-1] if history else {}
+    return {
+        "protocol": "finetune",
+        "top1": last.get("top1"),
+        "top5": last.get("top5"),
+        "epochs": epochs,
+        "optimizer": {"name": optimizer, "lr": lr, "weight_decay": weight_decay, "momentum": momentum,
+                      "warmup_epochs": warmup_epochs, "schedule": "cosine", "label_smoothing": label_smoothing},
+        "history": history,
+    }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line
+
+
+def add_dataset_args(parser: argparse.ArgumentParser) -> None:
+    """``--dataset/--config-name/--data-dir/--data-files`` and ``--image-column`` (shared with detection)."""
+    parser.add_argument("--dataset", required=True, help="Hub id, local folder, or a builder (parquet, imagefolder)")
+    parser.add_argument("--config-name", default=None, help="dataset configuration name")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--data-files", action="append", default=None, metavar="[SPLIT=]PATTERN")
+    parser.add_argument("--image-column", default=None, help="default: the first Image feature, else image/img")
+
+
+def _add_common_args(parser: argparse.ArgumentParser, *, batch_size: int) -> None:
+    parser.add_argument("source", help="run folder, timm export folder, hf-hub:ORG/NAME or timm:NAME")
+    add_dataset_args(parser)
+    parser.add_argument("--label-column", default=None, help="default: the first ClassLabel, else label")
+    parser.add_argument("--train-split", default="train", help="split, slicing allowed: train[:45000]")
+    parser.add_argument("--test-split", default="test", help="split, slicing allowed: train[45000:]")
+    parser.add_argument("--num-classes", type=int, default=None, help="default: from the label feature")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="global batch size")
+    parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--input-size", type=int, default=None, help="override the backbone's input size")
+    parser.add_argument("--output", default=None, help="results folder (default: the run folder, else '.')")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def default_output_dir(source: str, output: str | None) -> Path:
+    """Results go next to the run (a local source folder) unless ``--output`` says otherwise."""
+    if output:
+        return Path(output)
+    return Path(source) if Path(source).is_dir() else Path(".")
+
+
+def _classification_loaders(args: argparse.Namespace, model: nn.Module, accelerator: Any, *, train_augment: bool):
+    """Build (and shard) the train/test loaders of a classification CLI command."""
+    data_config = backbone_data_config(model)
+    if args.input_size:
+        data_config["input_size"] = (3, args.input_size, args.input_size)
+    load = dict(name=args.config_name, data_dir=args.data_dir, data_files=args.data_files)
+    train_data = load_split(args.dataset, args.train_split, **load)
+    test_data = load_split(args.dataset, args.test_split, **load)
+    image_column = image_column_of(train_data, args.image_column)
+    label_column = label_column_of(train_data, args.label_column)
+    num_classes = args.num_classes or _num_classes(train_data, label_column)
+    per_process = max(args.batch_size // accelerator.num_processes, 1)
+
+    def loader(data: Any, train: bool, augment: bool) -> DataLoader:
+        dataset = ImageClassificationDataset(
+            data, classification_transform(data_config, train=augment), image_column, label_column
+        )
+        return DataLoader(dataset, batch_size=per_process, shuffle=train, drop_last=train and len(dataset) > per_process,
+                          num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
+                          persistent_workers=args.num_workers > 0)  # fmt: skip
+
+    train_loader = loader(train_data, True, train_augment)
+    test_loader = loader(test_data, False, False)
+    train_loader, test_loader = accelerator.prepare(train_loader, test_loader)
+    info = {"dataset": args.dataset, "train_split": args.train_split, "test_split": args.test_split,
+            "image_column": image_column, "label_column": label_column, "input_size": list(data_config["input_size"])}  # fmt: skip
+    return train_loader, test_loader, num_classes, info
+
+
+def _run_knn(args: argparse.Namespace) -> dict[str, Any]:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    model = load_backbone(args.source).to(accelerator.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # kNN uses un-augmented images for the feature bank (the monitor's convention)
+    train_loader, test_loader, num_classes, info = _classification_loaders(args, model, accelerator, train_augment=False)
+    result = knn_evaluate(
+        model, train_loader, test_loader, num_classes=num_classes, k=args.k, temperature=args.temperature,
+        accelerator=accelerator, autocast_dtype=default_autocast_dtype(accelerator.device),
+        channels_last=args.channels_last, progress=not args.no_progress,
+    )  # fmt: skip
+    result = {**result, "source": args.source, **info}
+    if accelerator.is_main_process:
+        path = write_results(default_output_dir(args.source, args.output), "eval_knn.json", result)
+        print(f"kNN top1 {result['top1']:.2f}  top5 {result['top5']:.2f}  -> {path}")
+    return result
+
+
+def _run_linear(args: argparse.Namespace) -> dict[str, Any]:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    model = load_backbone(args.source).to(accelerator.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    autocast_dtype = default_autocast_dtype(accelerator.device)
+    train_loader, test_loader, num_classes, info = _classification_loaders(
+        args, model, accelerator, train_augment=not args.fast
+    )
+    hyper = dict(epochs=args.epochs, lr=args.lr, milestones=tuple(args.milestones), seed=args.seed,
+                 progress=not args.no_progress)  # fmt: skip
+    if args.fast:
+        kw = dict(accelerator=accelerator, autocast_dtype=autocast_dtype, channels_last=args.channels_last,
+                  normalize=False, progress=not args.no_progress)  # fmt: skip
+        _, train_feats, train_labels = extract_features(model, train_loader, desc="train features", **kw)
+        _, test_feats, test_labels = extract_features(model, test_loader, desc="test features", **kw)
+        result = linear_probe_on_features(
+            train_feats, train_labels, test_feats, test_labels, num_classes=num_classes,
+            batch_size=args.batch_size, device=accelerator.device, **hyper,
+        )  # fmt: skip
+    else:
+        result = linear_probe(
+            model, train_loader, test_loader, num_classes=num_classes, accelerator=accelerator,
+            autocast_dtype=autocast_dtype, channels_last=args.channels_last, **hyper,
+        )  # fmt: skip
+        result["batch_size"] = args.batch_size
+    result = {**result, "source": args.source, **info}
+    if accelerator.is_main_process:
+        path = write_results(default_output_dir(args.source, args.output), "eval_linear.json", result)
+        print(f"{result['protocol']}: top1 {result['top1']:.2f}  top5 {result['top5']:.2f} (last epoch); "
+              f"best {result['best_top1']:.2f} at epoch {result['best_epoch']}  -> {path}")  # fmt: skip
+    return result
+
+
+def _run_finetune(args: argparse.Namespace) -> dict[str, Any]:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    timm_kwargs = {"drop_path_rate": args.drop_path} if args.drop_path else {}
+    model = load_backbone(args.source, **timm_kwargs)
+    train_loader, test_loader, num_classes, info = _classification_loaders(args, model, accelerator, train_augment=True)
+    model.reset_classifier(num_classes)
+    frozen = freeze_except(model, args.trainable) if args.trainable else []
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    result = finetune(
+        model, train_loader, test_loader, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+        optimizer=args.optimizer, warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
+        accelerator=accelerator, progress=not args.no_progress,
+    )  # fmt: skip
+    result = {**result, "source": args.source, "num_classes": num_classes, "frozen_modules": frozen,
+              "batch_size": args.batch_size, **info}  # fmt: skip
+    out = Path(args.output) if args.output else default_output_dir(args.source, None) / "finetune"
+    if accelerator.is_main_process:
+        from timm.models import save_for_hf
+
+        save_for_hf(accelerator.unwrap_model(model), str(out), safe_serialization=True)
+        path = write_results(out, "finetune.json", result)
+        print(f"finetune: top1 {result['top1']:.2f}  top5 {result['top5']:.2f}  -> {path}")
+    accelerator.wait_for_everyone()
+    return result
+
+
+def add_cli(subparsers: Any) -> None:
+    """Register ``eval knn``, ``eval linear`` and ``finetune`` on an argparse subparsers object."""
+    eval_parser = subparsers.add_parser("eval", help="evaluate a pretrained backbone (kNN, linear probe)")
+    eval_sub = eval_parser.add_subparsers(dest="eval_command", required=True)
+
+    knn = eval_sub.add_parser("knn", help="weighted kNN (cosine) of test features against train features")
+    _add_common_args(knn, batch_size=256)
+    knn.add_argument("--k", type=int, default=200)
+    knn.add_argument("--temperature", type=float, default=0.1)
+    knn.set_defaults(func=_run_knn)
+
+    linear = eval_sub.add_parser("linear", help="linear probe on the frozen backbone (the paper's protocol)")
+    _add_common_args(linear, batch_size=512)
+    linear.add_argument("--epochs", type=int, default=100)
+    linear.add_argument("--lr", type=float, default=10.0)
+    linear.add_argument("--milestones", type=int, nargs="+", default=[60, 80])
+    linear.add_argument("--seed", type=int, default=0)
+    linear.add_argument("--fast", action="store_true",
+                        help="train on cached un-augmented features (a quick check, not the paper's protocol)")  # fmt: skip
+    linear.set_defaults(func=_run_linear)
+
+    ft = subparsers.add_parser("finetune", help="fine-tune a pretrained backbone with a new classification head")
+    _add_common_args(ft, batch_size=256)
+    ft.add_argument("--epochs", type=int, default=30)
+    ft.add_argument("--lr", type=float, default=0.01)
+    ft.add_argument("--weight-decay", type=float, default=1e-4)
+    ft.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    ft.add_argument("--warmup-epochs", type=float, default=0.0)
+    ft.add_argument("--label-smoothing", type=float, default=0.0)
+    ft.add_argument("--drop-path", type=float, default=0.0)
+    ft.add_argument("--trainable", nargs="+", default=None, metavar="MODULE",
+                    help="partial fine-tuning: top-level modules to train (e.g. layer4); the head always trains")  # fmt: skip
+    ft.set_defaults(func=_run_finetune)

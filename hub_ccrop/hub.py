@@ -1,0 +1,753 @@
+"""Export, publish and load: timm weights, box tables and model cards on the Hugging Face Hub.
+
+``export_run(RUN, OUT)`` turns a training run folder into a folder that is a valid timm Hub repo
+(``model.safetensors`` + ``config.json`` written by timm's ``save_for_hf``) plus the box table, the recipe,
+the metrics, a picture and a model card. ``publish_run`` creates the Hub repo and uploads that folder.
+Users load the backbone with ``timm.create_model("hf-hub:ORG/NAME", pretrained=True)`` and the boxes with
+``load_boxes("ORG/NAME")``.
+
+Tokens come only from huggingface_hub's usual sources (``HF_TOKEN``, ``hf auth login``); this module never
+prints, logs or writes one, and refuses to upload a folder that contains the active token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from hub_ccrop.boxes import ID_SCHEME, BoxTable, BoxTableMismatch
+
+__all__ = [
+    "EXPORT_FILES",
+    "BoxTableMismatch",
+    "PAPER_ARXIV_ID",
+    "PAPER_CITATION",
+    "PAPER_LINEAR_TOP1",
+    "PublishError",
+    "PublishResult",
+    "add_cli",
+    "build_model_card",
+    "export_boxes_dataset",
+    "export_run",
+    "load_boxes",
+    "paper_reference",
+    "publish_run",
+]
+
+logger = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------------------------------------------------
+# The paper: citation and reference numbers (DESIGN.md section 3)
+# ------------------------------------------------------------------------------------------------------------
+
+PAPER_TITLE = "Crafting Better Contrastive Views for Siamese Representation Learning"
+PAPER_ARXIV_ID = "2202.03278"
+PAPER_CITATION = """@inproceedings{peng2022crafting,
+  title     = {Crafting Better Contrastive Views for Siamese Representation Learning},
+  author    = {Peng, Xiangyu and Wang, Kai and Zhu, Zheng and Wang, Mang and You, Yang},
+  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2022}
+}"""
+
+# Linear top-1 (%) of the paper, (R-Crop, C-Crop), keyed by (method, dataset) as normalized by
+# `paper_reference`. Table 1: ResNet-18 with the CIFAR stem, 500 epochs. Table 2: ResNet-50 on IN-1K, 100 epochs.
+PAPER_LINEAR_TOP1: dict[tuple[str, str], tuple[float, float]] = {
+    ("simclr", "cifar10"): (89.63, 90.08),
+    ("simclr", "cifar100"): (60.30, 61.91),
+    ("simclr", "tiny-imagenet"): (45.19, 46.21),
+    ("simclr", "stl10"): (88.95, 89.53),
+    ("moco", "cifar10"): (86.73, 88.78),
+    ("moco", "cifar100"): (56.10, 57.65),
+    ("moco", "tiny-imagenet"): (47.09, 47.98),
+    ("moco", "stl10"): (89.17, 89.81),
+    ("byol", "cifar10"): (91.96, 92.54),
+    ("byol", "cifar100"): (63.75, 64.62),
+    ("byol", "tiny-imagenet"): (46.08, 47.23),
+    ("byol", "stl10"): (91.84, 92.42),
+    ("simsiam", "cifar10"): (90.96, 91.48),
+    ("simsiam", "cifar100"): (64.79, 65.82),
+    ("simsiam", "tiny-imagenet"): (43.03, 44.54),
+    ("simsiam", "stl10"): (89.39, 89.83),
+    ("simclr", "imagenet-1k"): (61.60, 61.85),
+    ("moco_v1", "imagenet-1k"): (57.25, 58.34),
+    ("moco_v2", "imagenet-1k"): (64.40, 64.89),
+    ("simsiam", "imagenet-1k"): (65.62, 65.95),
+}
+PAPER_SETTINGS = {
+    "small": "paper Table 1: ResNet-18 (CIFAR stem), 500 epochs, batch 512, k=0.1, alpha=0.1",
+    "imagenet-1k": "paper Table 2: ResNet-50, 100 epochs, k=0.1, alpha=0.6",
+}
+_METHOD_NAMES = {"simclr": "SimCLR", "moco": "MoCo", "moco_v1": "MoCo v1", "moco_v2": "MoCo v2",
+                 "byol": "BYOL", "simsiam": "SimSiam"}
+_DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "tiny-imagenet": "Tiny ImageNet",
+                  "stl10": "STL-10", "imagenet-1k": "ImageNet-1K"}
+
+
+def _method_key(method: str) -> str:
+    key = re.sub(r"[^a-z0-9]", "", method.lower())
+    return {"mocov1": "moco_v1", "mocov2": "moco_v2"}.get(key, key)
+
+
+def _dataset_key(dataset: str) -> str:
+    key = re.sub(r"[^a-z0-9]", "", dataset.lower().rsplit("/", 1)[-1])
+    aliases = {"tinyimagenet": "tiny-imagenet", "tinyimagenet200": "tiny-imagenet", "imagenet1k": "imagenet-1k",
+               "imagenet": "imagenet-1k", "in1k": "imagenet-1k", "ilsvrc2012": "imagenet-1k"}
+    return aliases.get(key, key)
+
+
+def paper_reference(method: str, dataset: str) -> tuple[float, float] | None:
+    """The paper's linear top-1 (R-Crop, C-Crop) for a method and dataset name or Hub id, or None."""
+    m, d = _method_key(method), _dataset_key(dataset)
+    if d != "imagenet-1k" and m.startswith("moco"):
+        m = "moco"  # Table 1 has one MoCo row
+    elif d == "imagenet-1k" and m == "moco":
+        m = "moco_v1"
+    return PAPER_LINEAR_TOP1.get((m, d))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Export
+# ------------------------------------------------------------------------------------------------------------
+
+TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "model_cards" / "template.md"
+PICTURE_NAME = "boxes_and_crops.png"
+EXPORT_FILES = ("README.md", "config.json", "model.safetensors", "boxes.parquet", "boxes.safetensors",
+                "recipe.yaml", "metrics.json", PICTURE_NAME)
+_SECRET_KEY = re.compile(r"token|secret|password|api_key|apikey|credential", re.IGNORECASE)
+_PLACEHOLDER_REPO = "ORG/NAME"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {path.parent} a hub_ccrop run folder?")
+    with path.open(encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _ensure_architecture(name: str) -> bool:
+    """Make sure timm knows ``name``; True when it comes from hub_ccrop (users must ``import hub_ccrop``)."""
+    import timm
+
+    if not timm.is_model(name):
+        try:
+            import hub_ccrop.models  # noqa: F401  (registers the CIFAR-stem ResNets with timm)
+        except ImportError as e:  # pragma: no cover - models.py is part of the package
+            raise ValueError(f"unknown timm architecture {name!r} (and hub_ccrop.models failed: {e})") from e
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm architecture {name!r}")
+    return not timm.models.model_entrypoint(name).__module__.startswith("timm.")
+
+
+def _clean_pretrained_cfg(model: torch.nn.Module, run: Mapping[str, Any]) -> dict[str, Any]:
+    """A pretrained_cfg that describes these weights only (no URL, hub id, tag or notes of timm's defaults)."""
+    base = getattr(model, "pretrained_cfg", {}) or {}
+    dataset = run.get("dataset") or {}
+    method = _METHOD_NAMES.get(_method_key(str(run.get("method", ""))), str(run.get("method", "")))
+    return {
+        "architecture": run["model"],
+        "input_size": tuple(int(v) for v in run["input_size"]),
+        "fixed_input_size": bool(base.get("fixed_input_size", False)),
+        "interpolation": str(run.get("interpolation", "bilinear")),
+        "crop_pct": float(run.get("crop_pct", 1.0)),
+        "crop_mode": "center",
+        "mean": tuple(float(v) for v in run["mean"]),
+        "std": tuple(float(v) for v in run["std"]),
+        "num_classes": 0,
+        "pool_size": None,
+        "first_conv": base.get("first_conv"),
+        "classifier": base.get("classifier"),
+        "license": str(run.get("license") or "other"),
+        "description": f"{method} + ContrastiveCrop self-supervised backbone, pretrained on "
+                       f"{dataset.get('name', 'unknown data')} (hub_ccrop)",
+        "paper_name": PAPER_TITLE,
+        "paper_ids": f"arXiv:{PAPER_ARXIV_ID}",
+    }
+
+
+def _build_backbone(run: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    import timm
+
+    _ensure_architecture(run["model"])
+    model_args = dict(run.get("model_args") or {})
+    model_args["num_classes"] = 0
+    model = timm.create_model(run["model"], pretrained=False, **model_args)
+    try:
+        model.load_state_dict(dict(state_dict), strict=True)
+    except RuntimeError as e:
+        raise ValueError(
+            f"backbone.safetensors does not fit {run['model']} with model_args={model_args}: {e}"
+        ) from e
+    return model.eval()
+
+
+def _write_recipe(src: Path, dst: Path) -> None:
+    """Copy the recipe, redacting values of keys that look like credentials."""
+    text = src.read_text(encoding="utf-8")
+    data = yaml.safe_load(text)
+    redacted = False
+
+    def scrub(node: Any) -> Any:
+        nonlocal redacted
+        if isinstance(node, dict):
+            out = {}
+            for k, v in node.items():
+                if isinstance(k, str) and _SECRET_KEY.search(k) and v not in (None, "", False, True):
+                    out[k] = "<redacted>"
+                    redacted = True
+                else:
+                    out[k] = scrub(v)
+            return out
+        if isinstance(node, list):
+            return [scrub(v) for v in node]
+        return node
+
+    data = scrub(data)
+    if redacted:
+        dst.write_text("# credentials redacted by hub_ccrop export\n" + yaml.safe_dump(data, sort_keys=False))
+    else:
+        shutil.copyfile(src, dst)
+
+
+def _latest_picture(run_dir: Path) -> Path | None:
+    pictures = sorted((run_dir / "pictures").glob("*.png"))
+    return pictures[-1] if pictures else None
+
+
+def _load_run_boxes(run_dir: Path) -> BoxTable | None:
+    for name in ("boxes.parquet", "boxes.safetensors"):
+        if (run_dir / name).is_file():
+            return BoxTable.load(run_dir / name)
+    return None
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a folder")
+    contents = {p.name for p in out_dir.iterdir()}
+    if not contents:
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True (--force) to replace an earlier export")
+    unknown = contents - set(EXPORT_FILES) - {".cache"}
+    if unknown:
+        raise FileExistsError(
+            f"refusing to replace {out_dir}: it holds files that an export does not write ({sorted(unknown)[:5]})"
+        )
+
+
+def export_run(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    repo_id: str | None = None,
+    template: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    verify: bool = True,
+) -> Path:
+    """Write a timm Hub repo folder for a run: weights, config, boxes, recipe, metrics, picture, model card.
+
+    ``repo_id`` fills the card's usage snippets (``ORG/NAME`` when unknown). The folder is built next to
+    ``out_dir`` and moved into place at the end; ``verify`` reloads it with ``timm.create_model("local-dir:...")``
+    and checks that the weights are bit-identical. Returns ``out_dir``.
+    """
+    import safetensors.torch
+    from timm.models import save_for_hf
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    run = _read_json(run_dir / "run.json")
+    for key in ("model", "input_size", "mean", "std"):
+        if key not in run:
+            raise ValueError(f"{run_dir / 'run.json'} lacks {key!r}")
+    metrics = _read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
+    _prepare_out_dir(out_dir, overwrite)
+
+    tmp = out_dir.parent / f".{out_dir.name}.tmp{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        # 1. weights + config through timm's own writer, with a clean pretrained_cfg
+        weights = run_dir / "backbone.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} not found (the run's final backbone)")
+        state_dict = safetensors.torch.load_file(str(weights), device="cpu")
+        model = _build_backbone(run, state_dict)
+        needs_import = _ensure_architecture(run["model"])
+        cfg = _clean_pretrained_cfg(model, run)
+        model.pretrained_cfg = cfg
+        model.default_cfg = cfg
+        data_config = {k: cfg[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")}
+        save_for_hf(model, str(tmp), safe_serialization=True, data_config=data_config)
+
+        # 2. box table (both formats), checked against the run's dataset
+        table = _load_run_boxes(run_dir)
+        if table is not None:
+            dataset = run.get("dataset") or {}
+            table.metadata.setdefault("dataset", dataset.get("hub_id") or dataset.get("name"))
+            table.metadata.setdefault("split", "+".join(dataset.get("splits") or []) or None)
+            table.metadata.setdefault("backbone", run["model"])
+            table.metadata.setdefault("k", (run.get("schedule") or {}).get("k"))
+            table.check_compatible(num_rows=dataset.get("num_rows"), source=f"{run_dir}/boxes")
+            table.save(tmp / "boxes.parquet")
+            table.save(tmp / "boxes.safetensors")
+
+        # 3. recipe, metrics, picture
+        if (run_dir / "recipe.yaml").is_file():
+            _write_recipe(run_dir / "recipe.yaml", tmp / "recipe.yaml")
+        with (tmp / "metrics.json").open("w", encoding="utf-8") as f:
+            json.dump(metrics, f, indent=2, sort_keys=True)
+        picture = _latest_picture(run_dir)
+        if picture is not None:
+            shutil.copyfile(picture, tmp / PICTURE_NAME)
+
+        # 4. model card
+        card = build_model_card(
+            run, metrics, repo_id=repo_id, boxes=table, picture=PICTURE_NAME if picture else None,
+            needs_import=needs_import, num_features=int(getattr(model, "num_features", 0)), template=template,
+        )
+        card.save(tmp / "README.md")
+
+        if verify:
+            _verify_export(tmp, model)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("exported %s to %s", run_dir, out_dir)
+    return out_dir
+
+
+def _verify_export(folder: Path, model: torch.nn.Module) -> None:
+    """Reload the folder the way users will and compare the weights bit for bit."""
+    import timm
+
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    ours, theirs = model.state_dict(), loaded.state_dict()
+    if ours.keys() != theirs.keys() or any(not torch.equal(ours[k], theirs[k]) for k in ours):
+        raise RuntimeError(f"export check failed: timm's local-dir:{folder} does not reproduce the backbone")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Model card
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _percent(value: Any) -> float | None:
+    """Accuracy as a percentage; metrics.json may hold fractions in [0, 1] or percentages."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return None
+    return round(float(value) * 100 if 0 <= value <= 1 else float(value), 2)
+
+
+def _format_epochs(epochs: Sequence[Any] | None) -> str:
+    return ", ".join(str(e) for e in epochs) if epochs else "none"
+
+
+def build_model_card(
+    run: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    *,
+    repo_id: str | None = None,
+    boxes: BoxTable | None = None,
+    picture: str | None = None,
+    needs_import: bool = False,
+    num_features: int = 0,
+    template: str | os.PathLike | None = None,
+):
+    """Render the model card (``huggingface_hub.ModelCard``) from ``model_cards/template.md``."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    template = Path(template) if template else TEMPLATE_PATH
+    if not template.is_file():
+        raise FileNotFoundError(f"model card template not found: {template}")
+    repo_id = repo_id or _PLACEHOLDER_REPO
+    dataset = dict(run.get("dataset") or {})
+    schedule = dict(run.get("schedule") or {})
+    method_key = _method_key(str(run.get("method", "unknown")))
+    method = _METHOD_NAMES.get(method_key, str(run.get("method", "unknown")))
+    dataset_name = str(dataset.get("name") or dataset.get("hub_id") or "unknown")
+    hub_id = dataset.get("hub_id")
+    dkey = _dataset_key(str(dataset.get("hub_id") or dataset_name))
+    dataset_display = _DATASET_NAMES.get(dkey, dataset_name)
+    loc_epochs = list(schedule.get("loc_epochs") or [])
+    crop = str(run.get("crop") or ("ccrop" if loc_epochs else "rcrop")).lower()
+    uses_ccrop = crop in ("ccrop", "c-crop", "contrastivecrop", "contrastive_crop")
+    eval_split = str(metrics.get("eval_split", "test"))
+
+    knn, linear = _percent(metrics.get("knn_top1")), _percent(metrics.get("linear_top1"))
+    box_iou = metrics.get("box_iou")
+    eval_results = []
+    dataset_type = hub_id or dkey
+    for value, name in ((knn, "kNN top-1 (k=200, T=0.1, frozen features)"), (linear, "Linear probe top-1")):
+        if value is not None:
+            eval_results.append(EvalResult(
+                task_type="image-classification", task_name="Image Classification",
+                dataset_type=dataset_type, dataset_name=dataset_display, dataset_split=eval_split,
+                metric_type="accuracy", metric_name=name, metric_value=value,
+            ))
+
+    tags = ["timm", "image-feature-extraction", "self-supervised-learning", "contrastive-learning",
+            "contrastive-crop", "hub-ccrop", method_key.replace("_", "-"), f"arxiv:{PAPER_ARXIV_ID}"]
+    model_name = repo_id.split("/")[-1]
+    card_data = ModelCardData(
+        library_name="timm",
+        pipeline_tag="image-feature-extraction",
+        license=str(run.get("license") or "other"),
+        tags=tags,
+        datasets=[hub_id] if hub_id and "/" in str(hub_id) else None,
+        metrics=["accuracy"] if eval_results else None,
+        model_name=model_name,
+        eval_results=eval_results or None,
+    )
+
+    ref = paper_reference(method_key, str(dataset.get("hub_id") or dataset_name))
+    paper_setting = PAPER_SETTINGS["imagenet-1k" if dkey == "imagenet-1k" else "small"]
+    input_size = [int(v) for v in run["input_size"]]
+    box_meta = dict(boxes.metadata) if boxes is not None else {}
+    extra_metrics = {k: v for k, v in metrics.items() if k not in ("knn_top1", "linear_top1", "box_iou")}
+    context = dict(
+        repo_id=repo_id,
+        model_name=model_name,
+        architecture=run["model"],
+        needs_import=needs_import,
+        num_features=num_features,
+        method=method,
+        method_key=method_key,
+        crop_name="ContrastiveCrop (C-Crop)" if uses_ccrop else "RandomResizedCrop (R-Crop)",
+        uses_ccrop=uses_ccrop,
+        dataset_name=dataset_display,
+        dataset_hub_id=hub_id,
+        dataset_splits=", ".join(dataset.get("splits") or []) or "unknown",
+        dataset_num_rows=dataset.get("num_rows"),
+        eval_split=eval_split,
+        epochs=run.get("epochs"),
+        batch_size=run.get("batch_size"),
+        warmup_epochs=schedule.get("warmup_epochs"),
+        loc_epochs=_format_epochs(loc_epochs),
+        k=schedule.get("k"),
+        alpha=schedule.get("alpha"),
+        input_size=input_size,
+        image_size=input_size[-1],
+        mean=list(run["mean"]),
+        std=list(run["std"]),
+        interpolation=run.get("interpolation", "bilinear"),
+        crop_pct=run.get("crop_pct", 1.0),
+        knn_top1=knn,
+        linear_top1=linear,
+        box_iou=round(float(box_iou), 4) if isinstance(box_iou, (int, float)) else None,
+        extra_metrics=extra_metrics,
+        paper_rcrop=ref[0] if ref else None,
+        paper_ccrop=ref[1] if ref else None,
+        paper_setting=paper_setting,
+        paper_title=PAPER_TITLE,
+        paper_arxiv_id=PAPER_ARXIV_ID,
+        citation=PAPER_CITATION,
+        picture=picture,
+        has_boxes=boxes is not None,
+        boxes_num_rows=len(boxes) if boxes is not None else None,
+        boxes_epoch=box_meta.get("epoch"),
+        boxes_fingerprint=box_meta.get("fingerprint"),
+        boxes_id_scheme=box_meta.get("id_scheme", ID_SCHEME),
+    )
+    return ModelCard.from_template(card_data, template_path=str(template), **context)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Publish
+# ------------------------------------------------------------------------------------------------------------
+
+
+class PublishError(RuntimeError):
+    """An upload failed; the message says what to re-run (the local export is left intact)."""
+
+
+@dataclass
+class PublishResult:
+    repo_url: str
+    commit_url: str
+    export_dir: Path
+    boxes_repo_url: str | None = None
+
+
+def _is_export_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file() and not (
+        path / "run.json"
+    ).is_file()
+
+
+def _redact(text: str, token: str | None) -> str:
+    return text.replace(token, "<token>") if token else text
+
+
+def _check_no_token(folder: Path, token: str | None) -> None:
+    """Refuse to upload a folder in which the active token appears (in any file, any size)."""
+    if not token:
+        return
+    needle = token.encode()
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        with path.open("rb") as f:
+            tail = b""
+            while chunk := f.read(1 << 22):
+                if needle in tail + chunk:
+                    raise PublishError(f"refusing to upload {folder}: {path.name} contains your Hugging Face token")
+                tail = chunk[-len(needle):]
+
+
+def export_boxes_dataset(
+    source_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    repo_id: str | None = None,
+    model_repo_id: str | None = None,
+    license: str = "other",
+) -> Path:
+    """A dataset repo folder with a box table (``boxes.parquet`` + ``.safetensors``) and a dataset card.
+
+    ``source_dir`` is a run folder or an export folder; ``repo_id`` (the dataset repo) fills the card's snippet.
+    """
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    source_dir, out_dir = Path(source_dir), Path(out_dir)
+    table = _load_run_boxes(source_dir)
+    if table is None:
+        raise FileNotFoundError(f"no boxes.parquet or boxes.safetensors in {source_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table.save(out_dir / "boxes.parquet")
+    table.save(out_dir / "boxes.safetensors")
+    meta = table.metadata
+    data = DatasetCardData(
+        license=license,
+        tags=["contrastive-crop", "hub-ccrop", "bounding-boxes", f"arxiv:{PAPER_ARXIV_ID}"],
+        pretty_name=f"ContrastiveCrop boxes for {meta.get('dataset', 'a dataset')}",
+        configs=[{"config_name": "default", "data_files": "boxes.parquet"}],
+    )
+    model_line = (
+        f"They were localized by the backbone [{model_repo_id}](https://huggingface.co/{model_repo_id}). "
+        if model_repo_id else ""
+    )
+    content = (
+        f"---\n{data.to_yaml()}\n---\n\n# {data.pretty_name}\n\n"
+        f"One ContrastiveCrop box `(x0, y0, x1, y1)` in [0, 1] per training image of `{meta.get('dataset')}` "
+        f"(split `{meta.get('split')}`, {len(table)} rows; ids follow `{meta.get('id_scheme')}`: a row's "
+        f"position in the unshuffled pretraining data). {model_line}Load the table, checked against your copy "
+        "of the data, and start ContrastiveCrop without a warm-up (`init_boxes:` in a recipe):\n\n"
+        "```python\nimport hub_ccrop\n\n"
+        f"table = hub_ccrop.load_boxes(\"{repo_id or 'ORG/NAME'}\", repo_type=\"dataset\", "
+        "dataset_num_rows=len(dataset))\n```\n\n"
+        f"Metadata: `{json.dumps(meta, sort_keys=True, default=str)}`\n\n## Citation\n\n```bibtex\n"
+        f"{PAPER_CITATION}\n```\n"
+    )
+    DatasetCard(content).save(out_dir / "README.md")
+    return out_dir
+
+
+def publish_run(
+    run_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    export_dir: str | os.PathLike | None = None,
+    boxes_repo_id: str | None = None,
+    commit_message: str | None = None,
+    template: str | os.PathLike | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> PublishResult:
+    """Export a run (or take an existing export folder) and upload it to the model repo ``repo_id``.
+
+    The token comes from ``token`` or huggingface_hub's usual sources; it is never printed or written.
+    ``revision`` uploads to that branch (created from main if missing). ``boxes_repo_id`` also publishes the
+    box table as a dataset repo. On failure a :class:`PublishError` says what to re-run; the export stays.
+    """
+    from huggingface_hub import HfApi, get_token
+
+    run_dir = Path(run_dir)
+    if _is_export_dir(run_dir):
+        folder = run_dir
+    else:
+        folder = Path(export_dir) if export_dir else run_dir / "export"
+        export_run(run_dir, folder, repo_id=repo_id, template=template, overwrite=True)
+    token = token or get_token()
+    if not token:
+        raise PublishError("no Hugging Face token found: run `hf auth login` or set HF_TOKEN, then re-run")
+    _check_no_token(folder, token)
+
+    rerun = f"hub-ccrop publish {folder} --repo-id {repo_id}" + (" --private" if private else "") + (
+        f" --revision {revision}" if revision else "") + (f" --boxes-repo-id {boxes_repo_id}" if boxes_repo_id else "")
+    api = HfApi(endpoint=endpoint, token=token)
+    step = "create the repo"
+    try:
+        repo_url = str(api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"))
+        if revision and revision != "main":
+            step = f"create the branch {revision!r}"
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        step = "upload the folder"
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*about to commit a data file.*")
+            info = api.upload_folder(
+                repo_id=repo_id, folder_path=str(folder), revision=revision,
+                commit_message=commit_message or "Upload ContrastiveCrop backbone (hub_ccrop)",
+            )
+        boxes_url = None
+        if boxes_repo_id:
+            step = f"publish the box table to the dataset repo {boxes_repo_id}"
+            boxes_dir = folder.parent / f"{folder.name}-boxes"
+            export_boxes_dataset(folder, boxes_dir, repo_id=boxes_repo_id, model_repo_id=repo_id)
+            _check_no_token(boxes_dir, token)
+            boxes_url = str(api.create_repo(boxes_repo_id, private=private, exist_ok=True, repo_type="dataset"))
+            api.upload_folder(repo_id=boxes_repo_id, repo_type="dataset", folder_path=str(boxes_dir),
+                              commit_message="Upload ContrastiveCrop box table (hub_ccrop)")
+    except Exception as e:  # any failure gets the same advice
+        message = _redact(f"{type(e).__name__}: {e}", token)
+        raise PublishError(
+            f"publishing to {repo_id} failed while trying to {step}: {message}\n"
+            f"The export at {folder} is intact. Re-run: {rerun}\n"
+            f"(or upload it directly: hf upload {repo_id} {folder} .)"
+        ) from e
+    logger.info("published %s: %s", repo_id, info.commit_url)
+    return PublishResult(repo_url=repo_url, commit_url=str(info.commit_url), export_dir=folder,
+                         boxes_repo_url=boxes_url)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Load boxes
+# ------------------------------------------------------------------------------------------------------------
+
+
+def load_boxes(
+    repo_id_or_dir: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    dataset_num_rows: int | None = None,
+    fingerprint: str | None = None,
+    id_scheme: str | None = ID_SCHEME,
+    repo_type: str = "model",
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+) -> BoxTable:
+    """A published box table, checked against the dataset it will be used with.
+
+    ``repo_id_or_dir`` is a Hub repo id (``ORG/NAME``, also ``hf-hub:ORG/NAME``), an export or run folder
+    (also ``local-dir:DIR``), or a ``.parquet``/``.safetensors`` file. Raises :class:`BoxTableMismatch`
+    when ``dataset_num_rows``/``fingerprint``/``id_scheme`` disagree with the table.
+    """
+    source = str(repo_id_or_dir)
+    if source.startswith("local-dir:"):
+        source = source[len("local-dir:"):]
+    path = Path(source)
+    if not source.startswith("hf-hub:") and path.exists():
+        if path.is_dir():
+            table = _load_run_boxes(path)
+            if table is None:
+                raise FileNotFoundError(f"no boxes.parquet or boxes.safetensors in {path}")
+        else:
+            table = BoxTable.load(path)
+    else:
+        table = _download_boxes(source.removeprefix("hf-hub:"), revision=revision, repo_type=repo_type,
+                                cache_dir=cache_dir, token=token)
+    table.check_compatible(num_rows=dataset_num_rows, id_scheme=id_scheme, fingerprint=fingerprint,
+                           source=f"box table from {repo_id_or_dir}")
+    return table
+
+
+def _download_boxes(repo_id: str, *, revision: str | None, repo_type: str,
+                    cache_dir: str | os.PathLike | None, token: str | bool | None) -> BoxTable:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    if "@" in repo_id and revision is None:  # timm-style ORG/NAME@revision
+        repo_id, revision = repo_id.split("@", 1)
+    for name in ("boxes.parquet", "boxes.safetensors"):
+        try:
+            path = hf_hub_download(repo_id, name, revision=revision, repo_type=repo_type,
+                                   cache_dir=cache_dir, token=token)
+        except EntryNotFoundError:
+            continue
+        return BoxTable.load(path)
+    raise FileNotFoundError(f"{repo_type} repo {repo_id} has no boxes.parquet or boxes.safetensors")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    out = args.out or Path(args.run) / "export"
+    export_run(args.run, out, repo_id=args.repo_id, template=args.template, overwrite=args.force)
+    print(f"exported {args.run} -> {out}")
+    print(f"load it with: timm.create_model('local-dir:{out}', pretrained=True)")
+    return 0
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    try:
+        result = publish_run(
+            args.run, args.repo_id, private=args.private, revision=args.revision, export_dir=args.out,
+            boxes_repo_id=args.boxes_repo_id, commit_message=args.message, template=args.template,
+        )
+    except PublishError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"published {result.export_dir} -> {result.repo_url}")
+    print(f"commit: {result.commit_url}")
+    if result.boxes_repo_url:
+        print(f"box table: {result.boxes_repo_url}")
+    print(f"load it with: timm.create_model('hf-hub:{args.repo_id}', pretrained=True)")
+    return 0
+
+
+def add_cli(subparsers: Any) -> None:
+    """Add the ``export`` and ``publish`` subcommands to a ``hub-ccrop`` argparse subparsers object."""
+    p = subparsers.add_parser("export", help="write a timm Hub repo folder (weights, boxes, card) for a run")
+    p.add_argument("run", help="run folder written by training")
+    p.add_argument("--out", type=Path, default=None, help="export folder (default: RUN/export)")
+    p.add_argument("--repo-id", default=None, help="ORG/NAME used in the card's usage snippets")
+    p.add_argument("--template", default=None, help="model card template (default: model_cards/template.md)")
+    p.add_argument("--force", action="store_true", help="replace an earlier export in --out")
+    p.set_defaults(func=_cmd_export)
+
+    p = subparsers.add_parser("publish", help="export a run and upload it to the Hugging Face Hub")
+    p.add_argument("run", help="run folder (exported first) or an existing export folder (uploaded as is)")
+    p.add_argument("--repo-id", required=True, help="model repo ORG/NAME (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--revision", default=None, help="branch to upload to (created if missing)")
+    p.add_argument("--out", type=Path, default=None, help="export folder (default: RUN/export)")
+    p.add_argument("--boxes-repo-id", default=None, help="also publish the box table as this dataset repo")
+    p.add_argument("--message", default=None, help="commit message")
+    p.add_argument("--template", default=None, help="model card template (default: model_cards/template.md)")
+    p.set_defaults(func=_cmd_publish)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m hub_ccrop.hub {export,publish} ...`` (the same subcommands as ``hub-ccrop``)."""
+    parser = argparse.ArgumentParser(prog="python -m hub_ccrop.hub")
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    sys.exit(main())

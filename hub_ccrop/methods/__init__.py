@@ -1,0 +1,101 @@
+"""SSL methods behind one interface: SimCLR, MoCo v1/v2, BYOL, SimSiam on any timm backbone.
+
+    method = build_method("moco_v2", create_backbone("resnet18_cifar"), queue_size=4096)
+    loss, logs = method(view1, view2)            # logs: {"loss": ..., "pos_cosine": ...}
+    loss.backward(); optimizer.step()
+    method.after_optimizer_step(progress)       # momentum / EMA updates; progress in [0, 1]
+    method.localization_encoder                 # the online backbone, for the heatmaps
+
+Options per method and their defaults: ``METHOD_DEFAULTS`` (the paper's small-dataset settings; head
+widths ``None`` follow the backbone's feature width). See ``SSLMethod`` for the whole contract.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+from hub_ccrop.methods.base import (
+    Encoder,
+    MethodConfig,
+    MomentumMethod,
+    SSLMethod,
+    frozen_copy,
+    lr_lambdas,
+    mlp_head,
+    momentum_at,
+    momentum_update,
+)
+from hub_ccrop.methods.byol import BYOL, BYOLConfig
+from hub_ccrop.methods.losses import byol_loss, info_nce_loss, mean_cosine, negative_cosine, nt_xent_loss
+from hub_ccrop.methods.moco import MoCo, MoCoConfig, MoCoV1Config, MoCoV2Config
+from hub_ccrop.methods.simclr import SimCLR, SimCLRConfig
+from hub_ccrop.methods.simsiam import SimSiam, SimSiamConfig
+
+__all__ = [
+    "BYOL",
+    "METHODS",
+    "METHOD_DEFAULTS",
+    "BYOLConfig",
+    "Encoder",
+    "MethodConfig",
+    "MoCo",
+    "MoCoConfig",
+    "MoCoV1Config",
+    "MoCoV2Config",
+    "MomentumMethod",
+    "SSLMethod",
+    "SimCLR",
+    "SimCLRConfig",
+    "SimSiam",
+    "SimSiamConfig",
+    "build_method",
+    "byol_loss",
+    "frozen_copy",
+    "info_nce_loss",
+    "lr_lambdas",
+    "mean_cosine",
+    "method_config",
+    "mlp_head",
+    "momentum_at",
+    "momentum_update",
+    "negative_cosine",
+    "nt_xent_loss",
+]
+
+#: name -> (method class, config dataclass)
+METHODS: dict[str, tuple[type[SSLMethod], type[MethodConfig]]] = {
+    "simclr": (SimCLR, SimCLRConfig),
+    "moco_v1": (MoCo, MoCoV1Config),
+    "moco_v2": (MoCo, MoCoV2Config),
+    "byol": (BYOL, BYOLConfig),
+    "simsiam": (SimSiam, SimSiamConfig),
+}
+
+#: name -> {option: default}
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    name: dataclasses.asdict(config_cls()) for name, (_, config_cls) in METHODS.items()
+}
+
+
+def _canonical(name: str) -> str:
+    key = name.strip().lower().replace("-", "_")
+    if key not in METHODS:
+        raise ValueError(f"unknown SSL method {name!r}; choose one of {', '.join(METHODS)}")
+    return key
+
+
+def method_config(name: str, **cfg: Any) -> MethodConfig:
+    """The validated options of method ``name`` (unknown keys, wrong types and bad ranges raise
+    ``ValueError`` naming the option)."""
+    key = _canonical(name)
+    return METHODS[key][1].from_kwargs(cfg, method=key)
+
+
+def build_method(name: str, backbone: nn.Module, **cfg: Any) -> SSLMethod:
+    """Build SSL method ``name`` (``simclr``, ``moco_v1``, ``moco_v2``, ``byol``, ``simsiam``) around
+    ``backbone`` (a ``create_backbone`` model) with options ``cfg`` (see ``METHOD_DEFAULTS``)."""
+    key = _canonical(name)
+    return METHODS[key][0](backbone, method_config(key, **cfg))

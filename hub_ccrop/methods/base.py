@@ -1,0 +1,221 @@
+"""The one interface of the SSL methods and the pieces they share: configs, MLP heads, momentum targets."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Encoder",
+    "MethodConfig",
+    "MomentumMethod",
+    "SSLMethod",
+    "frozen_copy",
+    "lr_lambdas",
+    "mlp_head",
+    "momentum_at",
+    "momentum_update",
+    "param_group",
+]
+
+MomentumSchedule = Literal["constant", "cosine"]
+
+
+# ----------------------------------------------------------------------------------------------- configs
+@dataclasses.dataclass
+class MethodConfig:
+    """Base of the per-method option dataclasses. Options arrive from YAML recipes as plain kwargs:
+    ``Config.from_kwargs(cfg)`` rejects unknown keys, ``__post_init__`` checks types and ranges.
+
+    Conventions: ``*_dim`` / ``*_size`` options are positive (``None`` = follow the backbone's width),
+    ``temperature`` is positive, ``momentum`` lies in [0, 1].
+    """
+
+    @classmethod
+    def from_kwargs(cls, cfg: Mapping[str, Any], method: str = "") -> MethodConfig:
+        accepted = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(cfg) - set(accepted))
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {', '.join(map(repr, unknown))} for method {method or cls.__name__!r}; "
+                f"accepted options: {', '.join(accepted)}"
+            )
+        return cls(**cfg)
+
+    def __post_init__(self) -> None:
+        hints = get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            _check_type(f.name, value, hints[f.name])
+            if value is None or isinstance(value, bool | str):
+                continue
+            if (f.name.endswith(("_dim", "_size")) or f.name == "temperature") and value <= 0:
+                raise ValueError(f"option {f.name!r} must be > 0, got {value}")
+            if f.name == "momentum" and not 0.0 <= value <= 1.0:
+                raise ValueError(f"option 'momentum' must lie in [0, 1], got {value}")
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    if get_origin(hint) is Literal:
+        if value not in get_args(hint):
+            raise ValueError(f"option {name!r} must be one of {get_args(hint)}, got {value!r}")
+        return
+    allowed = get_args(hint) or (hint,)
+    if float in allowed:
+        allowed = (*allowed, int)
+    if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
+        names = " | ".join("None" if a is type(None) else a.__name__ for a in allowed)
+        raise ValueError(f"option {name!r} must be {names}, got {value!r} ({type(value).__name__})")
+
+
+# ------------------------------------------------------------------------------------------------- heads
+def mlp_head(dims: Sequence[int], *, batch_norm: bool = False, last_bn: bool = False) -> nn.Sequential:
+    """Linear layers ``dims[0] -> dims[1] -> ... -> dims[-1]``.
+
+    Hidden layers are followed by ``[BatchNorm1d] + ReLU`` (BatchNorm when ``batch_norm``); ``last_bn`` adds
+    a ``BatchNorm1d(affine=False)`` on the output (SimSiam). Linear layers followed by a BatchNorm have no
+    bias (the BatchNorm removes it anyway). ``mlp_head((512, 128))`` is a single linear layer.
+    """
+    if len(dims) < 2:
+        raise ValueError(f"an MLP head needs at least input and output widths, got {tuple(dims)}")
+    layers: list[nn.Module] = []
+    last = len(dims) - 2
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        followed_by_bn = batch_norm if i < last else last_bn
+        layers.append(nn.Linear(d_in, d_out, bias=not followed_by_bn))
+        if i < last:
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(d_out))
+            layers.append(nn.ReLU(inplace=True))
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(d_out, affine=False))
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    """A backbone (pooled features) followed by a projection head."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(x))
+
+
+# -------------------------------------------------------------------------------------- momentum targets
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters never receive gradients (an EMA / momentum target)."""
+    target = copy.deepcopy(module)
+    target.requires_grad_(False)
+    return target
+
+
+def momentum_at(progress: float, base: float, schedule: MomentumSchedule = "constant") -> float:
+    """EMA momentum at ``progress`` in [0, 1] of training: ``base`` (constant), or BYOL's cosine schedule
+    ``1 - (1 - base) * (cos(pi * progress) + 1) / 2`` from ``base`` at the start to 1 at the end."""
+    if schedule == "constant":
+        return base
+    if schedule == "cosine":
+        progress = min(max(progress, 0.0), 1.0)
+        return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
+    raise ValueError(f"unknown momentum schedule {schedule!r}; expected 'constant' or 'cosine'")
+
+
+@torch.no_grad()
+def momentum_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
+    """``target = momentum * target + (1 - momentum) * online``, parameter by parameter (buffers such as
+    BatchNorm statistics are left to the target's own forward passes, as in MoCo and BYOL)."""
+    t_params, o_params = list(target.parameters()), list(online.parameters())
+    if len(t_params) != len(o_params):
+        raise ValueError("target and online networks have different parameters")
+    torch._foreach_lerp_(t_params, o_params, 1.0 - momentum)
+
+
+# --------------------------------------------------------------------------------------------- interface
+def param_group(module: nn.Module, lr: float, weight_decay: float, **extra: Any) -> dict[str, Any]:
+    """An optimizer parameter group with the trainable parameters of ``module``."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return {"params": params, "lr": lr, "weight_decay": weight_decay, **extra}
+
+
+def _constant_one(_: int) -> float:
+    return 1.0
+
+
+def lr_lambdas(
+    param_groups: Sequence[Mapping[str, Any]], factor: Callable[[int], float]
+) -> list[Callable[[int], float]]:
+    """Per-group multipliers for ``torch.optim.lr_scheduler.LambdaLR``: ``factor`` for every group except
+    those flagged ``fix_lr`` (SimSiam's predictor), which keep their initial lr.
+
+    ``LambdaLR(opt, lr_lambdas(opt.param_groups, lambda epoch: ...))``. A hand-written schedule does the
+    same with ``if not group.get("fix_lr"): group["lr"] = new_lr``.
+    """
+    return [_constant_one if group.get("fix_lr") else factor for group in param_groups]
+
+
+class SSLMethod(nn.Module):
+    """One SSL framework (heads, targets, loss) around a backbone; the training loop's only view of it.
+
+    - ``method(view1, view2) -> (loss, logs)``: scalar float32 loss and ``{"loss", "pos_cosine", ...}``
+      floats (``pos_cosine``: mean cosine similarity of the positive pair's embeddings, the paper's Fig. 5).
+    - ``localization_encoder``: the online backbone whose ``forward_features`` gives the heatmaps.
+    - ``after_optimizer_step(progress)``: call after every ``optimizer.step()`` with ``progress`` in [0, 1]
+      over the whole training (momentum / EMA updates; a no-op for SimCLR and SimSiam).
+    - ``param_groups(lr, weight_decay)``: optimizer groups; groups flagged ``fix_lr`` must keep their lr
+      (see ``lr_lambdas``).
+    """
+
+    config: MethodConfig
+
+    def __init__(self, config: MethodConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    @property
+    def localization_encoder(self) -> nn.Module:
+        raise NotImplementedError
+
+    def forward(self, view1: Tensor, view2: Tensor) -> tuple[Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def after_optimizer_step(self, progress: float) -> None:
+        """Nothing to do after the optimizer step (methods with a momentum target override this)."""
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """One group with every trainable parameter (momentum targets are not trainable)."""
+        return [param_group(self, lr, weight_decay)]
+
+    @staticmethod
+    def _logs(**values: Tensor) -> dict[str, float]:
+        """Scalar tensors -> floats, with a single device synchronization."""
+        numbers = torch.stack([v.detach().float() for v in values.values()]).tolist()
+        return dict(zip(values, numbers, strict=True))
+
+
+class MomentumMethod(SSLMethod):
+    """A method with an online encoder and a momentum (EMA) copy of it, the target: MoCo's query and key
+    encoders, BYOL's online and target networks. The target starts as an exact copy, never receives
+    gradients, and moves toward the online encoder after every optimizer step."""
+
+    def __init__(self, online: Encoder, config: Any) -> None:
+        super().__init__(config)
+        self.online = online
+        self.target = frozen_copy(online)
+        self.current_momentum = float(config.momentum)
+
+    @property
+    def localization_encoder(self) -> nn.Module:
+        return self.online.backbone
+
+    def after_optimizer_step(self, progress: float) -> None:
+        self.current_momentum = momentum_at(progress, self.config.momentum, self.config.momentum_schedule)
+        momentum_update(self.target, self.online, self.current_momentum)

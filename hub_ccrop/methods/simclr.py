@@ -1,0 +1,45 @@
+"""SimCLR (Chen et al. 2020): projector + NT-Xent with negatives from the global batch."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor, nn
+
+from hub_ccrop.methods.base import Encoder, MethodConfig, SSLMethod, mlp_head
+from hub_ccrop.methods.losses import mean_cosine, nt_xent_loss
+from hub_ccrop.models import feature_dim
+
+__all__ = ["SimCLR", "SimCLRConfig"]
+
+
+@dataclasses.dataclass
+class SimCLRConfig(MethodConfig):
+    """SimCLR options (defaults: the paper's small-dataset setting, projector 512-512-128, T = 0.5)."""
+
+    temperature: float = 0.5
+    hidden_dim: int | None = None  # projector hidden width; None: the backbone's feature width
+    out_dim: int = 128
+
+
+class SimCLR(SSLMethod):
+    """Backbone -> projector (Linear-ReLU-Linear) -> NT-Xent. Both views go through the network as one
+    batch (one forward; BatchNorm statistics over both views, as in the official code)."""
+
+    config: SimCLRConfig
+
+    def __init__(self, backbone: nn.Module, config: SimCLRConfig | None = None) -> None:
+        config = config or SimCLRConfig()
+        super().__init__(config)
+        dim = feature_dim(backbone)
+        self.encoder = Encoder(backbone, mlp_head((dim, config.hidden_dim or dim, config.out_dim)))
+
+    @property
+    def localization_encoder(self) -> nn.Module:
+        return self.encoder.backbone
+
+    def forward(self, view1: Tensor, view2: Tensor) -> tuple[Tensor, dict[str, float]]:
+        z1, z2 = self.encoder(torch.cat([view1, view2])).chunk(2)
+        loss = nt_xent_loss(z1, z2, self.config.temperature)
+        return loss, self._logs(loss=loss, pos_cosine=mean_cosine(z1, z2))

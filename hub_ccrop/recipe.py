@@ -1,0 +1,268 @@
+"""Recipes: one YAML file per training setting, validated before anything runs.
+
+A recipe has the sections ``model``, ``method``, ``data``, ``crop``, ``optim`` and ``train``.
+Unknown keys and values of the wrong type or range are refused with the key's dotted name;
+``--set section.key=value`` overrides any key (values parse as YAML).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["Recipe", "RecipeError", "apply_overrides", "load_recipe"]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run: unknown keys, wrong types or values out of range."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18_cifar"
+    args: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs (model_args)
+    channels_last: bool = False
+    sync_bn: bool = False
+
+
+@dataclass
+class MethodConfig:
+    name: str = "simclr"
+    options: dict[str, Any] = field(default_factory=dict)  # passed to build_method (temperature, dims, ...)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cifar10"  # a spec name (cifar10, small_objects, ...) or a Hub id / local path
+    data_dir: str | None = None  # local copy: a folder of Hub-style parquet files or an imagefolder tree
+    image_column: str | None = None
+    label_column: str | None = None
+    streaming: bool = False
+    batch_size: int = 512
+    num_workers: int = 4
+    batched_views: bool = False  # crop/augment whole batches on the training device
+    device_resident: bool = False  # keep decoded uint8 images on the device (small datasets)
+    holdout: int = 0  # last N pretraining rows held out as the labeled kNN test split
+    max_rows: int | None = None  # first N rows only (quick experiments)
+
+
+@dataclass
+class CropConfig:
+    mode: str = "ccrop"  # ccrop | rcrop (RandomResizedCrop baseline)
+    scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    alpha: float = 0.1
+    k: float = 0.1
+    warmup_epochs: int = 100  # RandomResizedCrop epochs before ContrastiveCrop starts
+    loc_interval: int = 100  # localize after every loc_interval epochs once warm-up is over
+    loc_epochs: list[int] | None = None  # explicit epochs (1-based, after the epoch) instead of the interval
+    loc_batch_size: int | None = None  # default: 2 x training batch size
+    init_boxes: str | None = None  # a box table (file, run folder or Hub repo) to start from; skips warm-up
+    blur: bool = False  # Gaussian blur p=0.5 (ImageNet pipeline)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | lars
+    lr: float = 0.5
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"  # cosine (per epoch, to lr * final_lr_ratio) | constant
+    final_lr_ratio: float = 0.1
+    warmup_epochs: int = 0  # linear LR warm-up
+    lr_scaling: str = "none"  # none | linear (lr * batch / 256)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 500
+    seed: int = 0
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    grad_accum: int = 1
+    checkpoint_every: int = 1  # epochs
+    checkpoint_every_steps: int | None = None
+    keep_checkpoints: int = 2
+    knn_every: int = 10  # epochs; 0 disables the monitor
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    log_every: int = 10  # steps
+    show_images: int = 8  # images in each localization picture
+    output_dir: str | None = None
+    max_steps: int | None = None  # stop (without finishing) after this many steps: debugging and tests
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    crop: CropConfig = field(default_factory=CropConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str = "run"
+    target: str | None = None  # the paper's reference number for this setting (documentation)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def localization_epochs(self) -> list[int]:
+        """Epochs (1-based) after which boxes are re-localized; empty for RandomResizedCrop runs."""
+        c, epochs = self.crop, self.train.epochs
+        if c.mode == "rcrop":
+            return []
+        if c.loc_epochs is not None:
+            return sorted(e for e in c.loc_epochs if e <= epochs)
+        first = c.warmup_epochs if c.init_boxes is None else c.loc_interval
+        return list(range(max(first, 1), epochs, c.loc_interval))
+
+    def crop_mode(self, epoch: int) -> str:
+        """``"rcrop"`` or ``"ccrop"`` for a 0-based epoch."""
+        if self.crop.mode == "rcrop":
+            return "rcrop"
+        if self.crop.init_boxes is not None:
+            return "ccrop"
+        return "ccrop" if epoch >= self.crop.warmup_epochs else "rcrop"
+
+
+_CHOICES = {
+    "crop.mode": ("ccrop", "rcrop"),
+    "optim.name": ("sgd", "lars"),
+    "optim.schedule": ("cosine", "constant"),
+    "optim.lr_scaling": ("none", "linear"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+}
+_POSITIVE = {
+    "data.batch_size", "optim.lr", "train.epochs", "train.grad_accum", "crop.loc_interval", "crop.alpha",
+    "train.checkpoint_every", "train.keep_checkpoints", "train.knn_k", "train.knn_temperature", "train.log_every",
+}
+_NON_NEGATIVE = {
+    "data.num_workers", "data.holdout", "crop.warmup_epochs", "optim.momentum", "optim.weight_decay",
+    "optim.warmup_epochs", "optim.final_lr_ratio", "train.knn_every", "train.show_images",
+}
+
+
+def _check_type(value: Any, annotation: Any, key: str) -> Any:
+    """Return ``value`` converted to ``annotation`` (ints widen to floats) or raise RecipeError."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(annotation):
+            return None
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _check_type(value, inner[0], key)
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise RecipeError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(annotation)
+        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is Any or (isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))):
+        return value
+    raise RecipeError(f"{key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise RecipeError(f"{prefix or 'recipe'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise RecipeError(f"unknown recipe key {dotted!r}{hint}; known keys: {', '.join(sorted(known))}")
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value or {}, f"{dotted}.")
+        else:
+            kwargs[key] = _check_type(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def _validate(recipe: Recipe) -> None:
+    for key, choices in _CHOICES.items():
+        value = _get(recipe, key)
+        if value not in choices:
+            raise RecipeError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+    for key in _POSITIVE | _NON_NEGATIVE:
+        value = _get(recipe, key)
+        if value is not None and (value <= 0 if key in _POSITIVE else value < 0):
+            raise RecipeError(f"{key}: must be {'> 0' if key in _POSITIVE else '>= 0'}, got {value!r}")
+    c = recipe.crop
+    if len(c.scale) != 2 or not 0 < c.scale[0] <= c.scale[1] <= 1:
+        raise RecipeError(f"crop.scale: expected [min, max] with 0 < min <= max <= 1, got {c.scale}")
+    if len(c.ratio) != 2 or not 0 < c.ratio[0] <= c.ratio[1]:
+        raise RecipeError(f"crop.ratio: expected [min, max] with 0 < min <= max, got {c.ratio}")
+    if not 0 <= c.k < 1:
+        raise RecipeError(f"crop.k: the heatmap threshold must be in [0, 1), got {c.k}")
+    if c.mode == "ccrop" and c.init_boxes is None and c.warmup_epochs >= recipe.train.epochs:
+        raise RecipeError(
+            f"crop.warmup_epochs ({c.warmup_epochs}) must be below train.epochs ({recipe.train.epochs}) "
+            "for a ContrastiveCrop run (or set crop.mode: rcrop, or crop.init_boxes)"
+        )
+    if c.loc_epochs is not None and any(e < 1 for e in c.loc_epochs):
+        raise RecipeError(f"crop.loc_epochs: epochs are 1-based (localize after that epoch), got {c.loc_epochs}")
+    if recipe.data.streaming and recipe.data.device_resident:
+        raise RecipeError("data.device_resident needs a map-style dataset: set data.streaming: false")
+    if recipe.data.device_resident and not recipe.data.batched_views:
+        raise RecipeError("data.device_resident works with the batched views path: set data.batched_views: true")
+
+
+def _get(recipe: Recipe, dotted: str) -> Any:
+    obj: Any = recipe
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a raw recipe dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set expects key=value, got {item!r}")
+        dotted, text = item.split("=", 1)
+        node = raw
+        parts = dotted.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {dotted}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(text)
+    return raw
+
+
+def load_recipe(path_or_dict: str | Path | dict[str, Any], overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; raise :class:`RecipeError` with the offending key."""
+    if isinstance(path_or_dict, dict):
+        raw, source = dict(path_or_dict), "recipe"
+    else:
+        path = Path(path_or_dict)
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise RecipeError(f"{path} is not valid YAML: {err}") from err
+        source = str(path)
+        raw.setdefault("name", path.stem)
+    try:
+        recipe = _build(Recipe, apply_overrides(raw, overrides or []), "")
+        _validate(recipe)
+    except RecipeError as err:
+        raise RecipeError(f"{source}: {err}") from None
+    return recipe
