@@ -33,14 +33,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from hub_ccrop.evaluate import (
-    _is_main,
-    _resolve_columns,
-    _set_epoch,
-    _to_pil,
     add_dataset_args,
     default_output_dir,
+    image_column_of,
+    is_main_process,
     load_backbone,
     load_split,
+    set_loader_epoch,
+    to_rgb_image,
     write_results,
 )
 
@@ -74,7 +74,9 @@ class TimmFPNBackbone(nn.Module):
         from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
         self.body = body
-        self.fpn = FeaturePyramidNetwork(body.feature_info.channels(), out_channels, extra_blocks=LastLevelMaxPool())
+        self.fpn = FeaturePyramidNetwork(
+            body.feature_info.channels(), out_channels, extra_blocks=LastLevelMaxPool()
+        )
         self.out_channels = out_channels
 
     @property
@@ -149,7 +151,9 @@ def build_faster_rcnn(
     anchors = AnchorGenerator(
         sizes=tuple((32 * 2**i,) for i in range(levels + 1)), aspect_ratios=((0.5, 1.0, 2.0),) * (levels + 1)
     )
-    roi_pool = MultiScaleRoIAlign(featmap_names=[str(i) for i in range(levels)], output_size=7, sampling_ratio=2)
+    roi_pool = MultiScaleRoIAlign(
+        featmap_names=[str(i) for i in range(levels)], output_size=7, sampling_ratio=2
+    )
     cfg = getattr(body, "pretrained_cfg", {}) or {}
     return FasterRCNN(
         fpn,
@@ -166,6 +170,13 @@ def build_faster_rcnn(
 
 # ----------------------------------------------------------------------------------------------------
 # data
+
+
+def _field(objects: Mapping[str, list] | Sequence[Mapping[str, Any]], key: str) -> list:
+    """One field of a row's objects, stored as a dict of lists or as a list of dicts."""
+    if isinstance(objects, Mapping):
+        return list(objects[key])
+    return [o[key] for o in objects]
 
 
 class DetectionDataset(Dataset):
@@ -204,16 +215,14 @@ class DetectionDataset(Dataset):
 
     def _objects(self, row: Mapping[str, Any]) -> tuple[list, list]:
         objects = row if self.objects_column is None else row[self.objects_column]
-        if isinstance(objects, Mapping):
-            return list(objects[self.bbox_key]), list(objects[self.category_key])
-        return [o[self.bbox_key] for o in objects], [o[self.category_key] for o in objects]
+        return _field(objects, self.bbox_key), _field(objects, self.category_key)
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
         from torchvision.ops import box_convert
         from torchvision.transforms.functional import pil_to_tensor
 
         row = self.data[index]
-        image = pil_to_tensor(_to_pil(row[self.image_column])).float().div_(255)
+        image = pil_to_tensor(to_rgb_image(row[self.image_column])).float().div_(255)
         height, width = image.shape[-2:]
         bboxes, categories = self._objects(row)
         boxes = torch.as_tensor(bboxes, dtype=torch.float32).reshape(-1, 4)
@@ -241,8 +250,12 @@ def detection_collate(batch: Sequence[tuple[Tensor, dict[str, Tensor]]]) -> tupl
 # training and evaluation
 
 
-def _to_device(images: list[Tensor], targets: list[dict], device: torch.device) -> tuple[list[Tensor], list[dict]]:
-    return [i.to(device, non_blocking=True) for i in images], [{k: v.to(device) for k, v in t.items()} for t in targets]
+def _to_device(
+    images: list[Tensor], targets: list[dict], device: torch.device
+) -> tuple[list[Tensor], list[dict]]:
+    return [i.to(device, non_blocking=True) for i in images], [
+        {k: v.to(device) for k, v in t.items()} for t in targets
+    ]
 
 
 @torch.no_grad()
@@ -262,8 +275,12 @@ def evaluate_detection(
     model.eval()
     rows: list[tuple[int, dict, dict]] = []
     try:
-        for images, targets in tqdm(loader, desc="detection eval", leave=False,
-                                    disable=not (progress and _is_main(accelerator))):  # fmt: skip
+        for images, targets in tqdm(
+            loader,
+            desc="detection eval",
+            leave=False,
+            disable=not (progress and is_main_process(accelerator)),
+        ):
             images, _ = _to_device(images, [], device)
             outputs = model(images)
             for out, tgt in zip(outputs, targets, strict=True):
@@ -275,10 +292,13 @@ def evaluate_detection(
         from accelerate.utils import gather_object
 
         rows = gather_object(rows)
-    unique = {image_id: (pred, tgt) for image_id, pred, tgt in sorted(rows, key=lambda r: r[0], reverse=True)}
-    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools", sync_on_compute=False)
-    for image_id in sorted(unique):
-        pred, tgt = unique[image_id]
+    unique: dict[int, tuple[dict, dict]] = {}
+    for image_id, pred, tgt in sorted(rows, key=lambda r: r[0]):
+        unique.setdefault(image_id, (pred, tgt))  # one row per image id (padding repeats samples)
+    metric = MeanAveragePrecision(
+        box_format="xyxy", iou_type="bbox", backend="pycocotools", sync_on_compute=False
+    )
+    for pred, tgt in unique.values():
         metric.update([pred], [tgt])
     result = metric.compute()
     out: dict[str, float | None] = {}
@@ -329,9 +349,11 @@ def finetune_detection(
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     wrapped.train()
     step, epoch, history = 0, 0, []
-    bar = tqdm(total=steps, desc="detection finetune", disable=not (progress and _is_main(accelerator)))
+    bar = tqdm(
+        total=steps, desc="detection finetune", disable=not (progress and is_main_process(accelerator))
+    )
     while step < steps:
-        _set_epoch(train_loader, epoch)
+        set_loader_epoch(train_loader, epoch)
         for images, targets in train_loader:
             images, targets = _to_device(images, targets, accelerator.device)
             with accelerator.autocast():
@@ -354,13 +376,22 @@ def finetune_detection(
     result: dict[str, Any] = {
         "protocol": "faster-rcnn-fpn (torchvision), COCO-style box mAP (percent)",
         "steps": steps,
-        "optimizer": {"name": "sgd", "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
-                      "warmup_steps": warmup_steps, "milestones": decay_steps, "gamma": gamma},
+        "optimizer": {
+            "name": "sgd",
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "warmup_steps": warmup_steps,
+            "milestones": decay_steps,
+            "gamma": gamma,
+        },
         "final_loss": history[-1]["loss"] if history else None,
         "loss_history": history,
-    }  # fmt: skip
+    }
     if test_loader is not None:
-        result["metrics"] = evaluate_detection(wrapped, test_loader, accelerator=accelerator, progress=progress)
+        result["metrics"] = evaluate_detection(
+            wrapped, test_loader, accelerator=accelerator, progress=progress
+        )
     return result
 
 
@@ -387,11 +418,13 @@ _FROM_D2 = [
 
 
 def _rename(key: str, rules: list[tuple[re.Pattern, str]], stage_shift: int) -> str | None:
+    """Apply the first matching rule; ``{n}`` in a template is the captured stage number + ``stage_shift``."""
     for pattern, template in rules:
         match = pattern.match(key)
         if match:
-            stage = int(match.group(1)) + stage_shift if match.groups() and template.count("{n}") else 0
-            return match.expand(template.replace("{n}", str(stage)))
+            if "{n}" in template:
+                template = template.replace("{n}", str(int(match.group(1)) + stage_shift))
+            return match.expand(template)
     return None
 
 
@@ -440,7 +473,11 @@ def export_detectron2(source: str | Path | nn.Module, output: str | Path) -> Pat
     ``RES2_OUT_CHANNELS: 64``) configs, like MoCo's converted checkpoints.
     """
     module = source if isinstance(source, nn.Module) else load_backbone(source)
-    payload = {"model": to_detectron2(module.state_dict()), "__author__": "hub_ccrop", "matching_heuristics": True}
+    payload = {
+        "model": to_detectron2(module.state_dict()),
+        "__author__": "hub_ccrop",
+        "matching_heuristics": True,
+    }
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("wb") as f:
@@ -456,18 +493,19 @@ def _num_categories(data: Any, objects_column: str | None, category_key: str) ->
     """From a ``ClassLabel`` feature when there is one, else ``max(category) + 1`` over the split."""
     import datasets
 
-    feature = data.features[objects_column] if objects_column else data.features
-    while not isinstance(feature, (dict, datasets.ClassLabel)) and hasattr(feature, "feature"):
+    feature: Any = data.features[objects_column] if objects_column else data.features
+    while hasattr(feature, "feature"):  # List/Sequence of a dict of fields
         feature = feature.feature
-    if isinstance(feature, dict):
-        feature = feature[category_key]
-        while hasattr(feature, "feature") and not isinstance(feature, datasets.ClassLabel):
-            feature = feature.feature
+    feature = feature.get(category_key) if isinstance(feature, dict) else None
+    while hasattr(feature, "feature"):  # List of ClassLabel
+        feature = feature.feature
     if isinstance(feature, datasets.ClassLabel):
         return feature.num_classes
-    probe = DetectionDataset(data, objects_column=objects_column, category_key=category_key)
-    column = data[objects_column] if objects_column else data
-    return 1 + max((max(probe._objects(row)[1], default=-1) for row in column), default=-1)
+    if objects_column:
+        categories = [c for objects in data[objects_column] for c in _field(objects, category_key)]
+    else:
+        categories = [c for row in data[category_key] for c in row]
+    return 1 + int(max(categories, default=-1))
 
 
 def _run_finetune_detection(args: argparse.Namespace) -> dict[str, Any]:
@@ -477,34 +515,67 @@ def _run_finetune_detection(args: argparse.Namespace) -> dict[str, Any]:
     load = dict(name=args.config_name, data_dir=args.data_dir, data_files=args.data_files)
     train_data = load_split(args.dataset, args.train_split, **load)
     test_data = load_split(args.dataset, args.test_split, **load) if args.test_split else None
-    image_column = args.image_column or _resolve_columns(train_data, None, "-")[0]
+    image_column = image_column_of(train_data, args.image_column)
     objects_column = None if args.objects_column in ("", "none") else args.objects_column
     num_categories = args.num_categories or _num_categories(train_data, objects_column, args.category_key)
     model = build_faster_rcnn(
-        args.source, num_categories, out_indices=args.out_indices, fpn_channels=args.fpn_channels,
-        frozen_bn=not args.trainable_bn, trainable_stages=args.trainable_stages,
-        min_size=args.min_size, max_size=args.max_size,
-    )  # fmt: skip
-    columns = dict(image_column=image_column, objects_column=objects_column, bbox_key=args.bbox_key,
-                   category_key=args.category_key, box_format=args.box_format, normalized=args.normalized_boxes,
-                   category_offset=args.category_offset)  # fmt: skip
+        args.source,
+        num_categories,
+        out_indices=args.out_indices,
+        fpn_channels=args.fpn_channels,
+        frozen_bn=not args.trainable_bn,
+        trainable_stages=args.trainable_stages,
+        min_size=args.min_size,
+        max_size=args.max_size,
+    )
+    columns = dict(
+        image_column=image_column,
+        objects_column=objects_column,
+        bbox_key=args.bbox_key,
+        category_key=args.category_key,
+        box_format=args.box_format,
+        normalized=args.normalized_boxes,
+        category_offset=args.category_offset,
+    )
     per_process = max(args.batch_size // accelerator.num_processes, 1)
 
     def loader(data: Any, train: bool) -> DataLoader:
-        return DataLoader(DetectionDataset(data, train=train, **columns), batch_size=per_process, shuffle=train,
-                          drop_last=train, num_workers=args.num_workers, collate_fn=detection_collate,
-                          pin_memory=torch.cuda.is_available())  # fmt: skip
+        return DataLoader(
+            DetectionDataset(data, train=train, **columns),
+            batch_size=per_process,
+            shuffle=train,
+            drop_last=train,
+            num_workers=args.num_workers,
+            collate_fn=detection_collate,
+            pin_memory=torch.cuda.is_available(),
+        )
 
     train_loader = accelerator.prepare(loader(train_data, True))
     test_loader = accelerator.prepare(loader(test_data, False)) if test_data is not None else None
     result = finetune_detection(
-        model, train_loader, test_loader, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps, accelerator=accelerator, progress=not args.no_progress,
-    )  # fmt: skip
-    result = {**result, "source": args.source, "dataset": args.dataset, "train_split": args.train_split,
-              "test_split": args.test_split, "num_categories": num_categories, "batch_size": args.batch_size,
-              "frozen_bn": not args.trainable_bn, "trainable_stages": args.trainable_stages,
-              "min_size": args.min_size, "max_size": args.max_size}  # fmt: skip
+        model,
+        train_loader,
+        test_loader,
+        steps=args.steps,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        accelerator=accelerator,
+        progress=not args.no_progress,
+    )
+    result = {
+        **result,
+        "source": args.source,
+        "dataset": args.dataset,
+        "train_split": args.train_split,
+        "test_split": args.test_split,
+        "num_categories": num_categories,
+        "batch_size": args.batch_size,
+        "frozen_bn": not args.trainable_bn,
+        "trainable_stages": args.trainable_stages,
+        "min_size": args.min_size,
+        "max_size": args.max_size,
+    }
     out = Path(args.output) if args.output else default_output_dir(args.source, None) / "detection"
     if accelerator.is_main_process:
         from safetensors.torch import save_file
@@ -527,17 +598,23 @@ def _run_export_detectron2(args: argparse.Namespace) -> Path:
 
 def add_cli(subparsers: Any) -> None:
     """Register ``finetune-detection`` and ``export-detectron2`` on an argparse subparsers object."""
-    det = subparsers.add_parser("finetune-detection", help="fine-tune Faster R-CNN + FPN on a detection dataset")
+    det = subparsers.add_parser(
+        "finetune-detection", help="fine-tune Faster R-CNN + FPN on a detection dataset"
+    )
     det.add_argument("source", help="run folder, timm export folder, hf-hub:ORG/NAME or timm:NAME")
     add_dataset_args(det)
     det.add_argument("--train-split", default="train")
     det.add_argument("--test-split", default="test", help="'' to skip evaluation")
-    det.add_argument("--objects-column", default="objects", help="column with boxes+categories ('none': top level)")
+    det.add_argument(
+        "--objects-column", default="objects", help="column with boxes+categories ('none': top level)"
+    )
     det.add_argument("--bbox-key", default="bbox")
     det.add_argument("--category-key", default="category")
     det.add_argument("--box-format", choices=["xyxy", "xywh", "cxcywh"], default="xywh")
     det.add_argument("--normalized-boxes", action="store_true", help="boxes are fractions of the image size")
-    det.add_argument("--category-offset", type=int, default=1, help="label = category + offset (0 = background)")
+    det.add_argument(
+        "--category-offset", type=int, default=1, help="label = category + offset (0 = background)"
+    )
     det.add_argument("--num-categories", type=int, default=None, help="default: from the ClassLabel feature")
     det.add_argument("--out-indices", type=int, nargs="+", default=[1, 2, 3, 4])
     det.add_argument("--fpn-channels", type=int, default=256)
@@ -551,7 +628,9 @@ def add_cli(subparsers: Any) -> None:
     det.add_argument("--weight-decay", type=float, default=1e-4)
     det.add_argument("--warmup-steps", type=int, default=100)
     det.add_argument("--num-workers", type=int, default=4)
-    det.add_argument("--output", default=None, help="default: RUN/detection for a run folder, else ./detection")
+    det.add_argument(
+        "--output", default=None, help="default: RUN/detection for a run folder, else ./detection"
+    )
     det.add_argument("--no-progress", action="store_true")
     det.set_defaults(func=_run_finetune_detection)
 

@@ -138,7 +138,11 @@ def gather_by_id(ids: Tensor, *values: Tensor, accelerator: Any = None) -> tuple
 
 
 def _forward(
-    model: nn.Module, images: Tensor, device: torch.device, autocast_dtype: torch.dtype | None, channels_last: bool
+    model: nn.Module,
+    images: Tensor,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    channels_last: bool,
 ) -> Tensor:
     """``model(images)`` on ``device`` with optional autocast/channels_last, as float32."""
     images = images.to(device, non_blocking=True)
@@ -177,7 +181,9 @@ def extract_features(
     backbone.eval()
     all_ids, all_feats, all_labels = [], [], []
     try:
-        for images, ids, labels in tqdm(loader, desc=desc, disable=not (progress and is_main_process(accelerator)), leave=False):
+        for images, ids, labels in tqdm(
+            loader, desc=desc, disable=not (progress and is_main_process(accelerator)), leave=False
+        ):
             feats = _forward(backbone, images, device, autocast_dtype, channels_last)
             all_feats.append(F.normalize(feats, dim=1) if normalize else feats)
             all_ids.append(torch.as_tensor(ids, dtype=torch.int64).to(device))
@@ -278,16 +284,24 @@ def knn_evaluate(
 
     Every process returns the same numbers. ``num_classes`` defaults to ``max(label) + 1``.
     """
-    kw = dict(accelerator=accelerator, autocast_dtype=autocast_dtype, channels_last=channels_last, progress=progress)
+    kw = dict(
+        accelerator=accelerator, autocast_dtype=autocast_dtype, channels_last=channels_last, progress=progress
+    )
     _, train_feats, train_labels = extract_features(backbone, train_loader, desc="knn train", **kw)
     _, test_feats, test_labels = extract_features(backbone, test_loader, desc="knn test", **kw)
     if num_classes is None:
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     device = accelerator.device if accelerator is not None else None
     acc = knn_accuracy(
-        train_feats, train_labels, test_feats, test_labels,
-        num_classes=num_classes, k=k, temperature=temperature, device=device,
-    )  # fmt: skip
+        train_feats,
+        train_labels,
+        test_feats,
+        test_labels,
+        num_classes=num_classes,
+        k=k,
+        temperature=temperature,
+        device=device,
+    )
     return {
         "protocol": KNN_PROTOCOL,
         **acc,
@@ -358,10 +372,16 @@ def _fit_linear(
         "best_top1": best["top1"],
         "best_epoch": best["epoch"],
         "note": BEST_EPOCH_NOTE,
-        "optimizer": {"name": "sgd", "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
-                      "milestones": list(milestones), "gamma": gamma},
+        "optimizer": {
+            "name": "sgd",
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "milestones": list(milestones),
+            "gamma": gamma,
+        },
         "history": history,
-    }  # fmt: skip
+    }
 
 
 def _new_head(dim: int, num_classes: int, device: torch.device, seed: int) -> nn.Linear:
@@ -406,9 +426,15 @@ def linear_probe(
     device = _model_device(backbone, accelerator)
     with _frozen(backbone):
         _, test_feats, test_labels = extract_features(
-            backbone, test_loader, accelerator=accelerator, autocast_dtype=autocast_dtype,
-            channels_last=channels_last, normalize=False, progress=progress, desc="linear test features",
-        )  # fmt: skip
+            backbone,
+            test_loader,
+            accelerator=accelerator,
+            autocast_dtype=autocast_dtype,
+            channels_last=channels_last,
+            normalize=False,
+            progress=progress,
+            desc="linear test features",
+        )
         head = _new_head(test_feats.shape[1], num_classes, device, seed)
 
         def epoch_batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -419,11 +445,25 @@ def linear_probe(
                 yield feats, torch.as_tensor(labels, dtype=torch.int64).to(device)
 
         result = _fit_linear(
-            head, epoch_batches, test_feats, test_labels,
-            epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
-            milestones=milestones, gamma=gamma, accelerator=accelerator, progress=progress,
-        )  # fmt: skip
-    return {"protocol": LINEAR_PROTOCOL, **result, "num_classes": num_classes, "num_test": int(test_labels.numel())}
+            head,
+            epoch_batches,
+            test_feats,
+            test_labels,
+            epochs=epochs,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            milestones=milestones,
+            gamma=gamma,
+            accelerator=accelerator,
+            progress=progress,
+        )
+    return {
+        "protocol": LINEAR_PROTOCOL,
+        **result,
+        "num_classes": num_classes,
+        "num_test": int(test_labels.numel()),
+    }
 
 
 def linear_probe_on_features(
@@ -460,12 +500,26 @@ def linear_probe_on_features(
             yield train_feats[idx], train_labels[idx]
 
     result = _fit_linear(
-        head, epoch_batches, test_feats.float(), test_labels,
-        epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
-        milestones=milestones, gamma=gamma, progress=progress,
-    )  # fmt: skip
-    return {"protocol": FAST_LINEAR_PROTOCOL, **result, "batch_size": batch_size, "num_classes": num_classes,
-            "num_train": int(train_labels.numel()), "num_test": int(test_labels.numel())}  # fmt: skip
+        head,
+        epoch_batches,
+        test_feats.float(),
+        test_labels,
+        epochs=epochs,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        milestones=milestones,
+        gamma=gamma,
+        progress=progress,
+    )
+    return {
+        "protocol": FAST_LINEAR_PROTOCOL,
+        **result,
+        "batch_size": batch_size,
+        "num_classes": num_classes,
+        "num_train": int(train_labels.numel()),
+        "num_test": int(test_labels.numel()),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -579,7 +633,9 @@ def classification_transform(data_config: dict[str, Any], *, train: bool) -> Cal
 class ImageClassificationDataset(Dataset):
     """A ``datasets.Dataset`` with image/label columns as ``(image, id, label)`` items (id = row index)."""
 
-    def __init__(self, data: Any, transform: Callable, image_column: str = "image", label_column: str = "label"):
+    def __init__(
+        self, data: Any, transform: Callable, image_column: str = "image", label_column: str = "label"
+    ):
         self.data, self.transform = data, transform
         self.image_column, self.label_column = image_column, label_column
 
@@ -592,9 +648,13 @@ class ImageClassificationDataset(Dataset):
 
 
 def load_split(
-    dataset: str, split: str, *, name: str | None = None, data_dir: str | None = None,
+    dataset: str,
+    split: str,
+    *,
+    name: str | None = None,
+    data_dir: str | None = None,
     data_files: Sequence[str] | None = None,
-) -> Any:  # fmt: skip
+) -> Any:
     """``datasets.load_dataset`` for one split: a Hub id, a local folder, or ``parquet``/``imagefolder``.
 
     ``data_files`` are ``SPLIT=PATTERN`` strings (or bare patterns, which form the ``train`` split).
@@ -732,8 +792,12 @@ def finetune(
         wrapped.train()
         set_loader_epoch(train_loader, epoch)
         loss_sum, seen = 0.0, 0
-        bar = tqdm(train_loader, desc=f"finetune {epoch + 1}/{epochs}", leave=False,
-                   disable=not (progress and is_main_process(accelerator)))  # fmt: skip
+        bar = tqdm(
+            train_loader,
+            desc=f"finetune {epoch + 1}/{epochs}",
+            leave=False,
+            disable=not (progress and is_main_process(accelerator)),
+        )
         for images, _ids, labels in bar:
             images, labels = images.to(accelerator.device), torch.as_tensor(labels).to(accelerator.device)
             with accelerator.autocast():
@@ -745,19 +809,33 @@ def finetune(
             loss_sum += loss.item() * labels.numel()
             seen += labels.numel()
         _, logits, labels = extract_features(
-            wrapped, test_loader, accelerator=accelerator, normalize=False, progress=progress, desc="finetune test"
+            wrapped,
+            test_loader,
+            accelerator=accelerator,
+            normalize=False,
+            progress=progress,
+            desc="finetune test",
         )
-        history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), **topk_accuracy(logits, labels)})
+        history.append(
+            {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), **topk_accuracy(logits, labels)}
+        )
     last = history[-1] if history else {}
     return {
         "protocol": "finetune",
         "top1": last.get("top1"),
         "top5": last.get("top5"),
         "epochs": epochs,
-        "optimizer": {"name": optimizer, "lr": lr, "weight_decay": weight_decay, "momentum": momentum,
-                      "warmup_epochs": warmup_epochs, "schedule": "cosine", "label_smoothing": label_smoothing},
+        "optimizer": {
+            "name": optimizer,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "momentum": momentum,
+            "warmup_epochs": warmup_epochs,
+            "schedule": "cosine",
+            "label_smoothing": label_smoothing,
+        },
         "history": history,
-    }  # fmt: skip
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -766,11 +844,15 @@ def finetune(
 
 def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     """``--dataset/--config-name/--data-dir/--data-files`` and ``--image-column`` (shared with detection)."""
-    parser.add_argument("--dataset", required=True, help="Hub id, local folder, or a builder (parquet, imagefolder)")
+    parser.add_argument(
+        "--dataset", required=True, help="Hub id, local folder, or a builder (parquet, imagefolder)"
+    )
     parser.add_argument("--config-name", default=None, help="dataset configuration name")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--data-files", action="append", default=None, metavar="[SPLIT=]PATTERN")
-    parser.add_argument("--image-column", default=None, help="default: the first Image feature, else image/img")
+    parser.add_argument(
+        "--image-column", default=None, help="default: the first Image feature, else image/img"
+    )
 
 
 def _add_common_args(parser: argparse.ArgumentParser, *, batch_size: int) -> None:
@@ -795,7 +877,9 @@ def default_output_dir(source: str, output: str | None) -> Path:
     return Path(source) if Path(source).is_dir() else Path(".")
 
 
-def _classification_loaders(args: argparse.Namespace, model: nn.Module, accelerator: Any, *, train_augment: bool):
+def _classification_loaders(
+    args: argparse.Namespace, model: nn.Module, accelerator: Any, *, train_augment: bool
+):
     """Build (and shard) the train/test loaders of a classification CLI command."""
     data_config = backbone_data_config(model)
     if args.input_size:
@@ -812,15 +896,27 @@ def _classification_loaders(args: argparse.Namespace, model: nn.Module, accelera
         dataset = ImageClassificationDataset(
             data, classification_transform(data_config, train=augment), image_column, label_column
         )
-        return DataLoader(dataset, batch_size=per_process, shuffle=train, drop_last=train and len(dataset) > per_process,
-                          num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=args.num_workers > 0)  # fmt: skip
+        return DataLoader(
+            dataset,
+            batch_size=per_process,
+            shuffle=train,
+            drop_last=train and len(dataset) > per_process,
+            num_workers=args.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=args.num_workers > 0,
+        )
 
     train_loader = loader(train_data, True, train_augment)
     test_loader = loader(test_data, False, False)
     train_loader, test_loader = accelerator.prepare(train_loader, test_loader)
-    info = {"dataset": args.dataset, "train_split": args.train_split, "test_split": args.test_split,
-            "image_column": image_column, "label_column": label_column, "input_size": list(data_config["input_size"])}  # fmt: skip
+    info = {
+        "dataset": args.dataset,
+        "train_split": args.train_split,
+        "test_split": args.test_split,
+        "image_column": image_column,
+        "label_column": label_column,
+        "input_size": list(data_config["input_size"]),
+    }
     return train_loader, test_loader, num_classes, info
 
 
@@ -832,12 +928,21 @@ def _run_knn(args: argparse.Namespace) -> dict[str, Any]:
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # kNN uses un-augmented images for the feature bank (the monitor's convention)
-    train_loader, test_loader, num_classes, info = _classification_loaders(args, model, accelerator, train_augment=False)
+    train_loader, test_loader, num_classes, info = _classification_loaders(
+        args, model, accelerator, train_augment=False
+    )
     result = knn_evaluate(
-        model, train_loader, test_loader, num_classes=num_classes, k=args.k, temperature=args.temperature,
-        accelerator=accelerator, autocast_dtype=default_autocast_dtype(accelerator.device),
-        channels_last=args.channels_last, progress=not args.no_progress,
-    )  # fmt: skip
+        model,
+        train_loader,
+        test_loader,
+        num_classes=num_classes,
+        k=args.k,
+        temperature=args.temperature,
+        accelerator=accelerator,
+        autocast_dtype=default_autocast_dtype(accelerator.device),
+        channels_last=args.channels_last,
+        progress=not args.no_progress,
+    )
     result = {**result, "source": args.source, **info}
     if accelerator.is_main_process:
         path = write_results(default_output_dir(args.source, args.output), "eval_knn.json", result)
@@ -856,28 +961,52 @@ def _run_linear(args: argparse.Namespace) -> dict[str, Any]:
     train_loader, test_loader, num_classes, info = _classification_loaders(
         args, model, accelerator, train_augment=not args.fast
     )
-    hyper = dict(epochs=args.epochs, lr=args.lr, milestones=tuple(args.milestones), seed=args.seed,
-                 progress=not args.no_progress)  # fmt: skip
+    hyper = dict(
+        epochs=args.epochs,
+        lr=args.lr,
+        milestones=tuple(args.milestones),
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
     if args.fast:
-        kw = dict(accelerator=accelerator, autocast_dtype=autocast_dtype, channels_last=args.channels_last,
-                  normalize=False, progress=not args.no_progress)  # fmt: skip
+        kw = dict(
+            accelerator=accelerator,
+            autocast_dtype=autocast_dtype,
+            channels_last=args.channels_last,
+            normalize=False,
+            progress=not args.no_progress,
+        )
         _, train_feats, train_labels = extract_features(model, train_loader, desc="train features", **kw)
         _, test_feats, test_labels = extract_features(model, test_loader, desc="test features", **kw)
         result = linear_probe_on_features(
-            train_feats, train_labels, test_feats, test_labels, num_classes=num_classes,
-            batch_size=args.batch_size, device=accelerator.device, **hyper,
-        )  # fmt: skip
+            train_feats,
+            train_labels,
+            test_feats,
+            test_labels,
+            num_classes=num_classes,
+            batch_size=args.batch_size,
+            device=accelerator.device,
+            **hyper,
+        )
     else:
         result = linear_probe(
-            model, train_loader, test_loader, num_classes=num_classes, accelerator=accelerator,
-            autocast_dtype=autocast_dtype, channels_last=args.channels_last, **hyper,
-        )  # fmt: skip
+            model,
+            train_loader,
+            test_loader,
+            num_classes=num_classes,
+            accelerator=accelerator,
+            autocast_dtype=autocast_dtype,
+            channels_last=args.channels_last,
+            **hyper,
+        )
         result["batch_size"] = args.batch_size
     result = {**result, "source": args.source, **info}
     if accelerator.is_main_process:
         path = write_results(default_output_dir(args.source, args.output), "eval_linear.json", result)
-        print(f"{result['protocol']}: top1 {result['top1']:.2f}  top5 {result['top5']:.2f} (last epoch); "
-              f"best {result['best_top1']:.2f} at epoch {result['best_epoch']}  -> {path}")  # fmt: skip
+        print(
+            f"{result['protocol']}: top1 {result['top1']:.2f}  top5 {result['top5']:.2f} (last epoch); "
+            f"best {result['best_top1']:.2f} at epoch {result['best_epoch']}  -> {path}"
+        )
     return result
 
 
@@ -887,18 +1016,34 @@ def _run_finetune(args: argparse.Namespace) -> dict[str, Any]:
     accelerator = Accelerator()
     timm_kwargs = {"drop_path_rate": args.drop_path} if args.drop_path else {}
     model = load_backbone(args.source, **timm_kwargs)
-    train_loader, test_loader, num_classes, info = _classification_loaders(args, model, accelerator, train_augment=True)
+    train_loader, test_loader, num_classes, info = _classification_loaders(
+        args, model, accelerator, train_augment=True
+    )
     model.reset_classifier(num_classes)
     frozen = freeze_except(model, args.trainable) if args.trainable else []
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     result = finetune(
-        model, train_loader, test_loader, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-        optimizer=args.optimizer, warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
-        accelerator=accelerator, progress=not args.no_progress,
-    )  # fmt: skip
-    result = {**result, "source": args.source, "num_classes": num_classes, "frozen_modules": frozen,
-              "batch_size": args.batch_size, **info}  # fmt: skip
+        model,
+        train_loader,
+        test_loader,
+        epochs=args.epochs,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        optimizer=args.optimizer,
+        warmup_epochs=args.warmup_epochs,
+        label_smoothing=args.label_smoothing,
+        accelerator=accelerator,
+        progress=not args.no_progress,
+    )
+    result = {
+        **result,
+        "source": args.source,
+        "num_classes": num_classes,
+        "frozen_modules": frozen,
+        "batch_size": args.batch_size,
+        **info,
+    }
     out = Path(args.output) if args.output else default_output_dir(args.source, None) / "finetune"
     if accelerator.is_main_process:
         from timm.models import save_for_hf
@@ -927,11 +1072,16 @@ def add_cli(subparsers: Any) -> None:
     linear.add_argument("--lr", type=float, default=10.0)
     linear.add_argument("--milestones", type=int, nargs="+", default=[60, 80])
     linear.add_argument("--seed", type=int, default=0)
-    linear.add_argument("--fast", action="store_true",
-                        help="train on cached un-augmented features (a quick check, not the paper's protocol)")  # fmt: skip
+    linear.add_argument(
+        "--fast",
+        action="store_true",
+        help="train on cached un-augmented features (a quick check, not the paper's protocol)",
+    )
     linear.set_defaults(func=_run_linear)
 
-    ft = subparsers.add_parser("finetune", help="fine-tune a pretrained backbone with a new classification head")
+    ft = subparsers.add_parser(
+        "finetune", help="fine-tune a pretrained backbone with a new classification head"
+    )
     _add_common_args(ft, batch_size=256)
     ft.add_argument("--epochs", type=int, default=30)
     ft.add_argument("--lr", type=float, default=0.01)
@@ -940,6 +1090,11 @@ def add_cli(subparsers: Any) -> None:
     ft.add_argument("--warmup-epochs", type=float, default=0.0)
     ft.add_argument("--label-smoothing", type=float, default=0.0)
     ft.add_argument("--drop-path", type=float, default=0.0)
-    ft.add_argument("--trainable", nargs="+", default=None, metavar="MODULE",
-                    help="partial fine-tuning: top-level modules to train (e.g. layer4); the head always trains")  # fmt: skip
+    ft.add_argument(
+        "--trainable",
+        nargs="+",
+        default=None,
+        metavar="MODULE",
+        help="partial fine-tuning: top-level modules to train (e.g. layer4); the head always trains",
+    )
     ft.set_defaults(func=_run_finetune)

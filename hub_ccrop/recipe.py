@@ -177,7 +177,7 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
 
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     if not isinstance(values, dict):
-        raise RecipeError(f"{prefix or 'recipe'}: expected a mapping, got {values!r}")
+        raise RecipeError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
