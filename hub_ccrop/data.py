@@ -32,7 +32,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from PIL import Image
+from torch import Tensor
 
 from hub_ccrop.boxes import ID_SCHEME
 
@@ -44,6 +46,7 @@ __all__ = [
     "DatasetSpec",
     "dataset_fingerprint",
     "decode_image",
+    "decode_to_tensor",
     "get_spec",
     "list_specs",
     "load_images",
@@ -746,21 +749,55 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(value: Any, sample_id: Any = None) -> Image.Image:
+def decode_image(value: Any, sample_id: Any = None, *, max_side: int | None = None) -> Image.Image:
     """Decode one image value (PIL, bytes, ``{"bytes", "path"}``, path, numpy/tensor) to an RGB PIL image.
 
     Grayscale, palette, transparent and 16-bit images are converted; anything that cannot be decoded
     (truncated, not an image, empty) raises :class:`BadImageError` naming ``sample_id`` and the path.
+    ``max_side`` shrinks images whose longer side is larger (JPEGs are decoded at reduced scale).
     """
     path = value.get("path") if isinstance(value, dict) else None
     try:
         img, path = _open_image(value)
+        target = _limited_size(img.size, max_side)
+        if target != img.size and img.format == "JPEG":
+            img.draft("RGB", target)  # DCT-domain downscale while decoding: much faster
         img.load()
         if img.width < 1 or img.height < 1:
             raise ValueError(f"empty image {img.size}")
-        return to_rgb(img)
+        img = to_rgb(img)
+        target = _limited_size(img.size, max_side)
+        return img if target == img.size else img.resize(target, Image.BILINEAR)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as err:  # noqa: BLE001 - any decoder failure is reported with the sample id
         raise BadImageError(sample_id, f"{type(err).__name__}: {err}", path) from err
 
+
+def _limited_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+    if max_side is None or max(size) <= max_side:
+        return size
+    scale = max_side / max(size)
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def decode_to_tensor(value: Any, sample_id: Any = None, *, max_side: int | None = None) -> Tensor:
+    """Like :func:`decode_image` but returns a uint8 ``[3, H, W]`` tensor.
+
+    JPEG bytes take torchvision's libjpeg-turbo decoder (no PIL round trip); everything else goes
+    through :func:`decode_image`. Failures raise :class:`BadImageError` with the id.
+    """
+    data = value.get("bytes") if isinstance(value, dict) else value
+    if max_side is None and isinstance(data, bytes | bytearray) and data[:3] == _JPEG_MAGIC:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        try:
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError as err:
+            path = value.get("path") if isinstance(value, dict) else None
+            raise BadImageError(sample_id, f"{type(err).__name__}: {err}", path) from err
+    img = decode_image(value, sample_id, max_side=max_side)
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)

@@ -284,7 +284,11 @@ def evaluate_detection(
             images, _ = _to_device(images, [], device)
             outputs = model(images)
             for out, tgt in zip(outputs, targets, strict=True):
-                pred = {k: out[k].float().cpu() for k in ("boxes", "scores", "labels")}
+                pred = {
+                    "boxes": out["boxes"].float().cpu(),
+                    "scores": out["scores"].float().cpu(),
+                    "labels": out["labels"].cpu(),
+                }
                 rows.append((int(tgt["image_id"]), pred, {k: tgt[k].cpu() for k in ("boxes", "labels")}))
     finally:
         model.train(was_training)

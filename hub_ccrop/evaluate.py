@@ -358,11 +358,17 @@ def _fit_linear(
             seen += labels.numel()
         lr_now = optimizer.param_groups[0]["lr"]
         scheduler.step()
+        if _distributed(accelerator):  # the epoch's loss over all processes
+            loss_sum, seen = accelerator.reduce(torch.tensor([loss_sum, seen], device=device), "sum").tolist()
         head.eval()
         with torch.no_grad():
-            acc = topk_accuracy(torch.cat([head(c) for c in test_feats.split(4096)]), test_labels)
-        history.append({"epoch": epoch + 1, "lr": lr_now, "train_loss": loss_sum / max(seen, 1), **acc})
-        bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.3f}", top1=f"{acc['top1']:.2f}")
+            logits = torch.cat([head(c) for c in test_feats.split(4096)])
+        acc = topk_accuracy(logits, test_labels)
+        train_loss, test_loss = loss_sum / max(seen, 1), F.cross_entropy(logits, test_labels).item()
+        history.append(
+            {"epoch": epoch + 1, "lr": lr_now, "train_loss": train_loss, "test_loss": test_loss, **acc}
+        )
+        bar.set_postfix(loss=f"{train_loss:.3f}", top1=f"{acc['top1']:.2f}")
     last = history[-1]
     best = max(history, key=lambda h: h["top1"])
     return {

@@ -88,8 +88,8 @@ PAPER_LINEAR_TOP1: dict[tuple[str, str], tuple[float, float]] = {
     ("simsiam", "imagenet-1k"): (65.62, 65.95),
 }
 PAPER_SETTINGS = {
-    "small": "paper Table 1: ResNet-18 (CIFAR stem), 500 epochs, batch 512, k=0.1, alpha=0.1",
-    "imagenet-1k": "paper Table 2: ResNet-50, 100 epochs, k=0.1, alpha=0.6",
+    "small": "Table 1 of the paper (ResNet-18 with the CIFAR stem, 500 epochs, batch 512, k=0.1, alpha=0.1)",
+    "imagenet-1k": "Table 2 of the paper (ResNet-50, 100 epochs, k=0.1, alpha=0.6)",
 }
 _METHOD_NAMES = {"simclr": "SimCLR", "moco": "MoCo", "moco_v1": "MoCo v1", "moco_v2": "MoCo v2",
                  "byol": "BYOL", "simsiam": "SimSiam"}
@@ -157,6 +157,8 @@ def _clean_pretrained_cfg(model: torch.nn.Module, run: Mapping[str, Any]) -> dic
     base = getattr(model, "pretrained_cfg", {}) or {}
     dataset = run.get("dataset") or {}
     method = _METHOD_NAMES.get(_method_key(str(run.get("method", ""))), str(run.get("method", "")))
+    name = str(dataset.get("name") or dataset.get("hub_id") or "unknown data")
+    name = _DATASET_NAMES.get(_dataset_key(str(dataset.get("hub_id") or name)), name)
     return {
         "architecture": run["model"],
         "input_size": tuple(int(v) for v in run["input_size"]),
@@ -171,8 +173,7 @@ def _clean_pretrained_cfg(model: torch.nn.Module, run: Mapping[str, Any]) -> dic
         "first_conv": base.get("first_conv"),
         "classifier": base.get("classifier"),
         "license": str(run.get("license") or "other"),
-        "description": f"{method} + ContrastiveCrop self-supervised backbone, pretrained on "
-                       f"{dataset.get('name', 'unknown data')} (hub_ccrop)",
+        "description": f"{method} + ContrastiveCrop self-supervised backbone, pretrained on {name} (hub_ccrop)",
         "paper_name": PAPER_TITLE,
         "paper_ids": f"arXiv:{PAPER_ARXIV_ID}",
     }
@@ -319,7 +320,8 @@ def export_run(
         # 4. model card
         card = build_model_card(
             run, metrics, repo_id=repo_id, boxes=table, picture=PICTURE_NAME if picture else None,
-            needs_import=needs_import, num_features=int(getattr(model, "num_features", 0)), template=template,
+            needs_import=needs_import, num_features=int(getattr(model, "num_features", 0)),
+            has_recipe=(tmp / "recipe.yaml").is_file(), template=template,
         )
         card.save(tmp / "README.md")
 
@@ -370,6 +372,7 @@ def build_model_card(
     picture: str | None = None,
     needs_import: bool = False,
     num_features: int = 0,
+    has_recipe: bool = True,
     template: str | os.PathLike | None = None,
 ):
     """Render the model card (``huggingface_hub.ModelCard``) from ``model_cards/template.md``."""
@@ -406,7 +409,8 @@ def build_model_card(
 
     tags = ["timm", "image-feature-extraction", "self-supervised-learning", "contrastive-learning",
             "contrastive-crop", "hub-ccrop", method_key.replace("_", "-"), f"arxiv:{PAPER_ARXIV_ID}"]
-    model_name = repo_id.split("/")[-1]
+    model_name = repo_id.split("/")[-1] if repo_id != _PLACEHOLDER_REPO else (
+        f"{run['model']}-{method_key.replace('_', '')}-{'ccrop' if uses_ccrop else 'rcrop'}-{dkey}")
     card_data = ModelCardData(
         library_name="timm",
         pipeline_tag="image-feature-extraction",
@@ -461,6 +465,7 @@ def build_model_card(
         paper_arxiv_id=PAPER_ARXIV_ID,
         citation=PAPER_CITATION,
         picture=picture,
+        has_recipe=has_recipe,
         has_boxes=boxes is not None,
         boxes_num_rows=len(boxes) if boxes is not None else None,
         boxes_epoch=box_meta.get("epoch"),
@@ -678,14 +683,16 @@ def _download_boxes(repo_id: str, *, revision: str | None, repo_type: str,
 
     if "@" in repo_id and revision is None:  # timm-style ORG/NAME@revision
         repo_id, revision = repo_id.split("@", 1)
+    errors = []
     for name in ("boxes.parquet", "boxes.safetensors"):
         try:
             path = hf_hub_download(repo_id, name, revision=revision, repo_type=repo_type,
                                    cache_dir=cache_dir, token=token)
-        except EntryNotFoundError:
+        except EntryNotFoundError as e:  # missing on the Hub, or (offline) not in the local cache
+            errors.append(f"{name}: {str(e).splitlines()[0]}")
             continue
         return BoxTable.load(path)
-    raise FileNotFoundError(f"{repo_type} repo {repo_id} has no boxes.parquet or boxes.safetensors")
+    raise FileNotFoundError(f"no box table in the {repo_type} repo {repo_id}: " + "; ".join(errors))
 
 
 # ------------------------------------------------------------------------------------------------------------

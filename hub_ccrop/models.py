@@ -65,7 +65,9 @@ class CifarResNet(ResNet):
             block, layers, in_chans=in_chans, stem_width=stem_width // 2, stem_type="deep", **kwargs
         )
         factory = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
-        self.conv1 = nn.Conv2d(in_chans, stem_width, kernel_size=3, stride=1, padding=1, bias=False, **factory)
+        self.conv1 = nn.Conv2d(
+            in_chans, stem_width, kernel_size=3, stride=1, padding=1, bias=False, **factory
+        )
         nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
         self.maxpool = nn.Identity()
         # timm's reductions assume a stride-4 stem; this stem has stride 1.
@@ -147,7 +149,9 @@ def create_backbone(name: str, *, pretrained: bool = False, **kwargs: Any) -> nn
     """
     num_classes = kwargs.pop("num_classes", 0)
     if num_classes:
-        raise ValueError(f"create_backbone builds feature extractors (num_classes=0), got num_classes={num_classes}")
+        raise ValueError(
+            f"create_backbone builds feature extractors (num_classes=0), got num_classes={num_classes}"
+        )
     return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
 
 

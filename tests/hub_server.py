@@ -81,9 +81,11 @@ class _Server(ThreadingHTTPServer):
 
 
 class _HTTPError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None) -> None:
+    def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None,
+                 body: dict | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.headers = status, message, code, headers or {}
+        self.body = body or {}
 
 
 class FakeHub:
@@ -244,7 +246,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers["X-Error-Message"] = e.message
             headers["Connection"] = "close"  # the request body may be unread: do not reuse the connection
             self.close_connection = True
-            self._send_json({"error": e.message}, e.status, headers)
+            self._send_json({"error": e.message, **e.body}, e.status, headers)
         except (ConnectionError, TimeoutError):
             self.close_connection = True
             return
@@ -331,7 +333,7 @@ class _Handler(BaseHTTPRequestHandler):
         url = f"{self.hub.url}/{_REPO_PREFIX[repo_type]}{repo_id}"
         with self.hub.lock:
             if (repo_type, repo_id) in self.hub.repos:
-                raise _HTTPError(409, f"You already created this {repo_type} repo")
+                raise _HTTPError(409, f"You already created this {repo_type} repo", body={"url": url})
             repo = Repo(repo_type, repo_id, private=body.get("visibility") == "private" or bool(body.get("private")))
             gitattributes = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in LFS_SUFFIXES).encode()
             sha = self.hub.new_commit_sha(repo, "initial commit")

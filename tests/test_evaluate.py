@@ -22,6 +22,7 @@ from hub_ccrop.evaluate import (
     freeze_except,
     gather_by_id,
     knn_accuracy,
+    knn_evaluate,
     knn_predict,
     linear_probe,
     linear_probe_on_features,
@@ -55,6 +56,13 @@ def loader_of(
     """``(images, ids, labels)`` batches as the project's evaluation loaders give them."""
     ids = torch.arange(len(labels))
     return DataLoader(TensorDataset(images, ids, labels), batch_size=batch_size, shuffle=shuffle)
+
+
+def tiny_cnn() -> nn.Module:
+    """A small conv + BN + pool feature extractor (fast stand-in for a backbone)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    )
 
 
 def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -168,11 +176,33 @@ def _gather_worker() -> None:
     assert torch.equal(labels_out, torch.arange(7) % 2)
 
 
-@pytest.mark.slow
-def test_gather_by_id_two_processes():
+def _distributed_eval_worker() -> None:
+    """2 processes: kNN and the linear probe on sharded loaders agree with the single-process numbers."""
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+
+    acc = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = tiny_cnn()
+    train_x, train_y = color_images(40)
+    test_x, test_y = color_images(22, seed=1)  # 22 rows over 2 processes x batch 4: padded duplicates
+    single = knn_evaluate(model, loader_of(train_x, train_y, 4), loader_of(test_x, test_y, 4), progress=False)
+    train_loader, test_loader = acc.prepare(loader_of(train_x, train_y, 4), loader_of(test_x, test_y, 4))
+    sharded = knn_evaluate(model, train_loader, test_loader, accelerator=acc, progress=False)
+    assert sharded == single, (sharded, single)
+    result = linear_probe(
+        model, train_loader, test_loader, num_classes=2, epochs=2, lr=1.0, accelerator=acc, progress=False
+    )
+    histories = gather_object([result["history"]])
+    assert histories[0] == histories[1]  # gradients averaged: identical heads on both processes
+    assert result["num_test"] == 22
+
+
+def test_distributed_two_processes():
     from accelerate import debug_launcher
 
     debug_launcher(_gather_worker, num_processes=2)
+    debug_launcher(_distributed_eval_worker, num_processes=2)
 
 
 # ----------------------------------------------------------------------------------------- linear probe
@@ -180,9 +210,11 @@ def test_gather_by_id_two_processes():
 
 def test_linear_probe_on_features_separable():
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(64, 5, generator=g)
-    x = torch.randn(1200, 64, generator=g)
-    y = (x @ w).argmax(dim=1)  # linearly separable by construction
+    x = torch.randn(3000, 64, generator=g)
+    logits = x @ torch.randn(64, 5, generator=g)
+    top2 = logits.topk(2, dim=1).values
+    margin = top2[:, 0] - top2[:, 1] > 2.0  # linearly separable with a margin
+    x, y = x[margin][:1200], logits[margin][:1200].argmax(dim=1)
     result = linear_probe_on_features(
         x[:1000],
         y[:1000],

@@ -239,6 +239,7 @@ def test_card_for_rcrop_run_without_metrics(tmp_path):
     assert card.data.eval_results is None and "model-index" not in card.content
     assert "RandomResizedCrop (R-Crop)" in card.text and "86.73" in card.text  # MoCo row of Table 1
     assert 'hf-hub:ORG/NAME"' in card.text  # no repo id given
+    assert card.text.lstrip().startswith("# resnet10t-mocov2-rcrop-cifar10")
 
 
 # -- box tables ---------------------------------------------------------------------------------------------
@@ -300,9 +301,9 @@ def seed_hf_cache(cache: Path, repo_id: str, folder: Path, commit: str = "a" * 4
 LOAD_AND_COMPARE = """
     import sys, timm, torch
     from safetensors.torch import load_file
-    import hub_ccrop
     repo_id, run_dir = sys.argv[1], sys.argv[2]
     model = timm.create_model("hf-hub:" + repo_id, pretrained=True).eval()
+    assert "hub_ccrop" not in sys.modules  # a stock timm architecture needs no import hub_ccrop
     ref = timm.create_model(model.pretrained_cfg["architecture"], num_classes=0)
     ref.load_state_dict(load_file(run_dir + "/backbone.safetensors"))
     ref.eval()
@@ -313,8 +314,10 @@ LOAD_AND_COMPARE = """
     head = timm.create_model("hf-hub:" + repo_id, pretrained=True, num_classes=7)
     assert head.get_classifier().out_features == 7
     timm.create_model("hf-hub:" + repo_id, pretrained=True, features_only=True)
-    table = hub_ccrop.hub.load_boxes(repo_id, dataset_num_rows=48)
-    assert torch.equal(table.boxes, hub_ccrop.boxes.BoxTable.load(run_dir + "/boxes.parquet").boxes)
+    from hub_ccrop.boxes import BoxTable
+    from hub_ccrop.hub import load_boxes
+    table = load_boxes(repo_id, dataset_num_rows=48)
+    assert torch.equal(table.boxes, BoxTable.load(run_dir + "/boxes.parquet").boxes)
     print("LOADED OK")
 """
 
@@ -329,36 +332,46 @@ def test_hf_hub_load_from_seeded_cache_offline(run_and_export, tmp_path):
     assert "LOADED OK" in proc.stdout
 
 
-def test_publish_to_loopback_hub_then_download_and_load(tmp_path):
+@pytest.fixture
+def online_in_process(monkeypatch, tmp_path):
+    """Let this process talk to a loopback Hub (conftest sets HF_HUB_OFFLINE=1 for the suite)."""
+    from huggingface_hub import constants
+
+    with FakeHub(token=TOKEN) as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # the loopback Hub has no Xet storage
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        yield hub
+
+
+def test_publish_to_loopback_hub_then_download_and_load(tmp_path, online_in_process, caplog, capfd):
+    from hub_ccrop.hub import main
+
+    hub = online_in_process
     run_dir, _ = make_run(tmp_path / "run")
     repo_id, boxes_repo = "test-user/ccrop-resnet10t", "test-user/ccrop-resnet10t-boxes"
-    with FakeHub(token=TOKEN) as hub:
-        env = clean_env(HF_ENDPOINT=hub.url, HF_TOKEN=TOKEN, HF_HOME=str(tmp_path / "home"),
-                        HF_HUB_VERBOSITY="debug")
-        publish = """
-            import logging, sys
-            logging.basicConfig(level=logging.DEBUG)
-            from hub_ccrop.hub import main
-            sys.exit(main(sys.argv[1:]))
-        """
-        proc = run_py(publish, env, "publish", str(run_dir), "--repo-id", repo_id, "--private",
-                      "--boxes-repo-id", boxes_repo)
-        logs = proc.stdout + proc.stderr
-        assert f"hf-hub:{repo_id}" in proc.stdout and "Authorization" not in logs
-        assert hub.unhandled == []
+    caplog.set_level("DEBUG")
+    assert main(["publish", str(run_dir), "--repo-id", repo_id, "--private", "--boxes-repo-id", boxes_repo]) == 0
+    captured = capfd.readouterr()
+    logs = captured.out + captured.err + caplog.text
+    assert f"hf-hub:{repo_id}" in captured.out and "Authorization" not in logs
+    assert hub.unhandled == []
 
-        repo = hub.repo(repo_id)
-        assert repo.private
-        files = hub.files(repo_id)
-        assert set(EXPORT_FILES) <= set(files)
-        assert files["model.safetensors"] == (run_dir / "export" / "model.safetensors").read_bytes()
-        assert len(files["model.safetensors"]) > hub.multipart_threshold  # went through multipart LFS
-        assert {"boxes.parquet", "boxes.safetensors", "README.md"} <= set(hub.files(boxes_repo, "dataset"))
-        storage = [r for r in hub.requests if r.origin == "storage"]
-        assert any(r.path.endswith("/part/1") for r in storage)
-        assert storage and not any(r.had_authorization for r in storage)  # the token never left the Hub API
+    assert hub.repo(repo_id).private
+    files = hub.files(repo_id)
+    assert set(EXPORT_FILES) <= set(files)
+    assert files["model.safetensors"] == (run_dir / "export" / "model.safetensors").read_bytes()
+    assert len(files["model.safetensors"]) > hub.multipart_threshold  # went through multipart LFS
+    assert {"boxes.parquet", "boxes.safetensors", "README.md"} <= set(hub.files(boxes_repo, "dataset"))
+    storage = [r for r in hub.requests if r.origin == "storage"]
+    assert any(r.path.endswith("/part/1") for r in storage)
+    assert not any(r.had_authorization for r in storage)  # the token never left the Hub API origin
 
-        download = LOAD_AND_COMPARE + """
+    # a user's fresh process: HF_ENDPOINT + token from the environment, empty cache
+    env = clean_env(HF_ENDPOINT=hub.url, HF_TOKEN=TOKEN, HF_HOME=str(tmp_path / "home"))
+    download = LOAD_AND_COMPARE + """
     from pathlib import Path
     from huggingface_hub import HfApi, ModelCard, hf_hub_download
     from huggingface_hub.errors import RepositoryNotFoundError
@@ -369,39 +382,27 @@ def test_publish_to_loopback_hub_then_download_and_load(tmp_path):
     assert cfg.read_text().startswith("{")
     info = HfApi().model_info(repo_id)
     assert info.library_name == "timm" and info.pipeline_tag == "image-feature-extraction"
-    boxes = hub_ccrop.hub.load_boxes(repo_id + "-boxes", repo_type="dataset", dataset_num_rows=48)
+    boxes = load_boxes(repo_id + "-boxes", repo_type="dataset", dataset_num_rows=48)
     assert boxes.metadata["fingerprint"] == "fp-0123456789abcdef"
-    try:
-        hf_hub_download(repo_id, "config.json", token=False, force_download=True)
-        raise AssertionError("a private repo served without a token")
-    except RepositoryNotFoundError:
-        pass
+    for fetch in (lambda: HfApi().model_info(repo_id, token=False),
+                  lambda: hf_hub_download(repo_id, "config.json", token=False, cache_dir=sys.argv[3])):
+        try:
+            fetch()
+            raise AssertionError("a private repo was served without a token")
+        except RepositoryNotFoundError:
+            pass
     print("DOWNLOADED OK")
 """
-        proc2 = run_py(download, env, repo_id, str(run_dir))
-        assert "LOADED OK" in proc2.stdout and "DOWNLOADED OK" in proc2.stdout
-        assert_no_token(run_dir, tmp_path / "home", text=logs + proc2.stdout + proc2.stderr)
-        assert not any(TOKEN.encode() in data for data in hub.files(repo_id).values())
-
-
-@pytest.fixture
-def online_in_process(monkeypatch, tmp_path):
-    """Let this process talk to the loopback Hub (conftest sets HF_HUB_OFFLINE=1 for the suite)."""
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    with FakeHub(token=TOKEN) as hub:
-        yield hub
+    proc = run_py(download, env, repo_id, str(run_dir), str(tmp_path / "fresh-cache"))
+    assert "LOADED OK" in proc.stdout and "DOWNLOADED OK" in proc.stdout
+    assert_no_token(run_dir, tmp_path / "home", tmp_path / "fresh-cache", text=logs + proc.stdout + proc.stderr)
+    assert not any(TOKEN.encode() in data for data in hub.files(repo_id).values())
 
 
 def test_failed_upload_keeps_export_and_says_what_to_rerun(tmp_path, online_in_process, caplog, capsys):
     hub = online_in_process
     run_dir, _ = make_run(tmp_path / "run")
-    hub_fail = hub.fail
-    hub_fail.add("commit")
+    hub.fail.add("commit")
     caplog.set_level("DEBUG")
     with pytest.raises(PublishError) as err:
         publish_run(run_dir, "test-user/fails", endpoint=hub.url)
@@ -410,7 +411,7 @@ def test_failed_upload_keeps_export_and_says_what_to_rerun(tmp_path, online_in_p
     assert "upload the folder" in message and f"hub-ccrop publish {export} --repo-id test-user/fails" in message
     assert sorted(p.name for p in export.iterdir()) == sorted(EXPORT_FILES)  # the export is intact
     # re-running on the export folder uploads it as is, to a new branch
-    hub_fail.clear()
+    hub.fail.clear()
     result = publish_run(export, "test-user/fails", revision="v1", endpoint=hub.url)
     assert result.export_dir == export and "/commit/" in result.commit_url
     assert set(EXPORT_FILES) <= set(hub.files("test-user/fails", revision="v1"))

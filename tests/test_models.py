@@ -20,6 +20,15 @@ from hub_ccrop.models import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models: one intra-op thread is as fast and far steadier on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("name", CIFAR_MODELS)
 def test_cifar_models_are_registered_with_timm(name: str) -> None:
     assert timm.is_model(name)

@@ -16,7 +16,9 @@ def _fp32(x: Tensor) -> torch.autocast:
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
-def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float = 0.5, *, global_negatives: bool = True) -> Tensor:
+def nt_xent_loss(
+    z1: Tensor, z2: Tensor, temperature: float = 0.5, *, global_negatives: bool = True
+) -> Tensor:
     """SimCLR's NT-Xent on two views ``[n, d]`` (not necessarily normalized).
 
     Each of the 2n local embeddings is an anchor; its positive is the other view of the same image, its

@@ -1,0 +1,685 @@
+"""The collate stage: two augmented views per image (ContrastiveCrop or RandomResizedCrop).
+
+One mechanism for both crops: :class:`CropSampler` draws both views' ``(i, j, h, w)`` with
+:func:`hub_ccrop.crop.sample_crop_params`; RandomResizedCrop is the whole-image box with alpha 1
+(mode ``"rcrop"``), ContrastiveCrop each id's box from the :class:`~hub_ccrop.boxes.BoxTable` with
+``alpha`` (mode ``"ccrop"``). The mode lives in shared memory, so persistent DataLoader workers see a
+switch made in the main process without rebuilding the loader.
+
+Three ways to run the paper's pipeline (crop -> flip 0.5 -> ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8 ->
+grayscale p=0.2 -> [Gaussian blur sigma 0.1-2 p=0.5] -> normalize), all with the same distributions:
+
+* per image (``batched=False``): PIL + torchvision transforms in the DataLoader workers;
+* batched (``batched=True``): the collate decodes the batch to uint8 and :class:`BatchedViewAugment`
+  crops + resizes every view in one ``roi_align`` and applies flip/jitter/gray/blur as batched tensor
+  ops, in the workers (CPU) or, with ``raw=True``, on the training device after ``.to(device)``;
+* device-resident (:class:`DeviceResidentImages`): a CIFAR-sized dataset decoded once into a uint8
+  tensor on the device, batches are index lookups + :class:`BatchedViewAugment`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from torchvision import transforms as T
+from torchvision.ops import roi_align
+from torchvision.transforms import functional as TF
+
+from hub_ccrop.boxes import BoxTable
+from hub_ccrop.crop import sample_crop_params
+from hub_ccrop.data import BadImageError, BadImageWarning, DatasetSpec, decode_image, decode_to_tensor
+
+__all__ = [
+    "MODES",
+    "BatchedViewAugment",
+    "CropSampler",
+    "DeviceResidentImages",
+    "EvalCollate",
+    "RawBatch",
+    "SkipCounter",
+    "TwoViewCollate",
+]
+
+MODES = ("rcrop", "ccrop")
+JITTER = (0.4, 0.4, 0.4, 0.1)
+BLUR_SIGMA = (0.1, 2.0)
+
+
+def blur_kernel_size(size: int) -> int:
+    """Odd kernel of about 10% of the view size (23 at 224 px), as in SimCLR / MoCo v2."""
+    return max(3, int(0.1 * size) // 2 * 2 + 1)
+
+
+def max_side_for(spec: DatasetSpec) -> int | None:
+    """Images larger than this are shrunk at decode: None for native-size (32-96 px) datasets,
+    640 px for ImageNet-like ones (bounds decode time and the padded batch of the batched path)."""
+    return None if spec.eval_resize is None else 640
+
+
+# -- shared state ----------------------------------------------------------------------------------
+
+
+class SkipCounter:
+    """Count of skipped (undecodable) images, summed over all DataLoader workers (shared memory)."""
+
+    SLOTS = 64
+
+    def __init__(self) -> None:
+        self._slots = torch.zeros(self.SLOTS, dtype=torch.int64).share_memory_()
+
+    def add(self, n: int = 1) -> None:
+        info = torch.utils.data.get_worker_info()
+        slot = 0 if info is None else 1 + info.id % (self.SLOTS - 1)  # one writer per slot: no races
+        self._slots[slot] += n
+
+    @property
+    def value(self) -> int:
+        return int(self._slots.sum())
+
+    def __int__(self) -> int:
+        return self.value
+
+
+class CropSampler:
+    """Both views' crop rectangles ``[2, B, 4]`` ``(i, j, h, w)`` for a batch of ids and sizes.
+
+    ``mode = "rcrop"``: RandomResizedCrop (whole-image box, alpha 1); ``"ccrop"``: ContrastiveCrop with
+    each id's box from ``box_table`` and ``alpha``. ``mode`` is stored in shared memory.
+    """
+
+    def __init__(
+        self,
+        box_table: BoxTable | None,
+        *,
+        scale: Sequence[float] = (0.2, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        alpha: float = 1.0,
+        mode: str = "rcrop",
+    ) -> None:
+        self.box_table = box_table
+        self.scale = tuple(float(s) for s in scale)
+        self.ratio = tuple(float(r) for r in ratio)
+        self.alpha = float(alpha)
+        self._mode = torch.zeros((), dtype=torch.int64).share_memory_()
+        self.mode = mode
+
+    @property
+    def mode(self) -> str:
+        return MODES[int(self._mode)]
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {value!r}")
+        if value == "ccrop" and self.box_table is None:
+            raise ValueError("mode 'ccrop' needs a box table")
+        self._mode.fill_(MODES.index(value))
+
+    def boxes(self, ids: Tensor) -> Tensor:
+        """The boxes the current mode uses: the whole image (rcrop) or the table's (ccrop)."""
+        if self.mode == "rcrop":
+            return torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(len(ids), 4)
+        return self.box_table.lookup(ids)
+
+    def __call__(self, ids: Tensor, sizes: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        n = len(ids)
+        if n == 0:
+            return torch.zeros(2, 0, 4, dtype=torch.int64)
+        ccrop = self.mode == "ccrop"
+        boxes = self.boxes(ids)
+        params = sample_crop_params(
+            boxes.repeat(2, 1),
+            sizes.repeat(2, 1),
+            scale=self.scale,
+            ratio=self.ratio,
+            alpha=self.alpha if ccrop else 1.0,
+            generator=generator,
+        )
+        return params.view(2, n, 4)
+
+
+# -- batches ---------------------------------------------------------------------------------------
+
+
+class RawBatch(NamedTuple):
+    """Decoded images and both views' crop rectangles, before any pixel op (see :class:`BatchedViewAugment`).
+
+    ``images`` uint8 ``[B, 3, H, W]`` (smaller images are edge-padded to the largest; ``sizes`` holds
+    each real ``(H, W)``), ``crops`` int64 ``[2, B, 4]`` ``(i, j, h, w)``, ``ids``/``labels`` int64 ``[B]``.
+    """
+
+    images: Tensor
+    sizes: Tensor
+    crops: Tensor
+    ids: Tensor
+    labels: Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> RawBatch:
+        return RawBatch(*(t.to(device, non_blocking=non_blocking) for t in self))
+
+    def pin_memory(self) -> RawBatch:
+        return RawBatch(*(t.pin_memory() for t in self))
+
+
+def _columns(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]) -> tuple[list, list, list]:
+    """images, ids, labels from a list of rows or a dict of columns."""
+    if isinstance(rows, Mapping):
+        images, ids = list(rows["image"]), list(rows["id"])
+        labels = list(rows["label"]) if "label" in rows else [-1] * len(ids)
+        return images, ids, labels
+    try:
+        return [r["image"] for r in rows], [r["id"] for r in rows], [r.get("label", -1) for r in rows]
+    except KeyError as err:
+        raise KeyError(f"collate rows need 'id' and 'image' columns (use hub_ccrop.data.load_images): {err}") from err
+
+
+def _decode_all(
+    rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]],
+    *,
+    as_tensor: bool,
+    strict: bool,
+    counter: SkipCounter,
+    max_side: int | None,
+) -> tuple[list[Any], Tensor, Tensor]:
+    """Decode a batch; an undecodable image is skipped with a warning naming its id (or raises if strict)."""
+    images, ids, labels = _columns(rows)
+    out, keep = [], []
+    for k, (value, sid) in enumerate(zip(images, ids, strict=True)):
+        try:
+            if as_tensor:
+                out.append(decode_to_tensor(value, sid, max_side=max_side))
+            else:
+                out.append(decode_image(value, sid, max_side=max_side))
+        except BadImageError as err:
+            if strict:
+                raise
+            counter.add()
+            warnings.warn(f"skipping {err}", BadImageWarning, stacklevel=3)
+            continue
+        keep.append(k)
+    id_t = torch.as_tensor([int(ids[k]) for k in keep], dtype=torch.int64)
+    label_t = torch.as_tensor([int(labels[k]) for k in keep], dtype=torch.int64)
+    return out, id_t, label_t
+
+
+def stack_padded(images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """uint8 ``[3, h, w]`` images -> ``[B, 3, H, W]`` edge-replicated to the largest size, and sizes ``[B, 2]``."""
+    sizes = torch.tensor([[im.shape[1], im.shape[2]] for im in images], dtype=torch.int64).reshape(-1, 2)
+    if not images:
+        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), sizes
+    height, width = (int(v) for v in sizes.max(0).values)
+    if bool((sizes == sizes[0]).all()):
+        return torch.stack(list(images)), sizes
+    out = torch.empty(len(images), 3, height, width, dtype=torch.uint8)
+    for b, im in enumerate(images):
+        h, w = im.shape[1:]
+        out[b, :, :h, :w] = im
+        out[b, :, :h, w:] = im[:, :, w - 1 : w]  # replicate the edge: roi_align's border clamp stays exact
+        out[b, :, h:, :] = out[b, :, h - 1 : h, :]
+    return out, sizes
+
+
+# -- batched pixel ops ------------------------------------------------------------------------------
+
+
+def _gray(x: Tensor) -> Tensor:
+    """ITU-R 601 luma ``[n, 1, H, W]`` (torchvision's rgb_to_grayscale / PIL's convert("L"))."""
+    return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).to(x.dtype)
+
+
+def _per_image(f: Tensor) -> Tensor:
+    return f.view(-1, 1, 1, 1)
+
+
+def adjust_brightness(x: Tensor, f: Tensor) -> Tensor:
+    return (x * _per_image(f)).clamp_(0, 1)
+
+
+def adjust_contrast(x: Tensor, f: Tensor) -> Tensor:
+    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+    f = _per_image(f)
+    return (f * x + (1 - f) * mean).clamp_(0, 1)
+
+
+def adjust_saturation(x: Tensor, f: Tensor) -> Tensor:
+    f = _per_image(f)
+    return (f * x + (1 - f) * _gray(x)).clamp_(0, 1)
+
+
+def adjust_hue(x: Tensor, f: Tensor) -> Tensor:
+    """Rotate the HSV hue by ``f`` (in [-0.5, 0.5]) per image; value and saturation stay."""
+    r, g, b = x.unbind(1)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    chroma = maxc - torch.minimum(torch.minimum(r, g), b)
+    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    # hue in [0, 6): sector offset + position inside the sector (torchvision's _rgb2hsv, simplified)
+    h = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
+    h = torch.remainder(h + 6.0 * f.view(-1, 1, 1), 6.0)
+    # hsv -> rgb: channel n = v - chroma * clamp(min(k, 4 - k), 0, 1) with k = (n + h) mod 6
+    out = torch.empty_like(x)
+    for c, n in enumerate((5.0, 3.0, 1.0)):
+        k = torch.remainder(h + n, 6.0)
+        torch.sub(maxc, chroma * torch.minimum(k, 4.0 - k).clamp_(0, 1), out=out[:, c])
+    return out
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
+    """Per-image Gaussian blur (reflect padding, torchvision's kernel), as two grouped 1-D convolutions."""
+    n, c, height, width = x.shape
+    half = (kernel_size - 1) / 2
+    t = torch.linspace(-half, half, kernel_size, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (t[None, :] / sigma[:, None].to(x.dtype)) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)
+    pad = kernel_size // 2
+    y = F.pad(x.reshape(1, n * c, height, width), [pad, pad, pad, pad], mode="reflect")
+    y = F.conv2d(y, kernel[:, None, None, :], groups=n * c)
+    y = F.conv2d(y, kernel[:, None, :, None], groups=n * c)
+    return y.reshape(n, c, height, width)
+
+
+def _where(x: Tensor, mask: Tensor, fn: Any, *args: Tensor) -> Tensor:
+    """Apply ``fn`` to the images selected by ``mask``: gather/scatter on CPU, masked select on GPUs."""
+    if x.device.type == "cpu":
+        idx = mask.nonzero().squeeze(1)
+        if idx.numel():
+            x[idx] = fn(x[idx], *(a[idx] for a in args))
+        return x
+    return torch.where(_per_image(mask), fn(x, *args), x)
+
+
+JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+PERMUTATIONS = tuple(itertools.permutations(range(4)))  # ColorJitter's randperm(4): uniform over these 24
+
+
+class BatchedViewAugment(nn.Module):
+    """Crop + resize (one ``roi_align``) + flip/jitter/gray/blur + normalize for a :class:`RawBatch`.
+
+    ``view1, view2 = augment(raw_batch)`` on whatever device the batch is on. Each view draws its own
+    flip, jitter (factors and order), grayscale and blur exactly like the torchvision transforms of the
+    per-image path. ``generator`` (on the batch's device) makes it reproducible.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        blur: bool = False,
+        flip_p: float = 0.5,
+        jitter: Sequence[float] = JITTER,
+        jitter_p: float = 0.8,
+        gray_p: float = 0.2,
+        blur_p: float = 0.5,
+        blur_sigma: Sequence[float] = BLUR_SIGMA,
+    ) -> None:
+        super().__init__()
+        self.size = int(size)
+        self.blur = blur
+        self.flip_p, self.jitter_p, self.gray_p, self.blur_p = flip_p, jitter_p, gray_p, blur_p
+        self.jitter = tuple(float(v) for v in jitter)
+        self.blur_sigma = tuple(float(v) for v in blur_sigma)
+        self.kernel_size = blur_kernel_size(self.size)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, jitter={self.jitter}, blur={self.blur}"
+
+    def crop_resize(self, images: Tensor, crops: Tensor) -> Tensor:
+        """``[2B, 3, S, S]`` float in [0, 1]: every view's ``(i, j, h, w)`` region resized (antialiased by
+        averaging ``ceil(h / S)`` x ``ceil(w / S)`` bilinear samples per output pixel)."""
+        n_views, batch = crops.shape[:2]
+        c = crops.reshape(-1, 4).to(torch.float32)
+        index = torch.arange(batch, device=images.device, dtype=torch.float32).repeat(n_views)
+        i, j, h, w = c.unbind(1)
+        rois = torch.stack([index, j, i, j + w, i + h], dim=1)
+        x = images.to(torch.float32)
+        out = roi_align(x, rois, output_size=(self.size, self.size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        return out.div_(255.0)
+
+    def color(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Flip, ColorJitter (p, random order), grayscale, blur: per-view parameters, batched ops."""
+        n, dev = x.shape[0], x.device
+
+        def rand(*shape: int) -> Tensor:
+            return torch.rand(*shape, generator=generator, device=dev)
+
+        flip = rand(n) < self.flip_p
+        jit = rand(n) <= self.jitter_p  # RandomApply: applied unless p < U
+        factors = []
+        for k, v in enumerate(self.jitter):
+            lo, hi = (-v, v) if k == 3 else (max(0.0, 1 - v), 1 + v)
+            factors.append(lo + (hi - lo) * rand(n))
+        perm = torch.randint(len(PERMUTATIONS), (n,), generator=generator, device=dev)
+        gray = rand(n) < self.gray_p
+        x = torch.where(_per_image(flip), x.flip(-1), x)
+        x = self._jitter(x, jit, perm, factors)
+        x = torch.where(_per_image(gray), _gray(x).expand_as(x), x)
+        if self.blur:
+            apply = rand(n) <= self.blur_p
+            sigma = self.blur_sigma[0] + (self.blur_sigma[1] - self.blur_sigma[0]) * rand(n)
+            x = _where(x, apply, lambda v, sg: gaussian_blur(v, sg, self.kernel_size), sigma)
+        return x
+
+    def _jitter(self, x: Tensor, jit: Tensor, perm: Tensor, factors: list[Tensor]) -> Tensor:
+        active = [k for k, v in enumerate(self.jitter) if v > 0]
+        if x.device.type != "cpu":  # masked ops over the whole batch: no host sync
+            order = torch.tensor(PERMUTATIONS, device=x.device)[perm]
+            for pos in range(4):
+                for op in active:
+                    sel = jit & (order[:, pos] == op)
+                    x = torch.where(_per_image(sel), JITTER_OPS[op](x, factors[op]), x)
+            return x
+        # CPU: sort views by permutation so every op runs on a contiguous slice (no gather per op).
+        key = torch.where(jit, perm, len(PERMUTATIONS))
+        order = torch.argsort(key, stable=True)
+        counts = torch.bincount(key, minlength=len(PERMUTATIONS) + 1).tolist()
+        xs = x[order]
+        fs = [f[order] for f in factors]
+        begin = 0
+        for p, count in enumerate(counts[: len(PERMUTATIONS)]):
+            part = slice(begin, begin + count)
+            for op in PERMUTATIONS[p]:
+                if count and op in active:
+                    xs[part] = JITTER_OPS[op](xs[part], fs[op][part])
+            begin += count
+        out = torch.empty_like(x)
+        out[order] = xs
+        return out
+
+    def normalize(self, x: Tensor) -> Tensor:
+        return torch.addcmul(-self.mean / self.std, x, 1.0 / self.std)
+
+    def forward(self, batch: RawBatch, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        x = self.crop_resize(batch.images, batch.crops)
+        x = self.normalize(self.color(x, generator))
+        return x[: len(batch.ids)], x[len(batch.ids) :]
+
+
+# -- the collate stage ------------------------------------------------------------------------------
+
+
+class TwoViewCollate:
+    """DataLoader ``collate_fn``: rows -> ``(view1, view2, ids, labels)`` (or a :class:`RawBatch`).
+
+    ``batched=False``: per-image PIL path; ``batched=True``: :class:`BatchedViewAugment` runs here (in
+    the workers); ``raw=True``: return the :class:`RawBatch` and run ``self.augment`` on the device.
+    ``mode`` (``"rcrop"``/``"ccrop"``) can be set any time, also while persistent workers run.
+    Undecodable images are skipped with a :class:`~hub_ccrop.data.BadImageWarning` naming the id and
+    counted in ``self.skipped`` (shared across workers); ``strict=True`` raises instead. A batch can
+    therefore be shorter than requested (or empty).
+    """
+
+    def __init__(
+        self,
+        box_table: BoxTable | None,
+        *,
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        scale: Sequence[float] = (0.2, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        alpha: float = 1.0,
+        blur: bool = False,
+        mode: str = "rcrop",
+        batched: bool = False,
+        raw: bool = False,
+        strict: bool = False,
+        max_side: int | None = None,
+        flip_p: float = 0.5,
+        jitter: Sequence[float] = JITTER,
+        jitter_p: float = 0.8,
+        gray_p: float = 0.2,
+        blur_p: float = 0.5,
+        blur_sigma: Sequence[float] = BLUR_SIGMA,
+    ) -> None:
+        self.size = int(size)
+        self.crops = CropSampler(box_table, scale=scale, ratio=ratio, alpha=alpha, mode=mode)
+        self.augment = BatchedViewAugment(
+            size, mean, std, blur=blur, flip_p=flip_p, jitter=jitter, jitter_p=jitter_p, gray_p=gray_p,
+            blur_p=blur_p, blur_sigma=blur_sigma,
+        )  # fmt: skip
+        self.batched = batched or raw
+        self.raw = raw
+        self.strict = strict
+        self.max_side = max_side
+        self.skipped = SkipCounter()
+        steps: list[nn.Module] = [
+            T.RandomHorizontalFlip(flip_p),
+            T.RandomApply([T.ColorJitter(*jitter)], p=jitter_p),
+            T.RandomGrayscale(gray_p),
+        ]
+        if blur:
+            steps.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(self.size), tuple(blur_sigma))], p=blur_p))
+        self.pil_transform = T.Compose(steps)
+
+    @classmethod
+    def from_spec(cls, spec: DatasetSpec, box_table: BoxTable | None, **kwargs: Any) -> TwoViewCollate:
+        """Size, mean/std, blur and ``max_side`` from the dataset spec; ``kwargs`` override."""
+        defaults = {
+            "size": spec.image_size, "mean": spec.mean, "std": spec.std, "blur": spec.blur,
+            "max_side": max_side_for(spec),
+        }  # fmt: skip
+        return cls(box_table, **{**defaults, **kwargs})
+
+    @property
+    def mode(self) -> str:
+        return self.crops.mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        self.crops.mode = value
+
+    def __call__(
+        self, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor] | RawBatch:
+        images, ids, labels = _decode_all(
+            rows, as_tensor=self.batched, strict=self.strict, counter=self.skipped, max_side=self.max_side
+        )
+        if self.batched:
+            stacked, sizes = stack_padded(images)
+            raw = RawBatch(stacked, sizes, self.crops(ids, sizes), ids, labels)
+            if self.raw:
+                return raw
+            with torch.no_grad():
+                view1, view2 = self.augment(raw)
+            return view1, view2, ids, labels
+        return (*self._per_image(images, ids), ids, labels)
+
+    def _per_image(self, images: list[Image.Image], ids: Tensor) -> tuple[Tensor, Tensor]:
+        """The classic CPU path: PIL crop+resize and torchvision transforms per view."""
+        s = self.size
+        sizes = torch.tensor([[im.height, im.width] for im in images], dtype=torch.int64).reshape(-1, 2)
+        crops = self.crops(ids, sizes).tolist()
+        out = np.empty((2, len(images), s, s, 3), dtype=np.uint8)
+        for v in range(2):
+            for b, im in enumerate(images):
+                i, j, h, w = crops[v][b]
+                view = im.resize((s, s), Image.BILINEAR, box=(j, i, j + w, i + h))
+                out[v, b] = np.asarray(self.pil_transform(view))
+        x = torch.from_numpy(out).permute(0, 1, 4, 2, 3).to(torch.float32).div_(255.0)
+        x = self.augment.normalize(x.reshape(-1, 3, s, s)).reshape(2, len(images), 3, s, s)
+        return x[0], x[1]
+
+
+class EvalCollate:
+    """rows -> ``(images, ids, labels)`` with the un-augmented eval transform, normalized.
+
+    ``purpose="classify"`` (kNN / linear eval): native size for small datasets, resize
+    ``eval_resize[0]`` + center crop ``eval_resize[1]`` for ImageNet-like ones.
+    ``purpose="localize"`` (heatmaps -> boxes, which must cover the whole image): native size, or the
+    whole image resized to ``eval_resize[1]`` squared (the official ``Resize((224, 224))``).
+    Images not at the native size are resized to ``spec.image_size`` squared.
+    """
+
+    def __init__(self, spec: DatasetSpec, *, purpose: str = "classify", strict: bool = False) -> None:
+        if purpose not in ("classify", "localize"):
+            raise ValueError(f"purpose must be 'classify' or 'localize', got {purpose!r}")
+        self.spec = spec
+        self.purpose = purpose
+        self.strict = strict
+        self.skipped = SkipCounter()
+        self.mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.max_side = max_side_for(spec)
+
+    @property
+    def output_size(self) -> int:
+        return self.spec.image_size if self.spec.eval_resize is None else self.spec.eval_resize[1]
+
+    def transform(self, img: Tensor) -> Tensor:
+        """One uint8 ``[3, H, W]`` image -> uint8 ``[3, S, S]``."""
+        s = self.output_size
+        if self.spec.eval_resize is not None and self.purpose == "classify":
+            img = TF.resize(img, self.spec.eval_resize[0], antialias=True)
+            return TF.center_crop(img, [s, s])
+        if tuple(img.shape[1:]) != (s, s):
+            img = TF.resize(img, [s, s], antialias=True)
+        return img
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]) -> tuple[Tensor, Tensor, Tensor]:
+        images, ids, labels = _decode_all(
+            rows, as_tensor=True, strict=self.strict, counter=self.skipped, max_side=self.max_side
+        )
+        s = self.output_size
+        if not images:
+            return torch.zeros(0, 3, s, s), ids, labels
+        x = torch.stack([self.transform(im) for im in images]).to(torch.float32).div_(255.0)
+        return (x - self.mean) / self.std, ids, labels
+
+
+# -- device-resident mode ---------------------------------------------------------------------------
+
+
+class DeviceResidentImages:
+    """A small dataset (CIFAR/STL/Tiny/small_objects sized) decoded once into uint8 ``[N, 3, H, W]`` on a device.
+
+    No per-step decoding and no DataLoader: each step gathers a batch by index and runs
+    :class:`BatchedViewAugment` on the device::
+
+        resident = DeviceResidentImages(load_images(spec), device)
+        crops = CropSampler(box_table, alpha=0.1)             # or collate.crops
+        augment = BatchedViewAugment(spec.image_size, spec.mean, spec.std).to(device)
+        for epoch in range(epochs):
+            crops.mode = "ccrop" if epoch >= warmup else "rcrop"
+            for raw in resident.iter_batches(512, crops, epoch=epoch, seed=seed,
+                                             rank=rank, world_size=world_size):
+                view1, view2 = augment(raw)
+                ...
+        for images, ids, labels in resident.iter_eval(1024, spec.mean, spec.std):  # localization / kNN
+            ...
+
+    Every rank holds the whole dataset and takes its own slice of one seeded permutation per epoch
+    (all ranks get the same number of batches). Images must all have the same size.
+    """
+
+    def __init__(
+        self,
+        rows: Any,
+        device: torch.device | str = "cpu",
+        *,
+        strict: bool = False,
+        chunk_size: int = 1024,
+    ) -> None:
+        self.device = torch.device(device)
+        self.skipped = SkipCounter()
+        chunks, ids, labels = [], [], []
+        for batch in _iter_chunks(rows, chunk_size):
+            images, id_t, label_t = _decode_all(batch, as_tensor=True, strict=strict, counter=self.skipped, max_side=None)
+            for im, sid in zip(images, id_t.tolist(), strict=True):
+                if chunks and im.shape != chunks[0].shape:
+                    raise ValueError(
+                        f"sample id {sid} has size {tuple(im.shape[1:])}, others {tuple(chunks[0].shape[1:])}: "
+                        "device-resident mode needs same-size images (use the DataLoader path)"
+                    )
+                chunks.append(im)
+            ids.append(id_t)
+            labels.append(label_t)
+        if not chunks:
+            raise ValueError("no decodable images")
+        self.images = torch.stack(chunks).to(self.device)
+        self.ids_cpu = torch.cat(ids)
+        self.ids = self.ids_cpu.to(self.device)
+        self.labels = torch.cat(labels).to(self.device)
+        height, width = self.images.shape[2:]
+        self._size = torch.tensor([height, width], dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def num_batches(self, batch_size: int, *, world_size: int = 1, drop_last: bool = True) -> int:
+        per_rank = len(self) // world_size
+        return per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
+
+    def positions(self, *, epoch: int = 0, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1) -> Tensor:
+        """This rank's row positions for an epoch (a seeded permutation, identical on every rank)."""
+        n = len(self)
+        if shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        else:
+            order = torch.arange(n)
+        per_rank = n // world_size
+        return order[rank : per_rank * world_size : world_size]
+
+    def iter_batches(
+        self,
+        batch_size: int,
+        crops: CropSampler,
+        *,
+        epoch: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        start_batch: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[RawBatch]:
+        """:class:`RawBatch` es on the device (crop rectangles drawn on CPU from the box table)."""
+        pos = self.positions(epoch=epoch, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size)
+        stop = len(pos) - len(pos) % batch_size if drop_last else len(pos)
+        for begin in range(start_batch * batch_size, stop, batch_size):
+            p = pos[begin : begin + batch_size]
+            ids = self.ids_cpu[p]
+            sizes = self._size.expand(len(p), 2)
+            rect = crops(ids, sizes, generator=generator)
+            p_dev = p.to(self.device, non_blocking=True)
+            yield RawBatch(
+                self.images[p_dev],
+                sizes.to(self.device),
+                rect.to(self.device, non_blocking=True),
+                self.ids[p_dev],
+                self.labels[p_dev],
+            )
+
+    def iter_eval(
+        self, batch_size: int, mean: Sequence[float], std: Sequence[float], *, rank: int = 0, world_size: int = 1
+    ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """Un-augmented, normalized ``(images, ids, labels)`` of this rank's share (every row exactly once)."""
+        m = torch.tensor(mean, device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
+        s = torch.tensor(std, device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
+        pos = torch.arange(rank, len(self), world_size, device=self.device)
+        for begin in range(0, len(pos), batch_size):
+            p = pos[begin : begin + batch_size]
+            x = self.images[p].to(torch.float32).div_(255.0)
+            yield (x - m) / s, self.ids[p], self.labels[p]
+
+
+def _iter_chunks(rows: Any, chunk_size: int) -> Iterable[Any]:
+    """Batches of rows (dicts of columns) from a datasets Dataset/IterableDataset or a list of rows."""
+    if hasattr(rows, "iter"):
+        yield from rows.iter(batch_size=chunk_size)
+        return
+    rows = list(rows)
+    for begin in range(0, len(rows), chunk_size):
+        yield rows[begin : begin + chunk_size]

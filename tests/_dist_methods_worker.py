@@ -1,0 +1,107 @@
+"""One process of the 2-process (gloo, CPU) checks in test_methods_distributed.py.
+
+Usage: python tests/_dist_methods_worker.py RANK WORLD_SIZE PORT WORKDIR
+Reads WORKDIR/inputs.pt (written by the test), writes WORKDIR/rank{RANK}.pt.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from hub_ccrop.methods import build_method
+from hub_ccrop.models import create_backbone
+
+
+def local_slice(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    n = x.shape[0] // world
+    return x[rank * n : (rank + 1) * n]
+
+
+def simclr_split_batch(inputs: dict, rank: int, world: int) -> dict:
+    """SimCLR on this process's half of the batch, wrapped in DDP as accelerate does."""
+    method = build_method("simclr", create_backbone("resnet_tiny_cifar"))
+    method.load_state_dict(inputs["simclr_state"])
+    method.eval()  # BatchNorm from running statistics: features depend on each image only
+    model = DDP(method)
+    v1, v2 = (local_slice(inputs[k], rank, world) for k in ("v1", "v2"))
+    loss, logs = model(v1, v2)
+    loss.backward()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    mean_loss /= world
+    grads = {name: p.grad.clone() for name, p in method.named_parameters()}
+    return {"loss": loss.item(), "mean_loss": mean_loss.item(), "grads": grads, "logs": logs}
+
+
+def moco_queue(inputs: dict, rank: int, world: int) -> dict:
+    """MoCo v2 with shuffle-BN under DDP: the queue holds the keys of the global batch in rank order."""
+    torch.manual_seed(0)  # same initialization on every process (DDP would broadcast it anyway)
+    method = build_method("moco_v2", create_backbone("resnet_tiny_cifar"), queue_size=20, shuffle_bn=True)
+    model = DDP(method)
+    optimizer = torch.optim.SGD(method.param_groups(0.1, 0.0), lr=0.1)
+    placed_ok = []
+    queues, ptrs = [], []
+    for step in range(5):
+        method.train(step >= 3)  # eval first: keys depend on each image only, so they can be checked
+        g = torch.Generator().manual_seed(100 * step + rank)
+        v1, v2 = torch.randn(4, 3, 16, 16, generator=g), torch.randn(4, 3, 16, 16, generator=g)
+        ptr_before = int(method.queue_ptr)
+        with torch.no_grad():
+            k_direct = F.normalize(method.target(v2), dim=1)
+        loss, _ = model(v1, v2)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        method.after_optimizer_step(step / 5)
+        if step < 3:
+            parts = [torch.empty_like(k_direct) for _ in range(world)]
+            dist.all_gather(parts, k_direct)
+            expected = torch.cat(parts)
+            idx = (ptr_before + torch.arange(expected.shape[0])) % method.queue.shape[0]
+            placed_ok.append(bool(torch.allclose(method.queue[idx], expected, atol=1e-5)))
+        queues.append(method.queue.clone())
+        ptrs.append(int(method.queue_ptr))
+    return {"placed_ok": placed_ok, "queues": queues, "ptrs": ptrs}
+
+
+def every_method_one_ddp_step(rank: int) -> dict:
+    """One DDP training step of each method: no hang, no unused parameters, identical grads on all ranks."""
+    out = {}
+    for name in ("moco_v1", "byol", "simsiam"):
+        torch.manual_seed(0)
+        cfg = {"queue_size": 16} if name.startswith("moco") else {}
+        method = build_method(name, create_backbone("resnet_tiny_cifar"), **cfg)
+        model = DDP(method)
+        g = torch.Generator().manual_seed(rank)
+        v1, v2 = torch.randn(4, 3, 16, 16, generator=g), torch.randn(4, 3, 16, 16, generator=g)
+        loss, _ = model(v1, v2)
+        loss.backward()
+        method.after_optimizer_step(0.5)
+        out[name] = torch.cat([p.grad.flatten() for p in method.parameters() if p.requires_grad])
+    return out
+
+
+def main() -> None:
+    rank, world, port, workdir = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        inputs = torch.load(workdir / "inputs.pt")
+        results = {
+            "simclr": simclr_split_batch(inputs, rank, world),
+            "moco": moco_queue(inputs, rank, world),
+            "ddp_step": every_method_one_ddp_step(rank),
+        }
+        torch.save(results, workdir / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
