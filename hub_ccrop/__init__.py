@@ -5,6 +5,7 @@ Importing the package registers the CIFAR-stem ResNets (``resnet18_cifar``, ...)
 
 from hub_ccrop.boxes import BoxTable, BoxTableMismatch
 from hub_ccrop.crop import FULL_BOX, ContrastiveCrop, sample_crop_params
+from hub_ccrop.hub import load_boxes
 from hub_ccrop.localize import boxes_from_heatmaps, localize_boxes
 from hub_ccrop.methods import SSLMethod, build_method
 from hub_ccrop.models import create_backbone, feature_dim
@@ -21,6 +22,7 @@ __all__ = [
     "build_method",
     "create_backbone",
     "feature_dim",
+    "load_boxes",
     "localize_boxes",
     "sample_crop_params",
 ]

@@ -123,7 +123,8 @@ def paper_reference(method: str, dataset: str) -> tuple[float, float] | None:
 # Export
 # ------------------------------------------------------------------------------------------------------------
 
-TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "model_cards" / "template.md"
+# model_cards/template.md, shipped inside the package through this link (see pyproject package-data)
+TEMPLATE_PATH = Path(__file__).parent / "model_card_template.md"
 PICTURE_NAME = "boxes_and_crops.png"
 EXPORT_FILES = ("README.md", "config.json", "model.safetensors", "boxes.parquet", "boxes.safetensors",
                 "recipe.yaml", "metrics.json", PICTURE_NAME)
@@ -276,6 +277,9 @@ def export_run(
         if key not in run:
             raise ValueError(f"{run_dir / 'run.json'} lacks {key!r}")
     metrics = _read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
+    for name in ("eval_knn", "eval_linear"):  # written next to the run by `hub-ccrop eval-knn/eval-linear RUN`
+        if (run_dir / f"{name}.json").is_file():
+            metrics[name] = _read_json(run_dir / f"{name}.json")
     _prepare_out_dir(out_dir, overwrite)
 
     tmp = out_dir.parent / f".{out_dir.name}.tmp{os.getpid()}"
@@ -304,7 +308,10 @@ def export_run(
             table.metadata.setdefault("split", "+".join(dataset.get("splits") or []) or None)
             table.metadata.setdefault("backbone", run["model"])
             table.metadata.setdefault("k", (run.get("schedule") or {}).get("k"))
-            table.check_compatible(num_rows=dataset.get("num_rows"), source=f"{run_dir}/boxes")
+            if dataset.get("fingerprint") is not None:
+                table.metadata.setdefault("fingerprint", dataset["fingerprint"])
+            table.check_compatible(num_rows=dataset.get("num_rows"), fingerprint=dataset.get("fingerprint"),
+                                   source=f"{run_dir}/boxes")
             table.save(tmp / "boxes.parquet")
             table.save(tmp / "boxes.safetensors")
 
@@ -352,11 +359,41 @@ def _verify_export(folder: Path, model: torch.nn.Module) -> None:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _percent(value: Any) -> float | None:
-    """Accuracy as a percentage; metrics.json may hold fractions in [0, 1] or percentages."""
+def _number(value: Any, digits: int = 2) -> float | None:
+    """A finite number rounded for the card (accuracies are percentages, as train/evaluate write them)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         return None
-    return round(float(value) * 100 if 0 <= value <= 1 else float(value), 2)
+    return round(float(value), digits)
+
+
+def _card_results(run: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """kNN and linear top-1 with their split and protocol, from metrics.json and the eval_*.json it carries.
+
+    ``eval_knn``/``eval_linear`` (written by ``hub-ccrop eval-knn/eval-linear RUN``) win over the training
+    monitor's ``knn_top1`` and a plain ``linear_top1``.
+    """
+    dataset = run.get("dataset") or {}
+    default_split = str(dataset.get("test_split") or metrics.get("eval_split") or "test")
+    knn_eval, lin_eval = dict(metrics.get("eval_knn") or {}), dict(metrics.get("eval_linear") or {})
+    k, temperature = knn_eval.get("k", metrics.get("knn_k")), knn_eval.get("temperature", metrics.get("knn_temperature"))
+    knn_settings = f"k={k}, T={temperature}" if k is not None and temperature is not None else ""
+    protocol = str(lin_eval.get("protocol", ""))
+    paper_protocol = protocol.startswith("linear-probe (paper)")
+    if paper_protocol:
+        linear_name = "Linear probe top-1 (paper protocol, last epoch)"
+    elif protocol:
+        linear_name = f"Linear probe top-1 ({protocol.split(' (')[0]}, not the paper's protocol)"
+    else:
+        linear_name = "Linear probe top-1"
+    return {
+        "knn_top1": _number(knn_eval.get("top1", metrics.get("knn_top1"))),
+        "knn_split": str(knn_eval.get("test_split") or default_split),
+        "knn_name": f"kNN top-1 ({knn_settings})" if knn_settings else "kNN top-1",
+        "linear_top1": _number(lin_eval.get("top1", metrics.get("linear_top1"))),
+        "linear_split": str(lin_eval.get("test_split") or default_split),
+        "linear_name": linear_name,
+        "linear_paper_protocol": paper_protocol or not protocol,
+    }
 
 
 def _format_epochs(epochs: Sequence[Any] | None) -> str:
@@ -391,20 +428,16 @@ def build_model_card(
     dkey = _dataset_key(str(dataset.get("hub_id") or dataset_name))
     dataset_display = _DATASET_NAMES.get(dkey, dataset_name)
     loc_epochs = list(schedule.get("loc_epochs") or [])
-    crop = str(run.get("crop") or ("ccrop" if loc_epochs else "rcrop")).lower()
+    crop = str(run.get("crop") or schedule.get("crop") or ("ccrop" if loc_epochs else "rcrop")).lower()
     uses_ccrop = crop in ("ccrop", "c-crop", "contrastivecrop", "contrastive_crop")
-    eval_split = str(metrics.get("eval_split", "test"))
-
-    knn, linear = _percent(metrics.get("knn_top1")), _percent(metrics.get("linear_top1"))
-    box_iou = metrics.get("box_iou")
+    results = _card_results(run, metrics)
     eval_results = []
-    dataset_type = hub_id or dkey
-    for value, name in ((knn, "kNN top-1 (k=200, T=0.1, frozen features)"), (linear, "Linear probe top-1")):
-        if value is not None:
+    for kind in ("knn", "linear"):
+        if results[f"{kind}_top1"] is not None:
             eval_results.append(EvalResult(
                 task_type="image-classification", task_name="Image Classification",
-                dataset_type=dataset_type, dataset_name=dataset_display, dataset_split=eval_split,
-                metric_type="accuracy", metric_name=name, metric_value=value,
+                dataset_type=str(hub_id or dkey), dataset_name=dataset_display, dataset_split=results[f"{kind}_split"],
+                metric_type="accuracy", metric_name=results[f"{kind}_name"], metric_value=results[f"{kind}_top1"],
             ))
 
     tags = ["timm", "image-feature-extraction", "self-supervised-learning", "contrastive-learning",
@@ -426,7 +459,8 @@ def build_model_card(
     paper_setting = PAPER_SETTINGS["imagenet-1k" if dkey == "imagenet-1k" else "small"]
     input_size = [int(v) for v in run["input_size"]]
     box_meta = dict(boxes.metadata) if boxes is not None else {}
-    extra_metrics = {k: v for k, v in metrics.items() if k not in ("knn_top1", "linear_top1", "box_iou")}
+    extra_metrics = {k: _number(v, 4) if isinstance(v, float) else v for k, v in metrics.items()
+                     if k not in ("knn_top1", "linear_top1", "box_iou") and isinstance(v, (int, float, str))}
     context = dict(
         repo_id=repo_id,
         model_name=model_name,
@@ -441,7 +475,6 @@ def build_model_card(
         dataset_hub_id=hub_id,
         dataset_splits=", ".join(dataset.get("splits") or []) or "unknown",
         dataset_num_rows=dataset.get("num_rows"),
-        eval_split=eval_split,
         epochs=run.get("epochs"),
         batch_size=run.get("batch_size"),
         warmup_epochs=schedule.get("warmup_epochs"),
@@ -454,9 +487,8 @@ def build_model_card(
         std=list(run["std"]),
         interpolation=run.get("interpolation", "bilinear"),
         crop_pct=run.get("crop_pct", 1.0),
-        knn_top1=knn,
-        linear_top1=linear,
-        box_iou=round(float(box_iou), 4) if isinstance(box_iou, (int, float)) else None,
+        **results,
+        box_iou=_number(metrics.get("box_iou"), 4),
         extra_metrics=extra_metrics,
         paper_rcrop=ref[0] if ref else None,
         paper_ccrop=ref[1] if ref else None,
@@ -555,7 +587,7 @@ def export_boxes_dataset(
         f"One ContrastiveCrop box `(x0, y0, x1, y1)` in [0, 1] per training image of `{meta.get('dataset')}` "
         f"(split `{meta.get('split')}`, {len(table)} rows; ids follow `{meta.get('id_scheme')}`: a row's "
         f"position in the unshuffled pretraining data). {model_line}Load the table, checked against your copy "
-        "of the data, and start ContrastiveCrop without a warm-up (`init_boxes:` in a recipe):\n\n"
+        "of the data, and start ContrastiveCrop without a warm-up (`crop.init_boxes:` in a recipe):\n\n"
         "```python\nimport hub_ccrop\n\n"
         f"table = hub_ccrop.load_boxes(\"{repo_id or 'ORG/NAME'}\", repo_type=\"dataset\", "
         "dataset_num_rows=len(dataset))\n```\n\n"
@@ -628,7 +660,8 @@ def publish_run(
         raise PublishError(
             f"publishing to {repo_id} failed while trying to {step}: {message}\n"
             f"The export at {folder} is intact. Re-run: {rerun}\n"
-            f"(or upload it directly: hf upload {repo_id} {folder} .)"
+            f"(or upload it directly: hf upload {repo_id} {folder} ."
+            + (f" --revision {revision}" if revision else "") + ")"
         ) from e
     logger.info("published %s: %s", repo_id, info.commit_url)
     return PublishResult(repo_url=repo_url, commit_url=str(info.commit_url), export_dir=folder,

@@ -49,8 +49,9 @@ class DataConfig:
     num_workers: int = 4
     batched_views: bool = False  # crop/augment whole batches on the training device
     device_resident: bool = False  # keep decoded uint8 images on the device (small datasets)
-    holdout: int = 0  # last N pretraining rows held out as the labeled kNN test split
-    max_rows: int | None = None  # first N rows only (quick experiments)
+    holdout: int = 0  # last N rows of the train split held out as the labeled kNN test split
+    splits: list[str] | None = None  # pretraining splits instead of the spec's, e.g. ["train[:10000]"]
+    test_split: str | None = None  # the kNN monitor's labeled test split instead of the spec's
 
 
 @dataclass
@@ -217,6 +218,9 @@ def _validate(recipe: Recipe) -> None:
         )
     if c.loc_epochs is not None and any(e < 1 for e in c.loc_epochs):
         raise RecipeError(f"crop.loc_epochs: epochs are 1-based (localize after that epoch), got {c.loc_epochs}")
+    if recipe.data.holdout and recipe.data.splits:
+        raise RecipeError("data.holdout and data.splits exclude each other: slice the splits yourself, "
+                          "e.g. splits: ['train[:-5000]'] and test_split: 'train[-5000:]'")
     if recipe.data.streaming and recipe.data.device_resident:
         raise RecipeError("data.device_resident needs a map-style dataset: set data.streaming: false")
     if recipe.data.device_resident and not recipe.data.batched_views:

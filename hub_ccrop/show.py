@@ -20,7 +20,7 @@ from PIL import Image
 from hub_ccrop.data import decode_image
 from hub_ccrop.evaluate import backbone_data_config, classification_transform, load_backbone
 from hub_ccrop.localize import boxes_from_heatmaps, heatmaps, normalize_heatmaps
-from hub_ccrop.viz import draw_localization_grid
+from hub_ccrop.viz import draw_localization_grid, to_uint8
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
@@ -43,10 +43,10 @@ def _input_images(inputs: list[str], limit: int) -> tuple[list[Image.Image], lis
 
 def _run_images(run_dir: Path, limit: int) -> tuple[list[Image.Image], list[int], torch.Tensor | None]:
     """Evenly spaced training images of a run, their ids, and ground-truth boxes when the data has them."""
-    from hub_ccrop.data import load_images, resolve_spec
+    from hub_ccrop.data import get_spec, load_images
 
     run = json.loads((run_dir / "run.json").read_text())
-    spec = resolve_spec(run["dataset"]["name"])
+    spec = get_spec(run["dataset"]["name"])
     rows = load_images(spec, spec.pretrain_splits)
     ids = torch.linspace(0, len(rows) - 1, min(limit, len(rows))).long().tolist()
     picked = [rows[i] for i in ids]
@@ -79,9 +79,7 @@ def show(source: str, *, inputs: list[str] | None = None, num_images: int = 8, k
     boxes = boxes_from_heatmaps(raw, size, k)
     maps, _ = normalize_heatmaps(raw)
     maps = torch.nn.functional.interpolate(maps[:, None], size=size, mode="bilinear")[:, 0]
-    mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
-    pixels = ((batch * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+    pixels = to_uint8(batch, cfg["mean"], cfg["std"])
     out = Path(out) if out else (run_dir / "pictures" / "show.png" if run else Path("show.png"))
     path = draw_localization_grid(pixels, maps, boxes, out, alpha=alpha, gt_boxes=gt, seed=seed,
                                   title=f"{source}: heatmaps at k={k}, crops at alpha={alpha}")

@@ -11,18 +11,23 @@ boxes into the shared BoxTable the running DataLoader workers read, a kNN monito
 from __future__ import annotations
 
 import argparse
+import hashlib
+import itertools
 import json
-import math
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import ProjectConfiguration, set_seed
+from datasets import IterableDataset
+from datasets.distributed import split_dataset_by_node
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -30,16 +35,18 @@ from tqdm.auto import tqdm
 from hub_ccrop import data as data_lib
 from hub_ccrop.boxes import BoxTable, pairwise_box_iou
 from hub_ccrop.crop import object_miss_rate
+from hub_ccrop.data import DatasetSpec
 from hub_ccrop.evaluate import extract_features, knn_accuracy
+from hub_ccrop.hub import load_boxes
 from hub_ccrop.localize import heatmaps, localize_boxes, normalize_heatmaps
-from hub_ccrop.methods import build_method
+from hub_ccrop.methods import METHOD_DEFAULTS, build_method
 from hub_ccrop.models import create_backbone, prepare_model
 from hub_ccrop.optim import build_optimizer, set_epoch_lr
 from hub_ccrop.recipe import Recipe, RecipeError, load_recipe
-from hub_ccrop.views import EvalCollate, SeededCollate, TwoViewCollate
-from hub_ccrop.viz import draw_localization_grid
+from hub_ccrop.views import DeviceResidentImages, EvalCollate, RawBatch, TwoViewCollate
+from hub_ccrop.viz import draw_localization_grid, to_uint8
 
-__all__ = ["NonFiniteLossError", "RunData", "build_data", "main", "train"]
+__all__ = ["NonFiniteLossError", "RunData", "SeededCollate", "TrainBatches", "build_data", "main", "train"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,13 +57,13 @@ class NonFiniteLossError(RuntimeError):
 class RunData:
     """Everything a run reads: the spec, the pretraining rows and the kNN monitor's labeled splits."""
 
-    spec: Any
+    spec: DatasetSpec
     pretrain: Any
-    num_rows: int
+    num_rows: int  # size of the box table: 1 + the largest pretraining id
     fingerprint: str
     knn_train: Any = None
     knn_test: Any = None
-    gt_boxes: torch.Tensor | None = None
+    gt_boxes: torch.Tensor | None = None  # [num_rows, 4] when the data has ground-truth boxes
 
 
 @dataclass
@@ -81,26 +88,114 @@ class TrainState:
         self.history = json.loads(state["history"])
 
 
+class SeededCollate:
+    """The collate stage with each batch's augmentation drawn from a seed of (run seed, epoch, sample ids).
+
+    The views of a batch are then the same after ``--resume`` and for any number of DataLoader workers;
+    the epoch and the crop mode live in shared memory, so persistent workers follow them.
+    """
+
+    def __init__(self, collate: TwoViewCollate, seed: int) -> None:
+        self.collate = collate
+        self.seed = seed
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int, mode: str) -> None:
+        self._epoch.fill_(epoch)
+        self.collate.mode = mode
+
+    def batch_seed(self, ids: Any) -> int:
+        digest = hashlib.blake2b(digest_size=8)
+        digest.update(np.asarray([self.seed, int(self._epoch)], dtype=np.int64).tobytes())
+        digest.update(np.asarray(ids, dtype=np.int64).tobytes())
+        return int.from_bytes(digest.digest(), "little") >> 1
+
+    def __call__(self, rows: list[dict[str, Any]]) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.batch_seed([row["id"] for row in rows]))
+            return self.collate(rows)
+
+    def views(self, batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two views of a batch on ``device`` (a :class:`RawBatch` is augmented there)."""
+        if isinstance(batch, RawBatch):
+            batch = batch.to(device, non_blocking=True)
+            g = torch.Generator(device=device).manual_seed(self.batch_seed(batch.ids.cpu()))
+            return self.collate.augment(batch, g)
+        view1, view2, _, _ = batch
+        return view1.to(device, non_blocking=True), view2.to(device, non_blocking=True)
+
+
 def build_data(recipe: Recipe) -> RunData:
-    """Resolve the dataset spec and load the pretraining and kNN splits (offline for local sources)."""
+    """Resolve the dataset spec and open the pretraining and kNN splits (offline for local sources)."""
     d = recipe.data
-    spec = data_lib.resolve_spec(d.dataset, data_dir=d.data_dir, image_column=d.image_column,
-                                 label_column=d.label_column)
-    pretrain = data_lib.load_images(spec, spec.pretrain_splits, streaming=d.streaming)
-    num_rows = data_lib.num_rows(pretrain, spec)
+    overrides: dict[str, Any] = {key: value for key, value in (
+        ("data_dir", d.data_dir), ("image_column", d.image_column), ("label_column", d.label_column),
+        ("test_split", d.test_split)) if value is not None}
+    if d.splits:
+        overrides["pretrain_splits"] = tuple(d.splits)
+    spec = data_lib.get_spec(d.dataset, holdout=d.holdout or None, **overrides)
+    pretrain = data_lib.load_images(spec, streaming=d.streaming)
     knn_train = knn_test = None
-    if d.holdout:
-        if d.holdout >= num_rows:
-            raise RecipeError(f"data.holdout ({d.holdout}) must be smaller than the dataset ({num_rows} rows)")
-        pretrain, knn_test = data_lib.split_holdout(pretrain, d.holdout)
-        knn_train = pretrain
-    elif spec.test_split is not None and recipe.train.knn_every:
-        knn_train = data_lib.load_images(spec, [spec.train_split])
-        knn_test = data_lib.load_images(spec, [spec.test_split])
-    if d.max_rows:
-        pretrain = data_lib.first_rows(pretrain, d.max_rows)
-    gt = data_lib.ground_truth_boxes(pretrain, num_rows)
-    return RunData(spec, pretrain, num_rows, data_lib.dataset_fingerprint(spec, num_rows), knn_train, knn_test, gt)
+    if recipe.train.knn_every and spec.test_split and spec.label_column:
+        knn_train = data_lib.load_images(spec, spec.train_split)
+        knn_test = data_lib.load_images(spec, spec.test_split)
+    num_rows = data_lib.num_ids(spec)
+    gt = None
+    if "gt_box" in spec.extra_columns and not d.streaming:
+        gt = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(num_rows, 1)
+        gt[torch.tensor(pretrain["id"])] = torch.tensor(pretrain["gt_box"], dtype=torch.float32)
+    return RunData(spec, pretrain, num_rows, data_lib.dataset_fingerprint(spec), knn_train, knn_test, gt)
+
+
+class TrainBatches:
+    """The training views of one epoch, from a DataLoader (map-style or streaming) or device-resident images."""
+
+    def __init__(self, recipe: Recipe, run_data: RunData, collate: SeededCollate, accelerator: Accelerator) -> None:
+        d, self.accelerator, self.collate, self.seed = recipe.data, accelerator, collate, recipe.train.seed
+        self.batch_size, world = d.batch_size, accelerator.num_processes
+        self.resident = self.loader = self.stream = None
+        if d.device_resident:
+            self.resident = DeviceResidentImages(run_data.pretrain, accelerator.device)
+            self.steps = self.resident.num_batches(d.batch_size, world_size=world)
+        elif d.streaming:
+            shard = split_dataset_by_node(run_data.pretrain, rank=accelerator.process_index, world_size=world)
+            self.stream = shard.shuffle(seed=self.seed, buffer_size=10 * d.batch_size)
+            self.loader = _loader(self.stream, collate, batch_size=d.batch_size, num_workers=d.num_workers,
+                                  drop_last=True, seed=self.seed, persistent=True)
+            # Shards differ by a few rows: every process stops after the same, safe number of steps.
+            shards = getattr(run_data.pretrain, "num_shards", 1)
+            self.steps = (run_data.num_rows // world - shards) // d.batch_size
+        else:
+            loader = _loader(run_data.pretrain, collate, batch_size=d.batch_size, num_workers=d.num_workers,
+                             shuffle=True, drop_last=True, seed=self.seed, persistent=True)
+            self.loader = accelerator.prepare_data_loader(loader)
+            self.steps = len(self.loader)
+        if self.steps < 1:
+            raise RecipeError(f"data.batch_size ({d.batch_size}) x {world} process(es) is larger than the "
+                              f"dataset ({run_data.num_rows} rows): lower data.batch_size")
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(view1, view2)`` on the training device for batches ``start .. steps - 1`` of ``epoch``."""
+        device = self.accelerator.device
+        if self.resident is not None:
+            for raw in self.resident.iter_batches(
+                self.batch_size, self.collate.collate.crops, epoch=epoch, seed=self.seed, start_batch=start,
+                rank=self.accelerator.process_index, world_size=self.accelerator.num_processes,
+                generator=torch.Generator().manual_seed(self.collate.batch_seed([epoch, start])),
+            ):
+                yield self.collate.views(raw, device)
+            return
+        if self.stream is not None:  # streaming: this process's shard of the stream
+            self.stream.set_epoch(epoch)
+            batches = itertools.islice(self.loader, start, self.steps)
+        else:
+            self.loader.set_epoch(epoch)
+            batches = self.accelerator.skip_first_batches(self.loader, start) if start else self.loader
+        for batch in batches:
+            yield self.collate.views(batch, device)
 
 
 def _latest_checkpoint(out: Path) -> Path | None:
@@ -127,14 +222,27 @@ def _save_checkpoint(accelerator: Accelerator, out: Path, state: TrainState, kee
     return final
 
 
-def _loader(dataset, collate, *, batch_size: int, num_workers: int, shuffle: bool, drop_last: bool,
-            seed: int) -> DataLoader:
-    map_style = not data_lib.is_streaming(dataset)
+def _is_streaming(dataset: Any) -> bool:
+    return isinstance(dataset, IterableDataset)
+
+
+def _loader(dataset, collate, *, batch_size: int, num_workers: int, shuffle: bool = False, drop_last: bool = False,
+            seed: int = 0, persistent: bool = False) -> DataLoader:
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle and map_style, drop_last=drop_last,
-        num_workers=num_workers, persistent_workers=num_workers > 0, collate_fn=collate,
+        dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers,
+        persistent_workers=persistent and num_workers > 0, collate_fn=collate,
         pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed),
     )
+
+
+def _eval_loader(accelerator: Accelerator, dataset, collate, recipe: Recipe):
+    """Un-augmented batches of this process's share of ``dataset`` (results are gathered by id)."""
+    batch_size = recipe.crop.loc_batch_size or 2 * recipe.data.batch_size
+    if _is_streaming(dataset):
+        shard = split_dataset_by_node(dataset, rank=accelerator.process_index, world_size=accelerator.num_processes)
+        return _loader(shard, collate, batch_size=batch_size, num_workers=recipe.data.num_workers)
+    return accelerator.prepare_data_loader(
+        _loader(dataset, collate, batch_size=batch_size, num_workers=recipe.data.num_workers))
 
 
 def _autocast_dtype(accelerator: Accelerator) -> torch.dtype | None:
@@ -143,59 +251,65 @@ def _autocast_dtype(accelerator: Accelerator) -> torch.dtype | None:
     return None
 
 
-def _knn(accelerator, backbone, run_data: RunData, eval_collate, recipe: Recipe) -> dict[str, float]:
-    t = recipe.train
-    loaders = [accelerator.prepare(_loader(ds, eval_collate, batch_size=recipe.crop.loc_batch_size
-                                           or 2 * recipe.data.batch_size, num_workers=recipe.data.num_workers,
-                                           shuffle=False, drop_last=False, seed=0))
-               for ds in (run_data.knn_train, run_data.knn_test)]
+def _knn(accelerator: Accelerator, backbone, run_data: RunData, recipe: Recipe) -> dict[str, float]:
+    """The kNN monitor: features of the labeled train split vs the test split (k, T from the recipe)."""
+    collate = EvalCollate(run_data.spec, purpose="classify")
     dtype = _autocast_dtype(accelerator)
-    _, train_feats, train_labels = extract_features(backbone, loaders[0], accelerator=accelerator, autocast_dtype=dtype)
-    _, test_feats, test_labels = extract_features(backbone, loaders[1], accelerator=accelerator, autocast_dtype=dtype)
-    return knn_accuracy(train_feats, train_labels, test_feats, test_labels,
-                        num_classes=run_data.spec.num_classes, k=t.knn_k, temperature=t.knn_temperature)
+    feats = [extract_features(backbone, _eval_loader(accelerator, ds, collate, recipe), accelerator=accelerator,
+                              autocast_dtype=dtype, channels_last=recipe.model.channels_last)
+             for ds in (run_data.knn_train, run_data.knn_test)]
+    (_, train_feats, train_labels), (_, test_feats, test_labels) = feats
+    return knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes=run_data.spec.num_classes,
+                        k=recipe.train.knn_k, temperature=recipe.train.knn_temperature)
 
 
-def _localization_pass(accelerator, encoder, run_data: RunData, eval_collate, state: TrainState, recipe: Recipe,
-                       out: Path, picture_ids: torch.Tensor) -> dict[str, float]:
+def _localization_pass(accelerator: Accelerator, encoder, run_data: RunData, state: TrainState, recipe: Recipe,
+                       out: Path) -> dict[str, float]:
     """Localize every pretraining image, gather by id, write the shared table, save it and a picture."""
-    loader = accelerator.prepare(_loader(run_data.pretrain, eval_collate,
-                                         batch_size=recipe.crop.loc_batch_size or 2 * recipe.data.batch_size,
-                                         num_workers=recipe.data.num_workers, shuffle=False, drop_last=False, seed=0))
+    collate = EvalCollate(run_data.spec, purpose="localize")
     start = time.perf_counter()
-    ids, boxes = localize_boxes(encoder, loader, k=recipe.crop.k, autocast_dtype=_autocast_dtype(accelerator),
+    ids, boxes = localize_boxes(encoder, _eval_loader(accelerator, run_data.pretrain, collate, recipe),
+                                k=recipe.crop.k, autocast_dtype=_autocast_dtype(accelerator),
                                 channels_last=recipe.model.channels_last, accelerator=accelerator)
     seconds = time.perf_counter() - start
     state.boxes.update(ids, boxes)
     state.boxes.metadata.update(epoch=state.epoch, k=recipe.crop.k)
-    stats = {"loc_seconds": seconds, "loc_images": len(ids),
-             "box_area": float(((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).mean())}
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    stats = {"loc_seconds": seconds, "loc_images": len(ids), "box_area": float(area.mean())}
     if run_data.gt_boxes is not None:
         stats["box_iou"] = float(pairwise_box_iou(boxes, run_data.gt_boxes[ids]).mean())
     if accelerator.is_main_process:
         for suffix in (".parquet", ".safetensors"):
             state.boxes.save(out / "boxes" / f"epoch_{state.epoch:04d}{suffix}")
             state.boxes.save(out / f"boxes{suffix}")
-        _draw_picture(encoder, run_data, eval_collate, state, recipe, picture_ids,
-                      out / "pictures" / f"localization_epoch_{state.epoch:04d}.png")
+        _draw_picture(encoder, run_data, collate, state, recipe, out / "pictures" / f"localization_epoch_{state.epoch:04d}.png")
     accelerator.wait_for_everyone()
     return stats
 
 
 @torch.no_grad()
-def _draw_picture(encoder, run_data: RunData, eval_collate, state: TrainState, recipe: Recipe,
-                  ids: torch.Tensor, path: Path) -> None:
-    images, batch_ids, _ = eval_collate([run_data.pretrain[int(i)] for i in ids])
-    device = next(encoder.parameters()).device
+def _draw_picture(encoder, run_data: RunData, collate: EvalCollate, state: TrainState, recipe: Recipe,
+                  path: Path) -> None:
+    """Heatmaps, boxes and crop pairs of a few fixed training images (the same ones at every pass)."""
+    n = recipe.train.show_images
+    if not n:
+        return
+    if _is_streaming(run_data.pretrain):
+        rows = list(itertools.islice(run_data.pretrain, n))
+    else:
+        positions = torch.linspace(0, len(run_data.pretrain) - 1, min(n, len(run_data.pretrain))).long()
+        rows = [run_data.pretrain[int(i)] for i in positions]
+    images, ids, _ = collate(rows)
     was_training = encoder.training
     encoder.eval()
-    maps, _ = normalize_heatmaps(heatmaps(encoder, images.to(device)))
+    raw = heatmaps(encoder, images.to(next(encoder.parameters()).device)).cpu()
     encoder.train(was_training)
+    maps, _ = normalize_heatmaps(raw)
     maps = torch.nn.functional.interpolate(maps[:, None], size=images.shape[-2:], mode="bilinear")[:, 0]
-    gt = run_data.gt_boxes[batch_ids] if run_data.gt_boxes is not None else None
-    draw_localization_grid(eval_collate.to_uint8(images), maps.cpu(), state.boxes.lookup(batch_ids), path,
-                           alpha=recipe.crop.alpha, scale=recipe.crop.scale, ratio=recipe.crop.ratio, gt_boxes=gt,
-                           ids=batch_ids.tolist(), title=f"{recipe.name}: boxes after epoch {state.epoch}")
+    gt = run_data.gt_boxes[ids] if run_data.gt_boxes is not None else None
+    draw_localization_grid(to_uint8(images, run_data.spec.mean, run_data.spec.std), maps, state.boxes.lookup(ids),
+                           path, alpha=recipe.crop.alpha, scale=recipe.crop.scale, ratio=recipe.crop.ratio,
+                           gt_boxes=gt, ids=ids.tolist(), title=f"{recipe.name}: boxes after epoch {state.epoch}")
 
 
 def _run_info(recipe: Recipe, run_data: RunData, backbone) -> dict[str, Any]:
@@ -219,100 +333,87 @@ def _run_info(recipe: Recipe, run_data: RunData, backbone) -> dict[str, Any]:
 
 def train(recipe: Recipe, output_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
     """Train ``recipe``; return the final metrics (also written to ``OUTPUT/metrics.json``)."""
-    t = recipe.train
+    t, c = recipe.train, recipe.crop
     out = Path(output_dir or t.output_dir or Path("runs") / recipe.name)
     accelerator = Accelerator(
-        mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
-        log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum, log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     set_seed(t.seed)
     is_main = accelerator.is_main_process
-    if not resume and is_main and _latest_checkpoint(out) is not None:
+    if not resume and _latest_checkpoint(out) is not None:
         raise RuntimeError(f"{out} already holds a run: pass --resume to continue it, or choose another --output-dir")
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(recipe.to_yaml())
 
-    # -- data -----------------------------------------------------------------------------------
+    # -- data and the shared box table ----------------------------------------------------------
     run_data = build_data(recipe)
     spec = run_data.spec
     table = BoxTable(run_data.num_rows, {"dataset": spec.hub_id or spec.name, "split": "+".join(spec.pretrain_splits),
-                                         "fingerprint": run_data.fingerprint, "backbone": recipe.model.name,
-                                         "k": recipe.crop.k})
-    if recipe.crop.init_boxes:
-        from hub_ccrop.hub import load_boxes
-
-        init = load_boxes(recipe.crop.init_boxes, dataset_num_rows=run_data.num_rows, fingerprint=run_data.fingerprint)
-        table.load_state(init.boxes, {"init_boxes": recipe.crop.init_boxes})
+                                         "fingerprint": run_data.fingerprint, "backbone": recipe.model.name, "k": c.k})
+    if c.init_boxes:
+        init = load_boxes(c.init_boxes, dataset_num_rows=run_data.num_rows, fingerprint=run_data.fingerprint)
+        table.load_state(init.boxes, {"init_boxes": c.init_boxes})
     state = TrainState(table)
-    c = recipe.crop
     collate = SeededCollate(
-        TwoViewCollate(table, size=spec.image_size, mean=spec.mean, std=spec.std, scale=c.scale, ratio=c.ratio,
-                       alpha=c.alpha, blur=c.blur, mode=recipe.crop_mode(0), batched=recipe.data.batched_views),
+        TwoViewCollate.from_spec(spec, table, scale=c.scale, ratio=c.ratio, alpha=c.alpha, blur=c.blur or spec.blur,
+                                 mode=recipe.crop_mode(0), batched=recipe.data.batched_views,
+                                 raw=recipe.data.batched_views and accelerator.device.type == "cuda"),
         seed=t.seed,
     )
-    eval_collate = EvalCollate(spec)
-    world_batch = recipe.data.batch_size * accelerator.num_processes * t.grad_accum
-    per_process_batch = recipe.data.batch_size
-    loader = _loader(run_data.pretrain, collate, batch_size=per_process_batch, num_workers=recipe.data.num_workers,
-                     shuffle=True, drop_last=True, seed=t.seed)
+    batches = TrainBatches(recipe, run_data, collate, accelerator)
 
     # -- model, method, optimizer ---------------------------------------------------------------
-    backbone = prepare_model(create_backbone(recipe.model.name, **recipe.model.args),
-                             sync_bn=recipe.model.sync_bn and accelerator.num_processes > 1,
-                             channels_last=recipe.model.channels_last)
-    method = build_method(recipe.method.name, backbone, **recipe.method.options)
-    if hasattr(method, "check_dataset_size"):
-        method.check_dataset_size(run_data.num_rows)
+    options = dict(recipe.method.options)
+    if "num_rows" in METHOD_DEFAULTS[recipe.method.name]:
+        options.setdefault("num_rows", run_data.num_rows)  # MoCo warns when its queue outgrows the data
+    method = build_method(recipe.method.name, create_backbone(recipe.model.name, **recipe.model.args), **options)
+    method = prepare_model(method, sync_bn=recipe.model.sync_bn and accelerator.num_processes > 1,
+                           channels_last=recipe.model.channels_last)
+    world_batch = recipe.data.batch_size * accelerator.num_processes * t.grad_accum
     base_lr = recipe.optim.lr * (world_batch / 256 if recipe.optim.lr_scaling == "linear" else 1.0)
     optimizer = build_optimizer(method.param_groups(base_lr, recipe.optim.weight_decay), recipe.optim, base_lr)
-    method, optimizer, loader = accelerator.prepare(method, optimizer, loader)
+    method, optimizer = accelerator.prepare(method, optimizer)
     online = accelerator.unwrap_model(method)
     accelerator.register_for_checkpointing(state)
-
     if resume:
         ckpt = _latest_checkpoint(out)
         if ckpt is None:
             accelerator.print(f"--resume: no checkpoint under {out / 'checkpoints'}, starting from scratch")
         else:
             accelerator.load_state(str(ckpt))
-            accelerator.print(f"resumed from {ckpt} (epoch {state.epoch}, step {state.step_in_epoch} of it)")
+            accelerator.print(f"resumed from {ckpt}: epoch {state.epoch + 1}, step {state.step_in_epoch} of it")
     accelerator.init_trackers(recipe.name, config=_flat(recipe.to_dict()))
 
     loc_epochs = set(recipe.localization_epochs())
-    steps_per_epoch = len(loader)
-    total_steps = steps_per_epoch * t.epochs
-    picture_ids = torch.linspace(0, run_data.num_rows - 1, min(t.show_images, run_data.num_rows)).long()
-    metrics: dict[str, Any] = {}
+    total_steps = len(batches) * t.epochs
     run_start = time.perf_counter()
     train_seconds, images_seen = 0.0, 0
     accelerator.print(f"{recipe.name}: {recipe.method.name} on {spec.name} ({run_data.num_rows} images), "
-                      f"{recipe.model.name}, {t.epochs} epochs x {steps_per_epoch} steps, global batch {world_batch}, "
-                      f"{accelerator.num_processes} process(es) on {accelerator.device}; output {out}")
+                      f"{recipe.model.name}, {t.epochs} epochs x {len(batches)} steps, global batch {world_batch}, "
+                      f"{accelerator.num_processes} process(es) on {accelerator.device.type}; run folder {out}")
 
     # -- epochs ---------------------------------------------------------------------------------
+    logs: dict[str, float] = {}
     while state.epoch < t.epochs:
         epoch = state.epoch
         mode = recipe.crop_mode(epoch)
         collate.set_epoch(epoch, mode)
         lr = set_epoch_lr(optimizer, recipe.optim, epoch, t.epochs, base_lr)
-        loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, state.step_in_epoch) if state.step_in_epoch else loader
         method.train()
-        bar = tqdm(batches, total=steps_per_epoch, initial=state.step_in_epoch, disable=not is_main,
-                   desc=f"epoch {epoch + 1}/{t.epochs} [{mode}]", leave=False)
+        bar = tqdm(batches.epoch(epoch, state.step_in_epoch), total=len(batches), initial=state.step_in_epoch,
+                   disable=not is_main, desc=f"epoch {epoch + 1}/{t.epochs} [{mode}]", leave=False)
         tic = time.perf_counter()
-        for batch in bar:
-            view1, view2 = collate.views(batch, accelerator.device)
+        for view1, view2 in bar:
             with accelerator.accumulate(method):
                 loss, logs = method(view1, view2)
                 if not torch.isfinite(loss.detach()).all():
-                    last = _latest_checkpoint(out)
                     raise NonFiniteLossError(
                         f"loss is {loss.item()} at epoch {epoch + 1}, step {state.step_in_epoch + 1}: training "
-                        f"stopped. Last good checkpoint: {last or 'none yet'} (resume with --resume after lowering "
-                        f"optim.lr or using train.mixed_precision=no)")
+                        f"stopped. Last good checkpoint: {_latest_checkpoint(out) or 'none yet'} (lower optim.lr "
+                        f"or use train.mixed_precision=no, then --resume)")
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -321,50 +422,42 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, resume: bool = F
             state.step_in_epoch += 1
             state.global_step += 1
             images_seen += view1.shape[0] * accelerator.num_processes
-            elapsed = time.perf_counter() - tic
-            if state.global_step % t.log_every == 0 or state.step_in_epoch == steps_per_epoch:
-                rate = images_seen / max(train_seconds + elapsed, 1e-9)
+            if state.global_step % t.log_every == 0 or state.step_in_epoch == len(batches):
+                rate = images_seen / max(train_seconds + time.perf_counter() - tic, 1e-9)
                 bar.set_postfix(loss=f"{logs['loss']:.3f}", img_s=f"{rate:.0f}", lr=f"{lr:.3g}")
                 accelerator.log({f"train/{k}": v for k, v in logs.items()} | {"train/lr": lr, "train/images_per_s": rate},
                                 step=state.global_step)
             if t.checkpoint_every_steps and state.global_step % t.checkpoint_every_steps == 0:
                 _save_checkpoint(accelerator, out, state, t.keep_checkpoints)
             if t.max_steps is not None and state.global_step >= t.max_steps:
-                accelerator.print(f"stopping at train.max_steps={t.max_steps} (the run is not finished)")
+                accelerator.print(f"stopped at train.max_steps={t.max_steps}; continue with --resume")
                 accelerator.end_training()
                 return {"stopped_at_step": state.global_step}
+        bar.close()
         train_seconds += time.perf_counter() - tic
         state.epoch += 1
         state.step_in_epoch = 0
-        record: dict[str, Any] = {"epoch": state.epoch, "loss": logs["loss"], "lr": lr, "crop": mode}
+        record: dict[str, Any] = {"epoch": state.epoch, "loss": logs.get("loss"), "pos_cosine": logs.get("pos_cosine"),
+                                  "lr": lr, "crop": mode}
         if state.epoch in loc_epochs:
-            record |= _localization_pass(accelerator, online.localization_encoder, run_data, eval_collate, state,
-                                         recipe, out, picture_ids)
+            record |= _localization_pass(accelerator, online.localization_encoder, run_data, state, recipe, out)
             accelerator.print(f"epoch {state.epoch}: localized {record['loc_images']} images in "
                               f"{record['loc_seconds']:.1f}s, mean box area {record['box_area']:.2f}"
                               + (f", IoU with ground truth {record['box_iou']:.3f}" if "box_iou" in record else ""))
-        if run_data.knn_test is not None and t.knn_every and (state.epoch % t.knn_every == 0 or state.epoch == t.epochs):
-            record |= {f"knn_{k}": v for k, v in _knn(accelerator, online.localization_encoder, run_data,
-                                                       eval_collate, recipe).items()}
+        if run_data.knn_test is not None and (state.epoch % t.knn_every == 0 or state.epoch == t.epochs):
+            record |= {f"knn_{k}": v for k, v in _knn(accelerator, online.localization_encoder, run_data, recipe).items()}
             accelerator.print(f"epoch {state.epoch}: kNN top-1 {record['knn_top1']:.2f}%")
         state.history.append(record)
-        accelerator.log({f"epoch/{k}": v for k, v in record.items() if isinstance(v, int | float)}, step=state.global_step)
+        accelerator.log({f"epoch/{k}": v for k, v in record.items() if isinstance(v, int | float)},
+                        step=state.global_step)
         if state.epoch % t.checkpoint_every == 0 or state.epoch == t.epochs:
             _save_checkpoint(accelerator, out, state, t.keep_checkpoints)
 
     # -- the end --------------------------------------------------------------------------------
-    backbone = online.localization_encoder
-    metrics = {"epochs": t.epochs, "train_images_per_s": images_seen / max(train_seconds, 1e-9),
-               "wall_seconds": time.perf_counter() - run_start, "final_loss": state.history[-1]["loss"]}
-    for record in reversed(state.history):
-        for key in ("knn_top1", "knn_top5", "box_iou", "box_area"):
-            if key in record:
-                metrics.setdefault(key, record[key])
-    if run_data.gt_boxes is not None:
-        miss = object_miss_rate(run_data.gt_boxes, state.boxes.boxes, image_size=spec.image_size,
-                                scale=c.scale, ratio=c.ratio, alpha=c.alpha)
-        metrics |= {"miss_rate_ccrop": miss["ccrop"], "miss_rate_rcrop": miss["rcrop"]}
+    metrics = _final_metrics(recipe, run_data, state, images_seen / max(train_seconds, 1e-9),
+                             time.perf_counter() - run_start, int(collate.collate.skipped))
     if is_main:
+        backbone = online.localization_encoder
         weights = {k: v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()}
         save_file(weights, str(out / "backbone.safetensors"), metadata={"format": "pt"})
         (out / "run.json").write_text(json.dumps(_run_info(recipe, run_data, backbone), indent=2))
@@ -373,6 +466,26 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, resume: bool = F
         state.boxes.save(out / "boxes.safetensors")
     accelerator.end_training()
     accelerator.print(_summary(recipe, metrics, out))
+    return metrics
+
+
+def _final_metrics(recipe: Recipe, run_data: RunData, state: TrainState, images_per_s: float, wall: float,
+                   skipped: int) -> dict[str, Any]:
+    c = recipe.crop
+    metrics: dict[str, Any] = {"epochs": recipe.train.epochs, "train_images_per_s": images_per_s,
+                               "wall_seconds": wall, "final_loss": state.history[-1]["loss"], "skipped_images": skipped}
+    for record in reversed(state.history):  # the latest value of each monitored number
+        for key in ("knn_top1", "knn_top5", "box_iou", "box_area"):
+            if key in record:
+                metrics.setdefault(key, record[key])
+    if "knn_top1" in metrics:
+        metrics |= {"knn_k": recipe.train.knn_k, "knn_temperature": recipe.train.knn_temperature,
+                    "eval_split": run_data.spec.test_split}
+    if run_data.gt_boxes is not None:
+        sizes = torch.tensor([[run_data.spec.image_size] * 2]).expand(run_data.num_rows, 2)
+        miss = object_miss_rate(run_data.gt_boxes, state.boxes.boxes, sizes, scale=c.scale, ratio=c.ratio,
+                                alpha=c.alpha if c.mode == "ccrop" else 1.0)
+        metrics |= {"miss_rate_rcrop": miss["rcrop"], "miss_rate_ccrop": miss["ccrop"]}
     return metrics
 
 

@@ -256,18 +256,24 @@ def adjust_saturation(x: Tensor, f: Tensor) -> Tensor:
 
 
 def adjust_hue(x: Tensor, f: Tensor) -> Tensor:
-    """Rotate the HSV hue by ``f`` (in [-0.5, 0.5]) per image; value and saturation stay."""
-    r, g, b = x.unbind(1)
+    """Rotate the HSV hue by ``f`` (in [-0.5, 0.5]) per image; value and saturation stay.
+
+    Float arithmetic only (boolean selects are slow on CPU): torchvision's rgb->hsv->rgb round trip.
+    """
+    r, g, b = x[:, 0], x[:, 1], x[:, 2]
     maxc = torch.maximum(torch.maximum(r, g), b)
     chroma = maxc - torch.minimum(torch.minimum(r, g), b)
-    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    # hue in [0, 6): sector offset + position inside the sector (torchvision's _rgb2hsv, simplified)
-    h = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
-    h = torch.remainder(h + 6.0 * f.view(-1, 1, 1), 6.0)
-    # hsv -> rgb: channel n = v - chroma * clamp(min(k, 4 - k), 0, 1) with k = (n + h) mod 6
+    inv = 1.0 / chroma.clamp(min=1e-12)  # gray pixels: all numerators below are exactly 0
+    is_r = torch.eq(maxc, r).to(x.dtype)
+    is_g = torch.eq(maxc, g).to(x.dtype) * (1.0 - is_r)
+    is_b = 1.0 - is_r - is_g
+    # hue in [0, 6): sector offset + position inside the sector
+    h = is_r * ((g - b) * inv) + is_g * (2.0 + (b - r) * inv) + is_b * (4.0 + (r - g) * inv)
+    h = h + 6.0 * f.view(-1, 1, 1)
     out = torch.empty_like(x)
-    for c, n in enumerate((5.0, 3.0, 1.0)):
-        k = torch.remainder(h + n, 6.0)
+    for c, n in enumerate((5.0, 3.0, 1.0)):  # channel = v - chroma * clamp(min(k, 4 - k), 0, 1)
+        k = h + n
+        k = k - 6.0 * torch.floor(k / 6.0)
         torch.sub(maxc, chroma * torch.minimum(k, 4.0 - k).clamp_(0, 1), out=out[:, c])
     return out
 
@@ -287,13 +293,11 @@ def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
 
 
 def _where(x: Tensor, mask: Tensor, fn: Any, *args: Tensor) -> Tensor:
-    """Apply ``fn`` to the images selected by ``mask``: gather/scatter on CPU, masked select on GPUs."""
-    if x.device.type == "cpu":
-        idx = mask.nonzero().squeeze(1)
-        if idx.numel():
-            x[idx] = fn(x[idx], *(a[idx] for a in args))
-        return x
-    return torch.where(_per_image(mask), fn(x, *args), x)
+    """Apply ``fn`` (in place) to the images selected by ``mask`` and their per-image ``args``."""
+    idx = mask.nonzero().squeeze(1)
+    if idx.numel():
+        x[idx] = fn(x[idx], *(a[idx] for a in args))
+    return x
 
 
 JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
@@ -335,75 +339,114 @@ class BatchedViewAugment(nn.Module):
     def extra_repr(self) -> str:
         return f"size={self.size}, jitter={self.jitter}, blur={self.blur}"
 
-    def crop_resize(self, images: Tensor, crops: Tensor) -> Tensor:
+    def crop_resize(self, images: Tensor, crops: Tensor, order: Tensor | None = None) -> Tensor:
         """``[2B, 3, S, S]`` float in [0, 1]: every view's ``(i, j, h, w)`` region resized (antialiased by
-        averaging ``ceil(h / S)`` x ``ceil(w / S)`` bilinear samples per output pixel)."""
+        averaging ``ceil(h / S)`` x ``ceil(w / S)`` bilinear samples per output pixel), view 1s first,
+        or in ``order`` (a permutation of the views) when given."""
         n_views, batch = crops.shape[:2]
-        c = crops.reshape(-1, 4).to(torch.float32)
+        i, j, h, w = crops.reshape(-1, 4).to(torch.float32).unbind(1)
         index = torch.arange(batch, device=images.device, dtype=torch.float32).repeat(n_views)
-        i, j, h, w = c.unbind(1)
         rois = torch.stack([index, j, i, j + w, i + h], dim=1)
+        if order is not None:
+            rois = rois[order]
         x = images.to(torch.float32)
         out = roi_align(x, rois, output_size=(self.size, self.size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
         return out.div_(255.0)
 
-    def color(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Flip, ColorJitter (p, random order), grayscale, blur: per-view parameters, batched ops."""
-        n, dev = x.shape[0], x.device
+    def sample(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Per-view parameters, drawn like the torchvision transforms of the per-image path."""
 
         def rand(*shape: int) -> Tensor:
-            return torch.rand(*shape, generator=generator, device=dev)
+            return torch.rand(*shape, generator=generator, device=device)
 
-        flip = rand(n) < self.flip_p
-        jit = rand(n) <= self.jitter_p  # RandomApply: applied unless p < U
-        factors = []
-        for k, v in enumerate(self.jitter):
-            lo, hi = (-v, v) if k == 3 else (max(0.0, 1 - v), 1 + v)
-            factors.append(lo + (hi - lo) * rand(n))
-        perm = torch.randint(len(PERMUTATIONS), (n,), generator=generator, device=dev)
-        gray = rand(n) < self.gray_p
-        x = torch.where(_per_image(flip), x.flip(-1), x)
-        x = self._jitter(x, jit, perm, factors)
-        x = torch.where(_per_image(gray), _gray(x).expand_as(x), x)
+        p = {"flip": rand(n) < self.flip_p, "jitter": rand(n) <= self.jitter_p}  # RandomApply: unless p < U
+        for name, v in zip(("brightness", "contrast", "saturation", "hue"), self.jitter, strict=True):
+            lo, hi = (-v, v) if name == "hue" else (max(0.0, 1 - v), 1 + v)
+            p[name] = lo + (hi - lo) * rand(n)
+        p["order"] = torch.randint(len(PERMUTATIONS), (n,), generator=generator, device=device)
+        p["gray"] = rand(n) < self.gray_p
+        p["blur"] = (rand(n) <= self.blur_p) & self.blur
+        p["sigma"] = self.blur_sigma[0] + (self.blur_sigma[1] - self.blur_sigma[0]) * rand(n)
+        return p
+
+    def _factors(self, p: dict[str, Tensor]) -> tuple[list[Tensor], list[int]]:
+        factors = [p[k] for k in ("brightness", "contrast", "saturation", "hue")]
+        return factors, [k for k, v in enumerate(self.jitter) if v > 0]
+
+    def _color_masked(self, x: Tensor, p: dict[str, Tensor]) -> Tensor:
+        """Accelerators: every op over the whole batch, selected per view with ``where`` (no host sync)."""
+        factors, active = self._factors(p)
+        x = torch.where(_per_image(p["flip"]), x.flip(-1), x)
+        order = torch.tensor(PERMUTATIONS, device=x.device)[p["order"]]
+        for pos in range(4):
+            for op in active:
+                sel = _per_image(p["jitter"] & (order[:, pos] == op))
+                x = torch.where(sel, JITTER_OPS[op](x, factors[op]), x)
+        x = torch.where(_per_image(p["gray"]), _gray(x).expand_as(x), x)
         if self.blur:
-            apply = rand(n) <= self.blur_p
-            sigma = self.blur_sigma[0] + (self.blur_sigma[1] - self.blur_sigma[0]) * rand(n)
-            x = _where(x, apply, lambda v, sg: gaussian_blur(v, sg, self.kernel_size), sigma)
+            x = torch.where(_per_image(p["blur"]), gaussian_blur(x, p["sigma"], self.kernel_size), x)
         return x
 
-    def _jitter(self, x: Tensor, jit: Tensor, perm: Tensor, factors: list[Tensor]) -> Tensor:
-        active = [k for k, v in enumerate(self.jitter) if v > 0]
-        if x.device.type != "cpu":  # masked ops over the whole batch: no host sync
-            order = torch.tensor(PERMUTATIONS, device=x.device)[perm]
-            for pos in range(4):
-                for op in active:
-                    sel = jit & (order[:, pos] == op)
-                    x = torch.where(_per_image(sel), JITTER_OPS[op](x, factors[op]), x)
-            return x
-        # CPU: sort views by permutation so every op runs on a contiguous slice (no gather per op).
-        key = torch.where(jit, perm, len(PERMUTATIONS))
+    @staticmethod
+    def _grouping(p: dict[str, Tensor]) -> tuple[Tensor, list[int]]:
+        """CPU: a view order sorted by (jitter order, flip, gray), and the group bounds in it.
+
+        Views of group ``g`` (one of the 24 jitter orders, or 24 = no jitter) are rows
+        ``bounds[4g] : bounds[4g + 4]``; flipped ones ``bounds[4g + 2] : bounds[4g + 4]``; gray ones
+        ``bounds[4g + 1] : bounds[4g + 2]`` and ``bounds[4g + 3] : bounds[4g + 4]``.
+        """
+        n_perm = len(PERMUTATIONS)
+        group = torch.where(p["jitter"], p["order"], n_perm)
+        key = (group * 2 + p["flip"]) * 2 + p["gray"]
         order = torch.argsort(key, stable=True)
-        counts = torch.bincount(key, minlength=len(PERMUTATIONS) + 1).tolist()
-        xs = x[order]
-        fs = [f[order] for f in factors]
-        begin = 0
-        for p, count in enumerate(counts[: len(PERMUTATIONS)]):
-            part = slice(begin, begin + count)
-            for op in PERMUTATIONS[p]:
-                if count and op in active:
-                    xs[part] = JITTER_OPS[op](xs[part], fs[op][part])
-            begin += count
-        out = torch.empty_like(x)
-        out[order] = xs
-        return out
+        bounds = [0, *itertools.accumulate(torch.bincount(key, minlength=4 * (n_perm + 1)).tolist())]
+        return order, bounds
+
+    def _color_grouped(self, xs: Tensor, p: dict[str, Tensor], bounds: list[int]) -> Tensor:
+        """CPU, in place on views sorted by :meth:`_grouping`: each op runs on contiguous rows."""
+        factors, active = self._factors(p)
+        for g in range(len(PERMUTATIONS) + 1):
+            rows = slice(bounds[4 * g], bounds[4 * g + 4])
+            if rows.start < rows.stop and g < len(PERMUTATIONS):
+                for op in PERMUTATIONS[g]:
+                    if op in active:
+                        xs[rows] = JITTER_OPS[op](xs[rows], factors[op][rows])
+            flipped = slice(bounds[4 * g + 2], bounds[4 * g + 4])
+            if flipped.start < flipped.stop:
+                xs[flipped] = xs[flipped].flip(-1)
+            for gray in (slice(bounds[4 * g + 1], bounds[4 * g + 2]), slice(bounds[4 * g + 3], bounds[4 * g + 4])):
+                if gray.start < gray.stop:
+                    xs[gray] = _gray(xs[gray]).expand(-1, 3, -1, -1)
+        if self.blur:
+            _where(xs, p["blur"], lambda v, sg: gaussian_blur(v, sg, self.kernel_size), p["sigma"])
+        return xs
+
+    def color(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Flip, ColorJitter (p, random order of the 4 ops), grayscale, blur with per-view parameters."""
+        p = self.sample(x.shape[0], x.device, generator)
+        if x.device.type != "cpu":
+            return self._color_masked(x, p)
+        order, bounds = self._grouping(p)
+        xs = self._color_grouped(x.index_select(0, order), {k: v[order] for k, v in p.items()}, bounds)
+        return xs.index_select(0, torch.argsort(order))
 
     def normalize(self, x: Tensor) -> Tensor:
-        return torch.addcmul(-self.mean / self.std, x, 1.0 / self.std)
+        """``(x - mean) / std`` in place."""
+        return x.sub_(self.mean).div_(self.std)
 
     def forward(self, batch: RawBatch, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        x = self.crop_resize(batch.images, batch.crops)
-        x = self.normalize(self.color(x, generator))
-        return x[: len(batch.ids)], x[len(batch.ids) :]
+        images, crops = batch.images, batch.crops
+        n = crops.shape[0] * crops.shape[1]
+        p = self.sample(n, images.device, generator)
+        if images.device.type != "cpu":
+            x = self.normalize(self._color_masked(self.crop_resize(images, crops), p))
+        else:  # views come out of roi_align already grouped, are augmented in place, then unsorted once
+            order, bounds = self._grouping(p)
+            xs = self.crop_resize(images, crops, order)
+            xs = self.normalize(self._color_grouped(xs, {k: v[order] for k, v in p.items()}, bounds))
+            x = xs.index_select(0, torch.argsort(order))
+        b = crops.shape[1]
+        return x[:b], x[b:]
 
 
 # -- the collate stage ------------------------------------------------------------------------------

@@ -15,7 +15,14 @@ from torch import Tensor  # noqa: E402
 
 from hub_ccrop.crop import sample_crop_params  # noqa: E402
 
-__all__ = ["draw_localization_grid"]
+__all__ = ["draw_localization_grid", "to_uint8"]
+
+
+def to_uint8(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Undo the normalization of ``[N, 3, H, W]`` images: uint8 pixels for pictures."""
+    m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return ((images * s + m).clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def _rect(ax, box: Sequence[float], width: int, height: int, color: str, style: str = "-") -> None:

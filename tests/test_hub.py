@@ -89,7 +89,9 @@ def make_run(
     table.update(torch.arange(num_rows), torch.cat([lo, lo + 0.5], dim=1))
     table.save(root / "boxes.parquet")
     table.save(root / "boxes.safetensors")
-    metrics = {"knn_top1": 0.8512, "linear_top1": 0.8807, "box_iou": 0.41} if metrics is None else metrics
+    if metrics is None:  # what train.py writes (percentages), plus a linear probe result
+        metrics = {"knn_top1": 85.123, "knn_top5": 99.1, "box_iou": 0.41, "train_images_per_s": 1234.56789,
+                   "linear_top1": 88.07, "history": [{"epoch": 1, "loss": 5.1, "knn_top1": 20.0}]}
     (root / "metrics.json").write_text(json.dumps(metrics))
     (root / "recipe.yaml").write_text(f"method: {method}\nmodel: {model_name}\nepochs: 500\n{recipe_extra}")
     (root / "pictures").mkdir(exist_ok=True)
@@ -217,11 +219,13 @@ def test_model_card_parses_back_and_validates(run_and_export):
     results = {r.metric_name: r for r in data.eval_results}
     knn = next(r for name, r in results.items() if name.startswith("kNN"))
     linear = next(r for name, r in results.items() if name.startswith("Linear"))
-    assert knn.metric_value == 85.12 and linear.metric_value == 88.07  # fractions written as percentages
+    assert knn.metric_value == 85.12 and linear.metric_value == 88.07
     assert linear.dataset_type == "uoft-cs/cifar10" and linear.task_type == "image-classification"
     ModelCardData(**data.to_dict())  # the metadata round-trips through huggingface_hub's own validation
     assert _validate_card(str(card), "model") == []  # the loopback Hub's model-index checks
     text = card.text
+    assert "history" not in text and "`train_images_per_s`: 1234.5679" in text
+    assert "history" in json.loads((out / "metrics.json").read_text())  # the export keeps all metrics
     for needle in ("89.63", "90.08", "88.07", "@inproceedings{peng2022crafting", "features_only=True",
                    "num_classes=10", 'hf-hub:test-user/resnet10t-simclr-ccrop"', "alpha = 0.1",
                    "after epochs 100, 200, 300, 400", "boxes_and_crops.png", "no `import hub_ccrop`"):
@@ -240,6 +244,31 @@ def test_card_for_rcrop_run_without_metrics(tmp_path):
     assert "RandomResizedCrop (R-Crop)" in card.text and "86.73" in card.text  # MoCo row of Table 1
     assert 'hf-hub:ORG/NAME"' in card.text  # no repo id given
     assert card.text.lstrip().startswith("# resnet10t-mocov2-rcrop-cifar10")
+
+
+def test_card_takes_results_of_evaluate_commands(tmp_path):
+    """eval_knn.json / eval_linear.json (hub-ccrop eval-knn/eval-linear RUN) give the model-index entries."""
+    from huggingface_hub import ModelCard
+
+    run_dir, _ = make_run(tmp_path / "run", metrics={"knn_top1": 70.0})
+    run = json.loads((run_dir / "run.json").read_text())
+    run["schedule"]["crop"] = "ccrop"  # train.py records the crop mode here
+    run["dataset"]["test_split"] = "train[-5000:]"
+    (run_dir / "run.json").write_text(json.dumps(run))
+    (run_dir / "eval_knn.json").write_text(json.dumps(
+        {"protocol": "knn (cosine, weighted exp(sim/T) voting)", "top1": 81.5, "k": 200, "temperature": 0.1,
+         "test_split": "test"}))
+    (run_dir / "eval_linear.json").write_text(json.dumps(
+        {"protocol": "linear-probe-cached-features (fast check, not the paper's protocol)", "top1": 84.25,
+         "test_split": "test"}))
+    out = export_run(run_dir, tmp_path / "out")
+    card = ModelCard.load(out / "README.md")
+    results = {r.metric_name: r for r in card.data.eval_results}
+    assert results["kNN top-1 (k=200, T=0.1)"].metric_value == 81.5
+    linear = results["Linear probe top-1 (linear-probe-cached-features, not the paper's protocol)"]
+    assert linear.metric_value == 84.25 and linear.dataset_split == "test"
+    assert "not comparable to the paper's" in card.text
+    assert json.loads((out / "metrics.json").read_text())["eval_linear"]["top1"] == 84.25
 
 
 # -- box tables ---------------------------------------------------------------------------------------------

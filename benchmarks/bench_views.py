@@ -1,0 +1,177 @@
+"""Views per second of the collate stage (decode + two augmented views per image).
+
+Pipelines, each over the same in-memory rows (image bytes), batch by batch like a DataLoader's
+``collate_fn``, timed round-robin so machine noise hits all of them alike (best of ``--repeats``):
+
+* ``torchvision_rrc``: the reference, torchvision's per-image pipeline (PIL decode,
+  ``RandomResizedCrop``, flip, ColorJitter p=0.8, grayscale p=0.2, [blur], ``ToTensor``, ``Normalize``);
+* ``per_image_rcrop`` / ``per_image_ccrop``: ``TwoViewCollate(batched=False)`` in each mode;
+* ``batched_rcrop`` / ``batched_ccrop``: ``TwoViewCollate(batched=True)`` (roi_align + batched ops, CPU).
+
+ContrastiveCrop runs with random boxes (5-60% of the image) in the box table.
+Datasets: the CIFAR-10 parquet in ``../shared/data/cifar10`` (32 px JPEG) and a synthetic 224 px set
+(small-objects images rendered at 224 px, JPEG quality 90, ImageNet pipeline with blur).
+
+    python benchmarks/bench_views.py --rows 4096 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from hub_ccrop.boxes import BoxTable  # noqa: E402
+from hub_ccrop.data import get_spec, load_images  # noqa: E402
+from hub_ccrop.synthetic import render_small_object  # noqa: E402
+from hub_ccrop.views import TwoViewCollate, blur_kernel_size  # noqa: E402
+
+
+def shared_cifar() -> Path:
+    root = Path(os.environ["HUB_CCROP_SHARED"]) if os.environ.get("HUB_CCROP_SHARED") else REPO.parent / "shared"
+    return root / "data" / "cifar10"
+
+
+def cifar_rows(n: int) -> tuple[list[dict], dict]:
+    spec = get_spec("cifar10", data_dir=str(shared_cifar()))
+    ds = load_images(spec, f"train[:{n}]")
+    return [dict(r) for r in ds], {"spec": spec, "alpha": 0.1}
+
+
+def synthetic_rows(n: int, size: int) -> tuple[list[dict], dict]:
+    rows = []
+    for k in range(n):
+        img, label, _ = render_small_object(7, k, size)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        rows.append({"id": k, "image": {"bytes": buf.getvalue(), "path": None}, "label": label})
+    spec = get_spec("imagenet1k").replace(name=f"synthetic{size}", image_size=size)
+    return rows, {"spec": spec, "alpha": 0.6}
+
+
+class TorchvisionReference:
+    """The classic per-image pipeline, the same two views per image, default-collated."""
+
+    def __init__(self, size: int, mean, std, blur: bool) -> None:
+        steps = [
+            T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+            T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+        ]
+        if blur:
+            steps.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(size), (0.1, 2.0))], p=0.5))
+        self.transform = T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
+
+    def __call__(self, rows: list[dict]):
+        v1, v2 = [], []
+        for r in rows:
+            img = Image.open(io.BytesIO(r["image"]["bytes"])).convert("RGB")
+            v1.append(self.transform(img))
+            v2.append(self.transform(img))
+        ids = torch.tensor([r["id"] for r in rows])
+        labels = torch.tensor([r["label"] for r in rows])
+        return torch.stack(v1), torch.stack(v2), ids, labels
+
+
+def pipelines(info: dict, num_ids: int) -> dict:
+    spec, alpha = info["spec"], info["alpha"]
+    table = BoxTable(num_ids)
+    g = torch.Generator().manual_seed(0)
+    wh = 0.22 + 0.55 * torch.rand(num_ids, 2, generator=g)  # boxes covering ~5-60% of the image
+    xy = (1 - wh) * torch.rand(num_ids, 2, generator=g)
+    table.update(torch.arange(num_ids), torch.cat([xy, xy + wh], dim=1))
+    out = {"torchvision_rrc": TorchvisionReference(spec.image_size, spec.mean, spec.std, spec.blur)}
+    for batched in (False, True):
+        for mode in ("rcrop", "ccrop"):
+            name = f"{'batched' if batched else 'per_image'}_{mode}"
+            out[name] = TwoViewCollate.from_spec(spec, table, alpha=alpha, mode=mode, batched=batched)
+    return out
+
+
+def run(rows: list[dict], fns: dict, batch_size: int, repeats: int) -> dict:
+    batches = [rows[k : k + batch_size] for k in range(0, len(rows), batch_size)]
+    for fn in fns.values():  # warm-up
+        fn(batches[0])
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    torch.manual_seed(0)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for b in batches:
+                fn(b)
+            times[name].append(time.perf_counter() - start)
+    views = 2 * len(rows)
+    return {
+        name: {"views_per_s": views / min(t), "views_per_s_median": views / statistics.median(t)}
+        for name, t in times.items()
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=4096, help="images per dataset (32 px set)")
+    parser.add_argument("--rows-224", type=int, default=512, help="images of the 224 px synthetic set")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--datasets", default="cifar10,synthetic224")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("bench_views.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    results = {}
+    for name in args.datasets.split(","):
+        if name == "cifar10":
+            if not shared_cifar().exists():
+                print(f"skipping cifar10: {shared_cifar()} not found")
+                continue
+            rows, info = cifar_rows(args.rows)
+        elif name.startswith("synthetic"):
+            rows, info = synthetic_rows(args.rows_224, int(name.removeprefix("synthetic") or 224))
+        else:
+            raise SystemExit(f"unknown dataset {name}")
+        num_ids = max(r["id"] for r in rows) + 1
+        res = run(rows, pipelines(info, num_ids), args.batch_size, args.repeats)
+        ref = res["torchvision_rrc"]["views_per_s"]
+        for key, r in res.items():
+            r["vs_torchvision_rrc"] = r["views_per_s"] / ref
+        for path in ("per_image", "batched"):
+            res[f"{path}_ccrop"]["ccrop_over_rcrop"] = res[f"{path}_ccrop"]["views_per_s"] / res[f"{path}_rcrop"]["views_per_s"]
+        results[name] = {"rows": len(rows), "image_size": info["spec"].image_size, "pipelines": res}
+
+        print(f"\n{name}: {len(rows)} images, {info['spec'].image_size} px views, batch {args.batch_size}, {args.threads} thread(s)")
+        print(f"{'pipeline':<18}{'views/s':>10}{'median':>10}{'x torchvision':>15}{'ccrop/rcrop':>13}")
+        for key, r in res.items():
+            ratio = f"{r['ccrop_over_rcrop']:.3f}" if "ccrop_over_rcrop" in r else ""
+            print(f"{key:<18}{r['views_per_s']:>10.0f}{r['views_per_s_median']:>10.0f}{r['vs_torchvision_rrc']:>15.2f}{ratio:>13}")
+
+    meta = {
+        "command": " ".join(["python", *sys.argv]),
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.is_available(),
+    }
+    args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
