@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -44,6 +45,7 @@ __all__ = [
     "BadImageError",
     "BadImageWarning",
     "DatasetSpec",
+    "clear_cache",
     "dataset_fingerprint",
     "decode_image",
     "decode_to_tensor",
@@ -306,6 +308,13 @@ def _relative_name(url: str, root: str) -> str:
     return m.group(1) if m else url
 
 
+def clear_cache() -> None:
+    """Forget cached file listings and parquet footers (they are cached per process)."""
+    _resolve_split.cache_clear()
+    _subset_labels.cache_clear()
+    _ROW_GROUP_CACHE.clear()
+
+
 @lru_cache(maxsize=64)
 def _resolve_split(spec: DatasetSpec, split: str, data_dir: str | None) -> _Split:
     """The sorted files of one (unsliced) split, with parquet row-group sizes."""
@@ -558,11 +567,13 @@ _ROW_GROUP_CACHE: dict[tuple[str, int, tuple[str, ...]], pa.Table] = {}
 def _read_row_group(url: str, row_group: int, columns: list[str]) -> pa.Table:
     """One row group, cached (one per process) because consecutive shards often share it."""
     key = (url, row_group, tuple(columns))
-    if key not in _ROW_GROUP_CACHE:
-        _ROW_GROUP_CACHE.clear()
+    table = _ROW_GROUP_CACHE.get(key)
+    if table is None:
         with _open(url) as f:
-            _ROW_GROUP_CACHE[key] = pq.ParquetFile(f).read_row_group(row_group, columns=columns)
-    return _ROW_GROUP_CACHE[key]
+            table = pq.ParquetFile(f).read_row_group(row_group, columns=columns)
+        _ROW_GROUP_CACHE.clear()  # thread-safe enough: readers keep their own reference
+        _ROW_GROUP_CACHE[key] = table
+    return table
 
 
 def _generate_rows(
@@ -700,14 +711,15 @@ def _open_image(value: Any) -> tuple[Image.Image, str | None]:
         return Image.open(io.BytesIO(bytes(value))), None
     if isinstance(value, str | os.PathLike):
         return Image.open(value), os.fspath(value)
-    if isinstance(value, np.ndarray) or hasattr(value, "numpy"):
-        return _array_to_image(np.asarray(value.numpy() if hasattr(value, "numpy") else value)), None
+    if isinstance(value, torch.Tensor):  # CHW, like torchvision
+        arr = value.detach().cpu().numpy()
+        return _array_to_image(arr.transpose(1, 2, 0) if arr.ndim == 3 else arr), None
+    if isinstance(value, np.ndarray):  # HWC or HW
+        return _array_to_image(value), None
     raise TypeError(f"unsupported image value of type {type(value).__name__}")
 
 
 def _array_to_image(arr: np.ndarray) -> Image.Image:
-    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
-        arr = arr.transpose(1, 2, 0)  # CHW tensor -> HWC
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
@@ -795,7 +807,9 @@ def decode_to_tensor(value: Any, sample_id: Any = None, *, max_side: int | None 
         from torchvision.io import ImageReadMode, decode_jpeg
 
         try:
-            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders for torchcodec
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except RuntimeError as err:
             path = value.get("path") if isinstance(value, dict) else None
             raise BadImageError(sample_id, f"{type(err).__name__}: {err}", path) from err

@@ -1,0 +1,387 @@
+"""Dataset specs, local parquet / imagefolder / streaming sources, stable ids, image decoding."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from datasets import ClassLabel, Features, Value
+from datasets import Image as ImageFeature
+from datasets.distributed import split_dataset_by_node
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from hub_ccrop.data import (
+    ID_SCHEME,
+    IMAGENET200_CLASSES,
+    BadImageError,
+    DatasetSpec,
+    clear_cache,
+    dataset_fingerprint,
+    decode_image,
+    decode_to_tensor,
+    get_spec,
+    list_specs,
+    load_images,
+    num_ids,
+    num_rows,
+    parse_split,
+)
+
+SHARED = Path(os.environ.get("HUB_CCROP_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+SPLIT_CODE = {"train": 1, "test": 2, "unlabeled": 3}
+
+
+def png(color: tuple[int, int, int], size: tuple[int, int] = (6, 5), mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).convert(mode).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def tag(value) -> tuple[int, int]:
+    """(split code, row index in split) painted into a toy image's first pixel."""
+    r, g, _ = decode_image(value).getpixel((0, 0))
+    return g, r
+
+
+def write_parquet(path: Path, split: str, start: int, count: int, row_group: int = 5) -> None:
+    features = Features({"img": ImageFeature(), "label": ClassLabel(num_classes=5)})
+    images = [{"bytes": png((start + k, SPLIT_CODE[split], 7)), "path": None} for k in range(count)]
+    table = pa.Table.from_pydict(
+        {"img": images, "label": [(start + k) % 5 for k in range(count)]}, schema=features.arrow_schema
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=row_group)
+
+
+@pytest.fixture(scope="module")
+def toy_parquet(tmp_path_factory) -> Path:
+    """A Hub-style folder: train = 2 files (23 + 17 rows, row groups of 5), test = 1 file (9 rows)."""
+    root = tmp_path_factory.mktemp("toy_parquet")
+    # written out of order on purpose: ids follow the *sorted* file names
+    write_parquet(root / "data" / "train-00001-of-00002.parquet", "train", 23, 17)
+    write_parquet(root / "data" / "train-00000-of-00002.parquet", "train", 0, 23)
+    write_parquet(root / "data" / "test-00000-of-00001.parquet", "test", 0, 9)
+    return root
+
+
+def toy_spec(root: Path, **kw) -> DatasetSpec:
+    return DatasetSpec(name="toy", data_dir=str(root), image_column="img", image_size=6, **kw)
+
+
+@pytest.fixture(scope="module")
+def toy_imagefolder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("toy_imagefolder")
+    for split, n in (("train", 12), ("test", 4)):
+        for k in range(n):
+            cls = ("cat", "dog", "emu")[k % 3]
+            path = root / split / cls / f"img_{k:03d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(png((k, SPLIT_CODE[split], 7)))
+    return root
+
+
+def rows_by_id(rows) -> dict[int, tuple]:
+    return {int(r["id"]): (tag(r["image"]), int(r["label"])) for r in rows}
+
+
+# -- specs ---------------------------------------------------------------------------------------
+
+
+def test_registry_has_every_paper_dataset():
+    assert {"cifar10", "cifar100", "stl10", "tiny_imagenet", "imagenet1k", "imagenet200", "small_objects"} <= set(
+        list_specs()
+    )
+    c10 = get_spec("cifar10")
+    assert (c10.hub_id, c10.image_column, c10.label_column, c10.image_size) == ("uoft-cs/cifar10", "img", "label", 32)
+    assert get_spec("cifar100").label_column == "fine_label"
+    assert get_spec("stl10").pretrain_splits == ("train", "unlabeled")
+    assert get_spec("tiny_imagenet").test_split == "valid"
+    inet = get_spec("imagenet1k")
+    assert inet.eval_resize == (256, 224) and inet.blur and inet.num_classes == 1000
+    in200 = get_spec("imagenet200")
+    assert in200.num_classes == 200 and in200.class_subset == IMAGENET200_CLASSES
+    assert len(set(IMAGENET200_CLASSES)) == 200 and list(IMAGENET200_CLASSES) == sorted(IMAGENET200_CLASSES)
+    assert min(IMAGENET200_CLASSES) >= 0 and max(IMAGENET200_CLASSES) < 1000
+    for name in list_specs():
+        spec = get_spec(name)
+        assert len(spec.mean) == 3 and len(spec.std) == 3 and spec.image_size > 0
+
+
+def test_get_spec_overrides_holdout_and_any_source(tmp_path):
+    spec = get_spec("cifar10", data_dir=str(tmp_path), holdout=5000)
+    assert spec.data_dir == str(tmp_path) and spec.hub_id == "uoft-cs/cifar10"
+    assert spec.pretrain_splits == ("train[:-5000]",)
+    assert (spec.train_split, spec.test_split) == ("train[:-5000]", "train[-5000:]")
+    other = get_spec("someone/pets", image_column="picture", image_size=64)
+    assert other.hub_id == "someone/pets" and other.image_column == "picture"
+    local = get_spec(str(tmp_path), label_column=None)
+    assert local.data_dir == str(tmp_path) and local.label_column is None
+    with pytest.raises(KeyError, match="unknown dataset"):
+        get_spec("no such dataset")
+    with pytest.raises(ValueError, match="needs a hub_id"):
+        DatasetSpec(name="nowhere")
+
+
+def test_parse_split():
+    assert parse_split("train") == ("train", slice(None, None))
+    assert parse_split("train[-5000:]") == ("train", slice(-5000, None))
+    assert parse_split("train[10:20]") == ("train", slice(10, 20))
+    assert parse_split("train[:90%]") == ("train", slice(None, 0.9))
+    with pytest.raises(ValueError):
+        parse_split("train[1:2:3]")
+
+
+# -- local parquet, map-style and streaming ------------------------------------------------------
+
+
+def test_local_parquet_map_style_ids_follow_sorted_files(toy_parquet):
+    ds = load_images(toy_spec(toy_parquet))
+    assert ds.column_names == ["id", "image", "label"]
+    assert ds.features["id"] == Value("int64") and ds.features["label"] == Value("int64")
+    assert ds["id"] == list(range(40))
+    got = rows_by_id(ds)
+    assert all(got[i] == ((1, i), i % 5) for i in range(40))  # row i of the sorted files has id i
+    assert isinstance(ds[0]["image"], dict)  # left undecoded for the collate stage
+
+
+def test_slices_and_split_lists_keep_ids(toy_parquet):
+    spec = toy_spec(toy_parquet).with_holdout(10)
+    train, held = load_images(spec, spec.train_split), load_images(spec, spec.test_split)
+    assert train["id"] == list(range(30)) and held["id"] == list(range(30, 40))
+    assert all(tag(r["image"]) == (1, r["id"]) for r in held)
+    both = load_images(spec, ["train", "test"])
+    assert both["id"] == list(range(49))
+    assert rows_by_id(both)[45] == ((2, 5), 0)
+    assert num_rows(spec) == 30 and num_ids(spec) == 30  # a prefix: dense ids for the box table
+    assert num_rows(spec, spec.test_split) == 10 and num_ids(spec, spec.test_split) == 40
+    with pytest.raises(KeyError, match="no split 'valid'"):
+        load_images(spec, "valid")
+
+
+def test_streaming_matches_map_style_under_shuffle(toy_parquet):
+    spec = toy_spec(toy_parquet)
+    expected = rows_by_id(load_images(spec, ["train", "test"]))
+    stream = load_images(spec, ["train", "test"], streaming=True, num_shards=12)
+    assert stream.num_shards >= 12
+    assert rows_by_id(stream) == expected
+    shuffled = stream.shuffle(seed=3, buffer_size=8)
+    order = [r["id"] for r in shuffled]
+    assert order != sorted(order) and rows_by_id(shuffled) == expected
+
+
+def _ids_and_tags(rows: list[dict]) -> list[tuple[int, tuple[int, int]]]:
+    return [(int(r["id"]), tag(r["image"])) for r in rows]
+
+
+def test_streaming_two_workers_and_two_ranks_give_each_id_once(toy_parquet):
+    spec = toy_spec(toy_parquet)
+    stream = load_images(spec, streaming=True, num_shards=8).shuffle(seed=0, buffer_size=4)
+    seen = []
+    for rank in range(2):  # 2 simulated processes x 2 DataLoader workers each
+        shard = split_dataset_by_node(stream, rank=rank, world_size=2)
+        loader = DataLoader(shard, batch_size=3, num_workers=2, collate_fn=_ids_and_tags)
+        seen += [pair for batch in loader for pair in batch]
+    ids = [i for i, _ in seen]
+    assert sorted(ids) == list(range(40))  # every id exactly once
+    assert all(t == (1, i) for i, t in seen)  # and always the same image
+
+
+def test_streaming_with_few_shards_splits_by_examples(toy_parquet):
+    stream = load_images(toy_spec(toy_parquet), "test", streaming=True, num_shards=1)
+    parts = [[r["id"] for r in split_dataset_by_node(stream, rank=k, world_size=2)] for k in range(2)]
+    assert sorted(parts[0] + parts[1]) == list(range(9)) and not set(parts[0]) & set(parts[1])
+
+
+def test_class_subset_ids_are_dense_in_both_modes(toy_parquet):
+    spec = toy_spec(toy_parquet, class_subset=(1, 3))
+    ds = load_images(spec)
+    keep = [i for i in range(40) if i % 5 in (1, 3)]
+    assert ds["id"] == list(range(len(keep)))
+    assert [tag(r["image"])[1] for r in ds] == keep
+    assert ds["label"] == [(0 if i % 5 == 1 else 1) for i in keep]
+    stream = load_images(spec, streaming=True, num_shards=6)
+    assert rows_by_id(stream) == rows_by_id(ds)
+    assert num_ids(spec) == num_rows(spec) == len(keep)
+    tail = load_images(spec, "train[-4:]", streaming=True)
+    assert sorted(r["id"] for r in tail) == list(range(len(keep) - 4, len(keep)))
+
+
+def test_fingerprint_is_stable_and_location_independent(toy_parquet, tmp_path):
+    spec = toy_spec(toy_parquet)
+    fp = dataset_fingerprint(spec)
+    assert fp.startswith(f"{ID_SCHEME}:toy:default:train:40:") and fp == dataset_fingerprint(spec)
+    assert dataset_fingerprint(spec, ["train", "test"]) != fp
+    assert dataset_fingerprint(spec.with_holdout(10)) != fp
+    copy = tmp_path / "copy"
+    shutil.copytree(toy_parquet, copy)
+    assert dataset_fingerprint(spec.replace(data_dir=str(copy))) == fp
+    write_parquet(copy / "data" / "train-00001-of-00002.parquet", "train", 23, 16)  # one row fewer
+    clear_cache()  # file listings and footers are cached per process
+    assert dataset_fingerprint(spec.replace(data_dir=str(copy))) != fp
+
+
+# -- imagefolder ---------------------------------------------------------------------------------
+
+
+def test_imagefolder_map_and_streaming(toy_imagefolder):
+    spec = DatasetSpec(name="tree", data_dir=str(toy_imagefolder), image_size=6)
+    ds = load_images(spec)
+    files = sorted((toy_imagefolder / "train").rglob("*.png"))
+    assert ds["id"] == list(range(12))
+    assert [tag(r["image"])[1] for r in ds] == [int(f.stem[-3:]) for f in files]  # sorted path order
+    assert ds["label"] == [("cat", "dog", "emu").index(f.parent.name) for f in files]
+    stream = load_images(spec, streaming=True, num_shards=4)
+    loader = DataLoader(stream, batch_size=5, num_workers=2, collate_fn=_ids_and_tags)
+    seen = sorted(pair for batch in loader for pair in batch)
+    assert seen == sorted(_ids_and_tags(list(ds)))
+    assert dataset_fingerprint(spec).split(":")[4] == "12"
+    test = load_images(spec, "test")
+    assert test["id"] == list(range(4)) and all(tag(r["image"])[0] == 2 for r in test)
+
+
+# -- the shared CIFAR-10 copy ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cifar_dir() -> Path:
+    path = SHARED / "data" / "cifar10"
+    if not any(path.glob("*/train-*.parquet")):
+        pytest.skip(f"CIFAR-10 parquet not found under {path}")
+    return path
+
+
+def test_cifar10_local_copy_with_holdout(cifar_dir):
+    spec = get_spec("cifar10", data_dir=str(cifar_dir), holdout=5000)
+    table = pq.ParquetFile(next(cifar_dir.glob("*/train-*.parquet"))).read_row_group(0, columns=["img", "label"])
+    held = load_images(spec, spec.test_split)
+    assert len(held) == 5000 and held[0]["id"] == 45000
+    assert held[0]["image"]["bytes"] == table.column("img")[45000].as_py()["bytes"]
+    assert held[0]["label"] == table.column("label")[45000].as_py()
+    assert num_ids(spec) == num_rows(spec) == 45000
+    stream = load_images(spec, streaming=True)
+    first = next(iter(stream))
+    assert first["id"] == 0 and first["image"]["bytes"] == table.column("img")[0].as_py()["bytes"]
+    fp = dataset_fingerprint(spec)
+    assert fp.startswith(f"{ID_SCHEME}:uoft-cs/cifar10:plain_text:train[:-5000]:45000:")
+    assert decode_image(held[0]["image"], 45000).size == (32, 32)
+
+
+# -- decoding ------------------------------------------------------------------------------------
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def jpeg_bytes(size=(16, 12)) -> bytes:
+    rng = np.random.default_rng(0)
+    return encode(Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)), "JPEG")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(lambda p: jpeg_bytes()[: len(jpeg_bytes()) // 2], id="truncated-jpeg"),
+        pytest.param(lambda p: jpeg_bytes()[:-30], id="truncated-jpeg-tail"),
+        pytest.param(lambda p: bytes(np.random.default_rng(1).integers(0, 255, 500, dtype=np.uint8)), id="random"),
+        pytest.param(lambda p: b"", id="empty"),
+        pytest.param(lambda p: {"bytes": None, "path": str(p / "missing.png")}, id="missing-file"),
+        pytest.param(lambda p: {"bytes": None, "path": None}, id="no-bytes-no-path"),
+        pytest.param(lambda p: np.zeros((4, 4, 2), np.uint8), id="two-channel-array"),
+    ],
+)
+@pytest.mark.parametrize("decoder", [decode_image, decode_to_tensor])
+def test_undecodable_images_name_the_sample(value, decoder, tmp_path):
+    with pytest.raises(BadImageError, match="sample id 1234") as err:
+        decoder(value(tmp_path), 1234)
+    assert err.value.sample_id == 1234
+
+
+def test_bad_image_error_names_the_file(tmp_path):
+    path = tmp_path / "broken.jpg"
+    path.write_bytes(jpeg_bytes()[:100])
+    with pytest.raises(BadImageError, match="broken.jpg"):
+        decode_image({"bytes": None, "path": str(path)}, 7)
+    with pytest.raises(BadImageError, match="broken.jpg"):
+        decode_to_tensor({"bytes": path.read_bytes(), "path": str(path)}, 7)
+
+
+def odd_images() -> dict[str, Image.Image]:
+    rgb = Image.new("RGB", (20, 10), (200, 100, 50))
+    pal = rgb.convert("P")
+    pal_t = Image.new("P", (20, 10), 0)
+    pal_t.putpalette([255, 0, 0] + [0, 0, 255] * 255)
+    pal_t.info["transparency"] = 0
+    return {
+        "L": rgb.convert("L"),
+        "LA": rgb.convert("LA"),
+        "RGBA": Image.new("RGBA", (20, 10), (200, 100, 50, 0)),  # fully transparent
+        "P": pal,
+        "P-transparent": pal_t,
+        "I;16": Image.fromarray(np.full((10, 20), 65535, np.uint16)),
+        "I": Image.fromarray(np.full((10, 20), 32896, np.int32)),
+        "F": Image.fromarray(np.full((10, 20), 0.5, np.float32)),
+        "CMYK": rgb.convert("CMYK"),
+        "1": rgb.convert("1"),
+    }
+
+
+@pytest.mark.parametrize("mode", list(odd_images()))
+def test_odd_modes_become_rgb(mode):
+    img = odd_images()[mode]
+    fmt = {"CMYK": "JPEG", "F": "TIFF", "I": "TIFF"}.get(mode, "PNG")
+    data = encode(img, fmt)
+    out = decode_image(data, 0)
+    assert out.mode == "RGB" and out.size == (20, 10)
+    tensor = decode_to_tensor({"bytes": data, "path": None}, 0)
+    assert tensor.dtype == torch.uint8 and tensor.shape == (3, 10, 20)
+    pixel = out.getpixel((3, 3))
+    if mode in ("RGBA", "P-transparent"):
+        assert pixel == (255, 255, 255)  # transparency composited on white
+    if mode == "I;16":
+        assert pixel == (255, 255, 255)  # 16-bit full scale -> 8-bit full scale (not clipped garbage)
+    if mode in ("I", "F"):
+        assert pixel == (128, 128, 128)
+
+
+def test_sizes_extreme_shapes_and_in_memory_values(tmp_path):
+    for size in ((8, 8), (1000, 10), (10, 1000), (1, 1)):
+        assert decode_image(encode(Image.new("RGB", size, "red")), 0).size == size
+    assert decode_image(np.zeros((5, 7), np.uint8)).size == (7, 5)
+    assert decode_image(np.full((5, 7, 3), 65535, np.uint16)).getpixel((0, 0)) == (255, 255, 255)
+    assert decode_image(np.full((5, 7, 3), 0.5, np.float32)).getpixel((0, 0)) == (128, 128, 128)
+    assert decode_image(torch.zeros(3, 5, 7, dtype=torch.uint8)).size == (7, 5)
+    path = tmp_path / "a.png"
+    path.write_bytes(encode(Image.new("RGB", (4, 3), "blue")))
+    for value in (str(path), path, {"bytes": None, "path": str(path)}, Image.open(path)):
+        assert decode_image(value).getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_max_side_and_tensor_decoding_agree():
+    data = jpeg_bytes((40, 30))
+    img = decode_image(data, max_side=20)
+    assert img.size == (20, 15)
+    assert decode_to_tensor(data, max_side=20).shape == (3, 15, 20)
+    full = np.asarray(decode_image(data)).astype(int)
+    fast = decode_to_tensor(data).permute(1, 2, 0).numpy().astype(int)  # libjpeg-turbo in torchvision
+    assert np.abs(full - fast).max() <= 2
+    png_data = encode(Image.fromarray(full.astype(np.uint8)))
+    assert np.array_equal(decode_to_tensor(png_data).permute(1, 2, 0).numpy(), full.astype(np.uint8))
+
+
+def test_no_warning_for_good_images():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decode_to_tensor(jpeg_bytes(), 0)
+        decode_image(jpeg_bytes(), 0)

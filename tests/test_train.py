@@ -1,0 +1,147 @@
+"""The training loop end to end on a tiny small-objects set: schedule, passes, resume, errors, recipes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hub_ccrop.boxes import BoxTable
+from hub_ccrop.data import get_spec, load_images
+from hub_ccrop.localize import localize_boxes
+from hub_ccrop.methods import build_method
+from hub_ccrop.models import create_backbone
+from hub_ccrop.recipe import RecipeError, load_recipe
+from hub_ccrop.synthetic import small_objects_dir
+from hub_ccrop.train import NonFiniteLossError, main, train
+from hub_ccrop.views import EvalCollate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_objects(tmp_path_factory) -> Path:
+    return small_objects_dir(tmp_path_factory.mktemp("objects"), train=192, test=64)
+
+
+def tiny_recipe(data_dir: Path, **sections):
+    raw = {
+        "name": "tiny",
+        "model": {"name": "resnet_tiny_cifar"},
+        "method": {"name": "simclr"},
+        "data": {"dataset": "small_objects", "data_dir": str(data_dir), "batch_size": 64, "num_workers": 0},
+        "crop": {"alpha": 0.6, "warmup_epochs": 1, "loc_interval": 1},
+        "optim": {"lr": 0.1},
+        "train": {"epochs": 3, "knn_every": 3, "knn_k": 20, "log_every": 1, "show_images": 4},
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    return load_recipe(raw)
+
+
+def test_warmup_then_localization_then_contrastive_crop(tiny_objects, tmp_path):
+    out = tmp_path / "run"
+    metrics = train(tiny_recipe(tiny_objects), out)
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [h["crop"] for h in history] == ["rcrop", "ccrop", "ccrop"]
+    assert [("box_iou" in h) for h in history] == [True, True, False]  # passes after epochs 1 and 2
+    assert 0 <= metrics["knn_top1"] <= 100 and 0 < metrics["box_iou"] <= 1
+    assert 0 <= metrics["miss_rate_ccrop"] <= 1 and metrics["skipped_images"] == 0
+    for epoch in (1, 2):
+        for suffix in (".parquet", ".safetensors"):
+            assert (out / "boxes" / f"epoch_{epoch:04d}{suffix}").is_file()
+        assert (out / "pictures" / f"localization_epoch_{epoch:04d}.png").stat().st_size > 10_000
+    table = BoxTable.load(out / "boxes.parquet")
+    assert len(table) == 192 and table.metadata["epoch"] == 2 and table.metadata["id_scheme"] == "row-index-v1"
+    assert not torch.equal(table.boxes, BoxTable(192).boxes)  # the pass changed the boxes
+    run = json.loads((out / "run.json").read_text())
+    assert run["model"] == "resnet_tiny_cifar" and run["input_size"] == [3, 64, 64]
+    assert run["schedule"]["loc_epochs"] == [1, 2] and run["dataset"]["num_rows"] == 192
+    backbone = create_backbone("resnet_tiny_cifar")
+    backbone.load_state_dict(load_file(out / "backbone.safetensors"))
+    assert (out / "recipe.yaml").is_file() and list((out / "logs").rglob("events.out.tfevents*"))
+
+
+def test_resume_continues_to_the_same_final_state(tiny_objects, tmp_path):
+    """A run stopped mid-epoch and resumed ends with the same weights and boxes as one that never stopped."""
+    base = {"train": {"epochs": 2, "checkpoint_every_steps": 2, "knn_every": 0}, "crop": {"loc_epochs": [1, 2]}}
+    full = tmp_path / "full"
+    train(tiny_recipe(tiny_objects, **base), full)
+    cut = tmp_path / "cut"
+    stopped = train(tiny_recipe(tiny_objects, crop=base["crop"], train={**base["train"], "max_steps": 5}), cut)
+    assert stopped == {"stopped_at_step": 5}  # step 5 of 6 trained, last checkpoint at step 4
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir())[-1] == "checkpoint_000000004"
+    train(tiny_recipe(tiny_objects, **base), cut, resume=True)
+    a, b = load_file(full / "backbone.safetensors"), load_file(cut / "backbone.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(BoxTable.load(full / "boxes.parquet").boxes, BoxTable.load(cut / "boxes.parquet").boxes)
+
+
+def test_refuses_to_overwrite_a_run(tiny_objects, tmp_path):
+    recipe = tiny_recipe(tiny_objects, train={"epochs": 2, "max_steps": 1, "checkpoint_every_steps": 1,
+                                              "knn_every": 0})
+    train(recipe, tmp_path)
+    with pytest.raises(RuntimeError, match="--resume"):
+        train(recipe, tmp_path)
+
+
+def test_non_finite_loss_stops_with_a_usable_checkpoint(tiny_objects, tmp_path):
+    recipe = tiny_recipe(tiny_objects, optim={"lr": 1e30}, train={"checkpoint_every_steps": 1, "knn_every": 0})
+    with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf).*Last good checkpoint: .*checkpoint_0+\d"):
+        train(recipe, tmp_path)
+    assert list((tmp_path / "checkpoints").glob("checkpoint_*"))
+
+
+def test_cli_reports_recipe_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: -1\n")
+    assert main([str(bad)]) == 2
+    assert "optim.lr: must be > 0" in capsys.readouterr().err
+
+
+@cache
+def _built(model: str, method: str, options: tuple) -> bool:
+    return build_method(method, create_backbone(model), **dict(options)) is not None
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_recipe_builds_model_method_and_data_spec(path):
+    recipe = load_recipe(path)
+    spec = get_spec(recipe.data.dataset)  # no download: specs are metadata
+    assert spec.image_size in (32, 64, 96, 224) and spec.num_classes
+    assert _built(recipe.model.name, recipe.method.name, tuple(sorted(recipe.method.options.items())))
+    if recipe.crop.mode == "ccrop":
+        assert recipe.localization_epochs() and recipe.localization_epochs()[0] == recipe.crop.warmup_epochs
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tiny_objects, tmp_path):
+    """2 CPU processes (gloo): the pass gathers by id; both ranks hold the same table (checked in the loop);
+    and the saved boxes equal a single-process pass with the same weights."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "hub_ccrop.train", str(REPO / "recipes" / "quickstart.yaml"), "--output-dir", str(out),
+           "--set", f"data.data_dir={tiny_objects}", "--set", "data.batch_size=32", "--set", "data.num_workers=0",
+           "--set", "train.epochs=2", "--set", "crop.warmup_epochs=1", "--set", "crop.loc_epochs=[2]",
+           "--set", "train.knn_every=2", "--set", "train.knn_k=20"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout + result.stderr
+    saved = BoxTable.load(out / "boxes" / "epoch_0002.parquet")
+    spec = get_spec("small_objects", data_dir=str(tiny_objects))
+    backbone = create_backbone("resnet_tiny_cifar")
+    backbone.load_state_dict(load_file(out / "backbone.safetensors"))
+    loader = torch.utils.data.DataLoader(load_images(spec), batch_size=50, collate_fn=EvalCollate(spec, purpose="localize"))
+    ids, boxes = localize_boxes(backbone, loader, k=0.1, progress=False)
+    assert torch.equal(ids, torch.arange(192))
+    close = (boxes - saved.boxes).abs().max(dim=1).values <= 1 / 64 + 1e-6
+    assert close.float().mean() >= 0.99
