@@ -310,17 +310,20 @@ def _relative_name(url: str, root: str) -> str:
 
 def clear_cache() -> None:
     """Forget cached file listings and parquet footers (they are cached per process)."""
-    _resolve_split.cache_clear()
+    _resolve_files.cache_clear()
     _subset_labels.cache_clear()
     _ROW_GROUP_CACHE.clear()
 
 
-@lru_cache(maxsize=64)
 def _resolve_split(spec: DatasetSpec, split: str, data_dir: str | None) -> _Split:
-    """The sorted files of one (unsliced) split, with parquet row-group sizes."""
+    """The sorted files of one (unsliced) split, with parquet row-group sizes (cached per process)."""
+    return _resolve_files(spec, split, _local_root(spec, data_dir))
+
+
+@lru_cache(maxsize=64)
+def _resolve_files(spec: DatasetSpec, split: str, root: str | None) -> _Split:
     import datasets
 
-    root = _local_root(spec, data_dir)
     if spec.data_files is not None:
         explicit = dict(spec.data_files)
         if split not in explicit:

@@ -274,6 +274,7 @@ def _localization_pass(accelerator: Accelerator, encoder, run_data: RunData, sta
     seconds = time.perf_counter() - start
     state.boxes.update(ids, boxes)
     state.boxes.metadata.update(epoch=state.epoch, k=recipe.crop.k)
+    _check_same_on_every_process(accelerator, state.boxes.boxes)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     stats = {"loc_seconds": seconds, "loc_images": len(ids), "box_area": float(area.mean())}
     if run_data.gt_boxes is not None:
@@ -285,6 +286,26 @@ def _localization_pass(accelerator: Accelerator, encoder, run_data: RunData, sta
         _draw_picture(encoder, run_data, collate, state, recipe, out / "pictures" / f"localization_epoch_{state.epoch:04d}.png")
     accelerator.wait_for_everyone()
     return stats
+
+
+def _sync_buffers(accelerator: Accelerator, module: torch.nn.Module) -> None:
+    """Give every process rank 0's buffers (BN statistics): DDP leaves each process's own running
+    statistics from the last step until the next forward, so passes would differ between ranks."""
+    if accelerator.num_processes > 1:
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer.data, src=0)
+
+
+def _check_same_on_every_process(accelerator: Accelerator, boxes: torch.Tensor) -> None:
+    """Every process must train on the same box table: compare two checksums across processes."""
+    if accelerator.num_processes == 1:
+        return
+    b = boxes.double()
+    weights = torch.arange(1, len(b) + 1, dtype=torch.float64)[:, None]
+    digest = torch.stack([b.sum(), (b * weights).sum()])[None].to(accelerator.device)
+    every = accelerator.gather(digest)
+    if not torch.equal(every.min(dim=0).values, every.max(dim=0).values):
+        raise RuntimeError("the box tables differ between processes after the localization pass")
 
 
 @torch.no_grad()
@@ -439,6 +460,7 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, resume: bool = F
         state.step_in_epoch = 0
         record: dict[str, Any] = {"epoch": state.epoch, "loss": logs.get("loss"), "pos_cosine": logs.get("pos_cosine"),
                                   "lr": lr, "crop": mode}
+        _sync_buffers(accelerator, online)
         if state.epoch in loc_epochs:
             record |= _localization_pass(accelerator, online.localization_encoder, run_data, state, recipe, out)
             accelerator.print(f"epoch {state.epoch}: localized {record['loc_images']} images in "

@@ -292,15 +292,7 @@ def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     return y.reshape(n, c, height, width)
 
 
-def _where(x: Tensor, mask: Tensor, fn: Any, *args: Tensor) -> Tensor:
-    """Apply ``fn`` (in place) to the images selected by ``mask`` and their per-image ``args``."""
-    idx = mask.nonzero().squeeze(1)
-    if idx.numel():
-        x[idx] = fn(x[idx], *(a[idx] for a in args))
-    return x
-
-
-JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # ColorJitter's op ids 0-3
 PERMUTATIONS = tuple(itertools.permutations(range(4)))  # ColorJitter's randperm(4): uniform over these 24
 
 
@@ -389,36 +381,41 @@ class BatchedViewAugment(nn.Module):
 
     @staticmethod
     def _grouping(p: dict[str, Tensor]) -> tuple[Tensor, list[int]]:
-        """CPU: a view order sorted by (jitter order, flip, gray), and the group bounds in it.
+        """CPU: a view order sorted by (jitter order, flip, gray, blur), and the group bounds in it.
 
-        Views of group ``g`` (one of the 24 jitter orders, or 24 = no jitter) are rows
-        ``bounds[4g] : bounds[4g + 4]``; flipped ones ``bounds[4g + 2] : bounds[4g + 4]``; gray ones
-        ``bounds[4g + 1] : bounds[4g + 2]`` and ``bounds[4g + 3] : bounds[4g + 4]``.
+        Group ``g`` (one of the 24 jitter orders, or 24 = no jitter) holds 8 subgroups
+        ``s = 4 * flip + 2 * gray + blur``, rows ``bounds[8 * g + s] : bounds[8 * g + s + 1]``.
         """
         n_perm = len(PERMUTATIONS)
         group = torch.where(p["jitter"], p["order"], n_perm)
-        key = (group * 2 + p["flip"]) * 2 + p["gray"]
+        key = ((group * 2 + p["flip"]) * 2 + p["gray"]) * 2 + p["blur"]
         order = torch.argsort(key, stable=True)
-        bounds = [0, *itertools.accumulate(torch.bincount(key, minlength=4 * (n_perm + 1)).tolist())]
+        bounds = [0, *itertools.accumulate(torch.bincount(key, minlength=8 * (n_perm + 1)).tolist())]
         return order, bounds
 
     def _color_grouped(self, xs: Tensor, p: dict[str, Tensor], bounds: list[int]) -> Tensor:
-        """CPU, in place on views sorted by :meth:`_grouping`: each op runs on contiguous rows."""
+        """CPU, in place on views sorted by :meth:`_grouping`: every op runs on contiguous rows, in
+        chunks of about 1 MB (large fresh temporaries cost page faults and cache misses)."""
         factors, active = self._factors(p)
+        chunk = max(1, (1 << 20) // (xs[0].numel() * xs.element_size()))
+
+        def apply(lo: int, hi: int, fn: Any, *args: Tensor) -> None:
+            for a in range(bounds[lo], bounds[hi], chunk):
+                rows = slice(a, min(a + chunk, bounds[hi]))
+                xs[rows] = fn(xs[rows], *(t[rows] for t in args))
+
         for g in range(len(PERMUTATIONS) + 1):
-            rows = slice(bounds[4 * g], bounds[4 * g + 4])
-            if rows.start < rows.stop and g < len(PERMUTATIONS):
+            base = 8 * g
+            if g < len(PERMUTATIONS):
                 for op in PERMUTATIONS[g]:
                     if op in active:
-                        xs[rows] = JITTER_OPS[op](xs[rows], factors[op][rows])
-            flipped = slice(bounds[4 * g + 2], bounds[4 * g + 4])
-            if flipped.start < flipped.stop:
-                xs[flipped] = xs[flipped].flip(-1)
-            for gray in (slice(bounds[4 * g + 1], bounds[4 * g + 2]), slice(bounds[4 * g + 3], bounds[4 * g + 4])):
-                if gray.start < gray.stop:
-                    xs[gray] = _gray(xs[gray]).expand(-1, 3, -1, -1)
-        if self.blur:
-            _where(xs, p["blur"], lambda v, sg: gaussian_blur(v, sg, self.kernel_size), p["sigma"])
+                        apply(base, base + 8, JITTER_OPS[op], factors[op])
+            apply(base + 4, base + 8, lambda v: v.flip(-1))
+            for gray in (base + 2, base + 6):
+                apply(gray, gray + 2, lambda v: _gray(v).expand(-1, 3, -1, -1))
+            if self.blur:
+                for blur in (base + 1, base + 3, base + 5, base + 7):
+                    apply(blur, blur + 1, lambda v, sg: gaussian_blur(v, sg, self.kernel_size), p["sigma"])
         return xs
 
     def color(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
+import shlex
 
 import datasets
 import numpy as np
@@ -193,31 +194,12 @@ def test_cli_finetune_detection_run_folder(tmp_path):
     (run / "run.json").write_text(json.dumps({"model": "resnet18", "model_args": {}, "input_size": 96}))
     parser = argparse.ArgumentParser()
     add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(
-        [
-            "finetune-detection",
-            str(run),
-            "--dataset",
-            "parquet",
-            "--data-files",
-            f"train={root}/train.parquet",
-            "--data-files",
-            f"test={root}/test.parquet",
-            "--steps",
-            "2",
-            "--batch-size",
-            "4",
-            "--warmup-steps",
-            "1",
-            "--min-size",
-            "96",
-            "--max-size",
-            "128",
-            "--num-workers",
-            "0",
-            "--no-progress",
-        ]
+    files = " ".join(
+        shlex.quote(f"--data-files={split}={root / split}.parquet") for split in ("train", "test")
     )
+    command = f"finetune-detection {shlex.quote(str(run))} --dataset parquet {files} --steps 2 --batch-size 4"
+    command += " --warmup-steps 1 --min-size 96 --max-size 128 --num-workers 0 --no-progress"
+    args = parser.parse_args(shlex.split(command))
     result = args.func(args)
     assert result["num_categories"] == 2  # from the ClassLabel feature
     saved = json.loads((run / "detection" / "detection.json").read_text())

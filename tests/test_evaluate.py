@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -366,41 +367,35 @@ def tiny_parquet(tmp_path) -> Path:
     return root
 
 
-def run_cli(*argv: str) -> dict:
+def run_cli(command: str) -> dict:
+    """Parse ``command`` (shell syntax) with this module's subcommands and run it."""
     parser = argparse.ArgumentParser()
     add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(list(argv))
+    args = parser.parse_args(shlex.split(command))
     return args.func(args)
 
 
 def test_cli_knn_linear_finetune(tmp_path, tiny_parquet):
     torch.manual_seed(0)
-    run = write_run(tmp_path, timm.create_model("resnet18", num_classes=0))
-    data = [
-        "--dataset",
-        "parquet",
-        "--data-files",
-        f"train={tiny_parquet}/train.parquet",
-        "--data-files",
-        f"test={tiny_parquet}/test.parquet",
-        "--num-workers",
-        "0",
-        "--no-progress",
-    ]
-    knn = run_cli("eval", "knn", str(run), *data, "--batch-size", "8")
-    saved = json.loads((run / "eval_knn.json").read_text())
+    run = shlex.quote(str(write_run(tmp_path, timm.create_model("resnet18", num_classes=0))))
+    files = {split: shlex.quote(f"{split}={tiny_parquet / split}.parquet") for split in ("train", "test")}
+    data = f"--dataset parquet --data-files {files['train']} --data-files {files['test']} --num-workers 0 --no-progress"
+    knn = run_cli(f"eval knn {run} {data} --batch-size 8")
+    saved = json.loads((tmp_path / "run" / "eval_knn.json").read_text())
     assert saved["top1"] == knn["top1"] and saved["k"] == 200 and saved["image_column"] == "img"
     assert saved["num_train"] == 32 and saved["num_test"] == 16 and "date" in saved
 
-    fast = run_cli("eval", "linear", str(run), *data, "--fast", "--epochs", "3", "--milestones", "2")
-    assert "cached-features" in json.loads((run / "eval_linear.json").read_text())["protocol"]
+    fast = run_cli(f"eval linear {run} {data} --fast --epochs 3 --milestones 2")
+    assert "cached-features" in json.loads((tmp_path / "run" / "eval_linear.json").read_text())["protocol"]
     assert fast["num_train"] == 32
-    paper = run_cli("eval", "linear", str(run), *data, "--epochs", "2", "--batch-size", "16", "--lr", "1")
+    paper = run_cli(f"eval linear {run} {data} --epochs 2 --batch-size 16 --lr 1")
     assert paper["protocol"].startswith("linear-probe (paper)") and paper["epochs"] == 2
 
     out = tmp_path / "ft"
-    ft = run_cli("finetune", str(run), *data, "--epochs", "1", "--batch-size", "8", "--output", str(out))
-    assert ft["num_classes"] == 2
+    ft = run_cli(
+        f"finetune {run} {data} --epochs 1 --batch-size 8 --trainable layer4 --output {shlex.quote(str(out))}"
+    )
+    assert ft["num_classes"] == 2 and "layer1" in ft["frozen_modules"]
     assert (out / "finetune.json").is_file() and (out / "model.safetensors").is_file()
     reloaded = load_backbone(out, num_classes=2)  # a timm export, trained head included (strict load)
     assert reloaded.get_classifier().out_features == 2

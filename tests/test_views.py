@@ -48,7 +48,7 @@ def ramp_image(width: int = 64, height: int = 48) -> bytes:
     return encode(Image.fromarray(arr))
 
 
-def both_paths(box_table=None, seed_offset: int = 0, **kw) -> dict[str, TwoViewCollate]:
+def both_paths(box_table=None, **kw) -> dict[str, TwoViewCollate]:
     return {
         "per_image": TwoViewCollate(box_table, batched=False, **kw),
         "batched": TwoViewCollate(box_table, batched=True, **kw),
@@ -174,23 +174,37 @@ def test_flip_and_grayscale_rates_match():
     assert stats.fisher_exact([[f1, m1 - f1], [f2, m2 - f2]]).pvalue > P_MIN
 
 
-def test_color_jitter_distributions_match():
-    """Same ColorJitter distribution; PIL works in uint8 between ops (rounding, 256 hue steps), so the
-    per-image path may differ by a few levels: compare deciles at that tolerance."""
+def test_color_jitter_distribution_is_torchvisions():
+    """The batched path draws ColorJitter exactly like torchvision's per-image transform (tensor images)."""
+    from torchvision import transforms as T
+
+    color = torch.tensor([200, 100, 50]).view(3, 1, 1) / 255
+    rows = rows_of(encode(Image.new("RGB", (32, 32), (200, 100, 50))), 1000)
+    batched = TwoViewCollate(None, size=16, batched=True, **NO_NORM, flip_p=0.0, gray_p=0.0)
+    ours = run_views(batched, rows, seed=20).mean((2, 3))
+    jitter = T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8)
+    torch.manual_seed(21)
+    reference = torch.stack([jitter(color.expand(3, 16, 16).clone()).mean((1, 2)) for _ in range(2000)])
+    for channel in range(3):
+        assert ks(ours[:, channel], reference[:, channel]) > P_MIN, channel
+    for v in (ours, reference):  # RandomApply(p=0.8): about 20% of the views keep the color
+        kept = int(((v - color.view(3)).abs() < 0.5 / 255).all(1).sum())
+        assert stats.binomtest(kept, len(v), 0.2).pvalue > P_MIN
+
+
+def test_per_image_pil_jitter_is_within_pil_rounding():
+    """PIL works in uint8 between ops (and in 256 hue steps): torchvision's own PIL and tensor
+    ColorJitter differ by ~4 levels on average (up to ~13). The per-image (PIL) path stays that close."""
     rows = rows_of(encode(Image.new("RGB", (32, 32), (200, 100, 50))), 1000)
     kw = {"size": 16, **NO_NORM, "flip_p": 0.0, "gray_p": 0.0}
-    means = {name: run_views(c, rows, seed=20 + k).mean((2, 3)) for k, (name, c) in enumerate(
+    means = {name: run_views(c, rows, seed=22 + k).mean((2, 3)) for k, (name, c) in enumerate(
         both_paths(**kw).items())}  # fmt: skip
     a, b = means["per_image"], means["batched"]
     deciles = np.linspace(0.1, 0.9, 9)
     for channel in range(3):
         gap = np.abs(np.quantile(a[:, channel], deciles) - np.quantile(b[:, channel], deciles))
-        assert gap.max() < 4 / 255, (channel, gap * 255)
-        assert abs(float(a[:, channel].std() - b[:, channel].std())) < 3 / 255
-    original = torch.tensor([200, 100, 50]) / 255
-    for v in (a, b):  # RandomApply(p=0.8): about 20% of the views keep the color
-        kept = int(((v - original).abs() < 1.5 / 255).all(1).sum())
-        assert stats.binomtest(kept, len(v), 0.2).pvalue > P_MIN
+        assert gap.max() < 12 / 255, (channel, gap * 255)
+        assert abs(float(a[:, channel].std() - b[:, channel].std())) < 4 / 255
 
 
 def test_batched_jitter_ops_are_torchvisions_tensor_ops():
@@ -277,8 +291,6 @@ def test_bad_images_are_skipped_named_and_counted(path):
         assert labels.tolist() == good
     assert ids.tolist() == good and v1.shape == v2.shape == (9, 3, 24, 24)
     assert torch.isfinite(v1).all() and torch.isfinite(v2).all()
-    k = good.index(10)  # the 10x1000 green image stays green (padding never leaks into a view)
-    assert torch.allclose(v1[k], torch.tensor([0.0, 128 / 255, 0.0]).view(3, 1, 1).expand(3, 24, 24), atol=0.01) or True
 
 
 def test_padding_never_leaks_into_views():
