@@ -211,9 +211,10 @@ register_spec(DatasetSpec(
     eval_resize=(256, 224), num_classes=1000, blur=True,
 ))  # fmt: skip
 register_spec(_SPECS["imagenet1k"].replace(name="imagenet200", class_subset=IMAGENET200_CLASSES, num_classes=200))
+# The built-in synthetic set (hub_ccrop.synthetic), generated offline on first use; mean/std measured.
 register_spec(DatasetSpec(
     name="small_objects", generator="hub_ccrop.synthetic:small_objects_dir", image_size=64,
-    mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), num_classes=10, extra_columns=("gt_box",),
+    mean=(0.446, 0.445, 0.446), std=(0.147, 0.148, 0.148), num_classes=10, extra_columns=("gt_box",),
 ))  # fmt: skip
 
 
@@ -351,13 +352,14 @@ def _resolve_files(spec: DatasetSpec, split: str, root: str | None) -> _Split:
         root = root or f"hf://datasets/{spec.hub_id}"
     urls = sorted(urls)
     if urls and all(u.endswith(".parquet") for u in urls):
-        files = []
-        for url in urls:
+
+        def describe(url: str) -> _File:  # the footer only: row groups and their sizes
             with _open(url) as f:
                 meta = pq.ParquetFile(f).metadata
             groups = tuple(meta.row_group(k).num_rows for k in range(meta.num_row_groups))
-            files.append(_File(url, _relative_name(url, root), _file_size(url), groups))
-        return _Split("parquet", tuple(files), root)
+            return _File(url, _relative_name(url, root), _file_size(url), groups)
+
+        return _Split("parquet", tuple(_map_io(describe, urls)), root)
     images = [u for u in urls if os.path.splitext(u)[1].lower() in IMAGE_EXTENSIONS]
     if not images:
         raise ValueError(f"split {split!r} of {spec.name!r} has neither parquet files nor images: {urls[:5]}")
@@ -368,17 +370,27 @@ def _resolve_files(spec: DatasetSpec, split: str, root: str | None) -> _Split:
     )
 
 
+def _map_io(fn: Any, items: Sequence[Any]) -> list[Any]:
+    """``[fn(x) for x in items]`` with a few threads when there are many (remote footers are slow)."""
+    if len(items) < 4:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(fn, items))
+
+
 @lru_cache(maxsize=64)
 def _subset_labels(spec: DatasetSpec, split: str, data_dir: str | None) -> tuple[np.ndarray, ...]:
     """Per parquet file: the label column (for class-subset ids in streaming mode)."""
     resolved = _resolve_split(spec, split, data_dir)
     if resolved.kind != "parquet" or spec.label_column is None:
         raise ValueError(f"class_subset needs parquet files with a label column ({spec.name!r})")
-    out = []
-    for f in resolved.files:
+    def labels(f: _File) -> np.ndarray:
         with _open(f.url) as fh:
-            out.append(pq.read_table(fh, columns=[spec.label_column]).column(0).to_numpy())
-    return tuple(out)
+            return pq.read_table(fh, columns=[spec.label_column]).column(0).to_numpy()
+
+    return tuple(_map_io(labels, resolved.files))
 
 
 def _subset_map(spec: DatasetSpec) -> np.ndarray | None:
@@ -667,7 +679,11 @@ def load_images(
     if streaming and shards:
         if parts:
             raise ValueError(f"{spec.name!r}: cannot stream a mix of parquet and imagefolder splits")
-        features = _features(spec, _source_features(first_parquet))
+        source = _source_features(first_parquet)
+        for col in (spec.image_column, spec.label_column):
+            if col is not None and col not in source:
+                raise KeyError(f"{spec.name!r}: no column {col!r} in {sorted(source)} (set image_column/label_column)")
+        features = _features(spec, source)
         return datasets.IterableDataset.from_generator(
             _generate_rows,
             features=features,

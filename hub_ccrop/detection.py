@@ -53,6 +53,7 @@ __all__ = [
     "evaluate_detection",
     "export_detectron2",
     "finetune_detection",
+    "freeze_stages",
     "from_detectron2",
     "to_detectron2",
 ]

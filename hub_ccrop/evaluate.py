@@ -38,17 +38,22 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from hub_ccrop.distributed import default_autocast_dtype, gather_by_id, is_distributed
+
 __all__ = [
     "ImageClassificationDataset",
     "add_cli",
+    "add_dataset_args",
     "backbone_data_config",
     "classification_transform",
     "default_autocast_dtype",
+    "default_output_dir",
     "extract_features",
     "finetune",
     "freeze_except",
     "gather_by_id",
     "image_column_of",
+    "is_main_process",
     "knn_accuracy",
     "knn_evaluate",
     "knn_predict",
@@ -57,6 +62,7 @@ __all__ = [
     "linear_probe_on_features",
     "load_backbone",
     "load_split",
+    "set_loader_epoch",
     "to_rgb_image",
     "topk_accuracy",
     "write_results",
@@ -72,20 +78,9 @@ BEST_EPOCH_NOTE = "best_top1/best_epoch: the best epoch on the test set, not the
 # small helpers
 
 
-def default_autocast_dtype(device: torch.device | str) -> torch.dtype | None:
-    """bf16 on CUDA devices that support it, else ``None`` (no autocast)."""
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
-
 
 def is_main_process(accelerator: Any) -> bool:
     return accelerator is None or accelerator.is_main_process
-
-
-def _distributed(accelerator: Any) -> bool:
-    return accelerator is not None and accelerator.num_processes > 1
 
 
 def _model_device(model: nn.Module, accelerator: Any = None) -> torch.device:
@@ -117,24 +112,6 @@ def _frozen(module: nn.Module) -> Iterator[nn.Module]:
             p.requires_grad_(flag)
         module.train(was_training)
 
-
-def gather_by_id(ids: Tensor, *values: Tensor, accelerator: Any = None) -> tuple[Tensor, ...]:
-    """Gather per-process rows over all processes; return ``(ids, *values)`` on CPU sorted by id.
-
-    Rows are matched by id, never by order: shards may be uneven and ``accelerate`` pads the last
-    batches with repeated samples; one row per id is kept (the first occurrence).
-    """
-    if _distributed(accelerator):
-        device = accelerator.device
-        ids = accelerator.pad_across_processes(ids.to(device), dim=0, pad_index=-1)
-        values = tuple(accelerator.pad_across_processes(v.to(device), dim=0, pad_index=0) for v in values)
-        ids, *gathered = accelerator.gather((ids, *values))
-        keep = ids >= 0
-        ids, values = ids[keep], tuple(v[keep] for v in gathered)
-    ids, order = torch.sort(ids.cpu(), stable=True)
-    keep = torch.ones_like(ids, dtype=torch.bool)
-    keep[1:] = ids[1:] != ids[:-1]
-    return (ids[keep], *(v.cpu()[order][keep] for v in values))
 
 
 def _forward(
@@ -350,7 +327,7 @@ def _fit_linear(
             loss = F.cross_entropy(head(feats), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if _distributed(accelerator):
+            if is_distributed(accelerator):
                 for p in head.parameters():
                     p.grad = accelerator.reduce(p.grad, reduction="mean")
             optimizer.step()
@@ -358,7 +335,7 @@ def _fit_linear(
             seen += labels.numel()
         lr_now = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        if _distributed(accelerator):  # the epoch's loss over all processes
+        if is_distributed(accelerator):  # the epoch's loss over all processes
             loss_sum, seen = accelerator.reduce(torch.tensor([loss_sum, seen], device=device), "sum").tolist()
         head.eval()
         with torch.no_grad():
@@ -898,9 +875,10 @@ def _classification_loaders(
     num_classes = args.num_classes or _num_classes(train_data, label_column)
     per_process = max(args.batch_size // accelerator.num_processes, 1)
 
-    def loader(data: Any, train: bool, augment: bool) -> DataLoader:
+    def loader(data: Any, train: bool) -> DataLoader:
+        """Training loaders augment, shuffle and drop the last batch; feature/test loaders do none of it."""
         dataset = ImageClassificationDataset(
-            data, classification_transform(data_config, train=augment), image_column, label_column
+            data, classification_transform(data_config, train=train), image_column, label_column
         )
         return DataLoader(
             dataset,
@@ -912,8 +890,7 @@ def _classification_loaders(
             persistent_workers=args.num_workers > 0,
         )
 
-    train_loader = loader(train_data, True, train_augment)
-    test_loader = loader(test_data, False, False)
+    train_loader, test_loader = loader(train_data, train_augment), loader(test_data, False)
     train_loader, test_loader = accelerator.prepare(train_loader, test_loader)
     info = {
         "dataset": args.dataset,

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from hub_ccrop.distributed import gather_by_id
+
 __all__ = ["boxes_from_heatmaps", "feature_map", "heatmaps", "localize_boxes", "normalize_heatmaps"]
 
 
@@ -123,19 +125,4 @@ def localize_boxes(
         model.train(was_training)
     ids = torch.cat(all_ids) if all_ids else torch.empty(0, dtype=torch.int64, device=device)
     boxes = torch.cat(all_boxes) if all_boxes else torch.empty(0, 4, device=device)
-    if accelerator is not None and accelerator.num_processes > 1:
-        ids = accelerator.pad_across_processes(ids, dim=0, pad_index=-1)
-        boxes = accelerator.pad_across_processes(boxes, dim=0, pad_index=0)
-        ids, boxes = accelerator.gather((ids, boxes))
-        keep = ids >= 0
-        ids, boxes = ids[keep], boxes[keep]
-    return unique_by_id(ids.cpu(), boxes.cpu())
-
-
-def unique_by_id(ids: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-    """Sort rows by id and keep one row per id (the first occurrence)."""
-    ids, order = torch.sort(ids, stable=True)
-    values = values[order]
-    keep = torch.ones_like(ids, dtype=torch.bool)
-    keep[1:] = ids[1:] != ids[:-1]
-    return ids[keep], values[keep]
+    return gather_by_id(ids, boxes, accelerator=accelerator)

@@ -36,6 +36,7 @@ from hub_ccrop import data as data_lib
 from hub_ccrop.boxes import BoxTable, pairwise_box_iou
 from hub_ccrop.crop import object_miss_rate
 from hub_ccrop.data import DatasetSpec
+from hub_ccrop.distributed import default_autocast_dtype
 from hub_ccrop.evaluate import extract_features, knn_accuracy
 from hub_ccrop.hub import load_boxes
 from hub_ccrop.localize import heatmaps, localize_boxes, normalize_heatmaps
@@ -245,16 +246,10 @@ def _eval_loader(accelerator: Accelerator, dataset, collate, recipe: Recipe):
         _loader(dataset, collate, batch_size=batch_size, num_workers=recipe.data.num_workers))
 
 
-def _autocast_dtype(accelerator: Accelerator) -> torch.dtype | None:
-    if accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
-
-
 def _knn(accelerator: Accelerator, backbone, run_data: RunData, recipe: Recipe) -> dict[str, float]:
     """The kNN monitor: features of the labeled train split vs the test split (k, T from the recipe)."""
     collate = EvalCollate(run_data.spec, purpose="classify")
-    dtype = _autocast_dtype(accelerator)
+    dtype = default_autocast_dtype(accelerator.device)
     feats = [extract_features(backbone, _eval_loader(accelerator, ds, collate, recipe), accelerator=accelerator,
                               autocast_dtype=dtype, channels_last=recipe.model.channels_last)
              for ds in (run_data.knn_train, run_data.knn_test)]
@@ -269,7 +264,7 @@ def _localization_pass(accelerator: Accelerator, encoder, run_data: RunData, sta
     collate = EvalCollate(run_data.spec, purpose="localize")
     start = time.perf_counter()
     ids, boxes = localize_boxes(encoder, _eval_loader(accelerator, run_data.pretrain, collate, recipe),
-                                k=recipe.crop.k, autocast_dtype=_autocast_dtype(accelerator),
+                                k=recipe.crop.k, autocast_dtype=default_autocast_dtype(accelerator.device),
                                 channels_last=recipe.model.channels_last, accelerator=accelerator)
     seconds = time.perf_counter() - start
     state.boxes.update(ids, boxes)
@@ -455,11 +450,13 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, resume: bool = F
                 accelerator.end_training()
                 return {"stopped_at_step": state.global_step}
         bar.close()
-        train_seconds += time.perf_counter() - tic
+        epoch_seconds = time.perf_counter() - tic
+        train_seconds += epoch_seconds
+        record: dict[str, Any] = {"epoch": epoch + 1, "loss": logs.get("loss"), "pos_cosine": logs.get("pos_cosine"),
+                                  "lr": lr, "crop": mode, "epoch_seconds": epoch_seconds,
+                                  "images_per_s": (state.step_in_epoch * world_batch / t.grad_accum) / epoch_seconds}
         state.epoch += 1
         state.step_in_epoch = 0
-        record: dict[str, Any] = {"epoch": state.epoch, "loss": logs.get("loss"), "pos_cosine": logs.get("pos_cosine"),
-                                  "lr": lr, "crop": mode}
         _sync_buffers(accelerator, online)
         if state.epoch in loc_epochs:
             record |= _localization_pass(accelerator, online.localization_encoder, run_data, state, recipe, out)

@@ -385,3 +385,13 @@ def test_no_warning_for_good_images():
         warnings.simplefilter("error")
         decode_to_tensor(jpeg_bytes(), 0)
         decode_image(jpeg_bytes(), 0)
+
+
+def test_hub_and_local_copies_name_files_alike():
+    """Fingerprints use repo-relative file names, so a local copy of Hub parquet files matches the Hub."""
+    from hub_ccrop.data import _relative_name
+
+    name = "plain_text/train-00000-of-00001.parquet"
+    hub = f"hf://datasets/uoft-cs/cifar10@0123456789abcdef0123456789abcdef01234567/{name}"
+    assert _relative_name(hub, "hf://datasets/uoft-cs/cifar10") == name
+    assert _relative_name(f"/copies/cifar10/{name}", "/copies/cifar10") == name

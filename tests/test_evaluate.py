@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import socket
 from pathlib import Path
 
 import pytest
@@ -15,13 +16,13 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from hub_ccrop.distributed import gather_by_id
 from hub_ccrop.evaluate import (
     add_cli,
     backbone_data_config,
     extract_features,
     finetune,
     freeze_except,
-    gather_by_id,
     knn_accuracy,
     knn_evaluate,
     knn_predict,
@@ -41,7 +42,7 @@ def clusters(num_classes: int, per_class: int, dim: int = 32, noise: float = 0.0
     return F.normalize(feats, dim=1), labels
 
 
-def color_images(n: int, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def color_images(n: int, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Two classes: reddish vs bluish noisy images (linearly separable in any reasonable feature space)."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % 2
@@ -199,11 +200,32 @@ def _distributed_eval_worker() -> None:
     assert result["num_test"] == 22
 
 
-def test_distributed_two_processes():
-    from accelerate import debug_launcher
+def _distributed_worker() -> None:
+    _gather_worker()
+    _distributed_eval_worker()
 
-    debug_launcher(_gather_worker, num_processes=2)
-    debug_launcher(_distributed_eval_worker, num_processes=2)
+
+def test_distributed_two_processes(tmp_path):
+    """Two fresh CPU processes (gloo). Spawned, not forked: forking after torch has started its thread
+    pools can deadlock the children."""
+    from accelerate.utils import PrepareForLaunch, patch_environment
+    from torch.multiprocessing import start_processes
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(
+        world_size=2,
+        master_addr="127.0.0.1",
+        master_port=str(port),
+        accelerate_mixed_precision="no",
+        accelerate_debug_rdv_file=str(tmp_path / "rdv"),
+        accelerate_use_cpu="yes",
+        gloo_socket_ifname="lo",
+        omp_num_threads=1,
+    )
+    with patch_environment(**env):
+        start_processes(PrepareForLaunch(_distributed_worker, debug=True), nprocs=2, start_method="spawn")
 
 
 # ----------------------------------------------------------------------------------------- linear probe
@@ -351,7 +373,7 @@ def tiny_parquet(tmp_path) -> Path:
     from PIL import Image
 
     def split(n: int, seed: int) -> datasets.Dataset:
-        images, labels = color_images(n, seed=seed)
+        images, labels = color_images(n, size=32, seed=seed)
         pil = [
             Image.fromarray((x.clamp(-1, 2) / 3 * 255 + 85).byte().permute(1, 2, 0).numpy()) for x in images
         ]
