@@ -32,15 +32,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from hub_ccrop.data import decode_image
 from hub_ccrop.evaluate import (
     add_dataset_args,
     default_output_dir,
-    image_column_of,
     is_main_process,
     load_backbone,
-    load_split,
+    parse_data_files,
     set_loader_epoch,
-    to_rgb_image,
     write_results,
 )
 
@@ -223,7 +222,7 @@ class DetectionDataset(Dataset):
         from torchvision.transforms.functional import pil_to_tensor
 
         row = self.data[index]
-        image = pil_to_tensor(to_rgb_image(row[self.image_column])).float().div_(255)
+        image = pil_to_tensor(decode_image(row[self.image_column], index)).float().div_(255)
         height, width = image.shape[-2:]
         bboxes, categories = self._objects(row)
         boxes = torch.as_tensor(bboxes, dtype=torch.float32).reshape(-1, 4)
@@ -494,6 +493,38 @@ def export_detectron2(source: str | Path | nn.Module, output: str | Path) -> Pat
 # command line
 
 
+def _load_split(
+    dataset: str,
+    split: str,
+    *,
+    name: str | None = None,
+    data_dir: str | None = None,
+    data_files: Sequence[str] | None = None,
+) -> Any:
+    """One split of a detection dataset with ``datasets.load_dataset`` (Hub id, folder or builder).
+
+    Detection rows carry per-image objects rather than a class label, so they are read as they are
+    (not through ``hub_ccrop.data.load_images``). Split slicing works (``train[:1000]``).
+    """
+    import datasets
+
+    files = parse_data_files(data_files)
+    return datasets.load_dataset(dataset, name, split=split, data_dir=data_dir, data_files=files)
+
+
+def _image_column_of(data: Any, name: str | None = None) -> str:
+    """``name``, else the first ``Image`` feature of a ``datasets.Dataset``, else ``image``/``img``."""
+    import datasets
+
+    if name:
+        return name
+    found = [c for c, f in data.features.items() if isinstance(f, datasets.Image)]
+    found += [c for c in ("image", "img") if c in data.features]
+    if not found:
+        raise ValueError(f"no image column among {list(data.features)}: pass --image-column")
+    return found[0]
+
+
 def _num_categories(data: Any, objects_column: str | None, category_key: str) -> int:
     """From a ``ClassLabel`` feature when there is one, else ``max(category) + 1`` over the split."""
     import datasets
@@ -518,9 +549,9 @@ def _run_finetune_detection(args: argparse.Namespace) -> dict[str, Any]:
 
     accelerator = Accelerator()
     load = dict(name=args.config_name, data_dir=args.data_dir, data_files=args.data_files)
-    train_data = load_split(args.dataset, args.train_split, **load)
-    test_data = load_split(args.dataset, args.test_split, **load) if args.test_split else None
-    image_column = image_column_of(train_data, args.image_column)
+    train_data = _load_split(args.dataset, args.train_split, **load)
+    test_data = _load_split(args.dataset, args.test_split, **load) if args.test_split else None
+    image_column = _image_column_of(train_data, args.image_column)
     objects_column = None if args.objects_column in ("", "none") else args.objects_column
     num_categories = args.num_categories or _num_categories(train_data, objects_column, args.category_key)
     model = build_faster_rcnn(
@@ -574,6 +605,11 @@ def _run_finetune_detection(args: argparse.Namespace) -> dict[str, Any]:
         "dataset": args.dataset,
         "train_split": args.train_split,
         "test_split": args.test_split,
+        "image_column": image_column,
+        "objects_column": objects_column,
+        "bbox_key": args.bbox_key,
+        "category_key": args.category_key,
+        "box_format": args.box_format,
         "num_categories": num_categories,
         "batch_size": args.batch_size,
         "frozen_bn": not args.trainable_bn,
@@ -607,7 +643,10 @@ def add_cli(subparsers: Any) -> None:
         "finetune-detection", help="fine-tune Faster R-CNN + FPN on a detection dataset"
     )
     det.add_argument("source", help="run folder, timm export folder, hf-hub:ORG/NAME or timm:NAME")
-    add_dataset_args(det)
+    add_dataset_args(
+        det,
+        dataset_help="Hub id, local folder, or a datasets builder (parquet, imagefolder) with --data-files",
+    )
     det.add_argument("--train-split", default="train")
     det.add_argument("--test-split", default="test", help="'' to skip evaluation")
     det.add_argument(

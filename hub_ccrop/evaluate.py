@@ -11,7 +11,9 @@
   on cached, un-augmented features: a different protocol, labelled differently.
 - ``load_backbone`` loads a run folder, a local timm export or an ``hf-hub:`` id; ``finetune`` trains
   a new head (and all or part of the backbone) for classification.
-- ``add_cli`` registers ``hub-ccrop eval knn|linear`` and ``hub-ccrop finetune``.
+- ``add_cli`` registers ``hub-ccrop eval knn|linear`` and ``hub-ccrop finetune``. Their ``--dataset`` is
+  resolved by ``hub_ccrop.data.get_spec`` (a named spec, a Hub id or a local folder; ``--data-dir``,
+  ``--holdout``, column and split options override the spec) and read with ``data.load_images``.
 
 Accuracies are percentages (0-100).
 """
@@ -21,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import importlib
-import io
 import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -38,10 +39,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from hub_ccrop.data import DatasetSpec, decode_image, get_spec, load_images
 from hub_ccrop.distributed import default_autocast_dtype, gather_by_id, is_distributed
 
 __all__ = [
-    "ImageClassificationDataset",
     "add_cli",
     "add_dataset_args",
     "backbone_data_config",
@@ -52,18 +53,15 @@ __all__ = [
     "finetune",
     "freeze_except",
     "gather_by_id",
-    "image_column_of",
     "is_main_process",
     "knn_accuracy",
     "knn_evaluate",
     "knn_predict",
-    "label_column_of",
     "linear_probe",
     "linear_probe_on_features",
     "load_backbone",
-    "load_split",
+    "parse_data_files",
     "set_loader_epoch",
-    "to_rgb_image",
     "topk_accuracy",
     "write_results",
 ]
@@ -585,20 +583,7 @@ def backbone_data_config(model: nn.Module) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# datasets for the CLI
-
-
-def to_rgb_image(value: Any) -> Image.Image:
-    """Decode a datasets image cell (PIL image, ``{"bytes", "path"}`` dict, bytes, path or array) to RGB."""
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, (bytes, bytearray)):
-        value = Image.open(io.BytesIO(value))
-    elif isinstance(value, (str, Path)):
-        value = Image.open(value)
-    elif not isinstance(value, Image.Image):
-        value = Image.fromarray(np.asarray(value))
-    return value.convert("RGB")
+# datasets for the CLI (rows from ``hub_ccrop.data``)
 
 
 def classification_transform(data_config: dict[str, Any], *, train: bool) -> Callable[[Image.Image], Tensor]:
@@ -613,80 +598,18 @@ def classification_transform(data_config: dict[str, Any], *, train: bool) -> Cal
     return T.Compose([T.Resize(resize), T.CenterCrop(size), *normalize])
 
 
-class ImageClassificationDataset(Dataset):
-    """A ``datasets.Dataset`` with image/label columns as ``(image, id, label)`` items (id = row index)."""
+class _LabeledRows(Dataset):
+    """``data.load_images`` rows as ``(transform(image), id, label)`` items (decoded with ``decode_image``)."""
 
-    def __init__(
-        self, data: Any, transform: Callable, image_column: str = "image", label_column: str = "label"
-    ):
-        self.data, self.transform = data, transform
-        self.image_column, self.label_column = image_column, label_column
+    def __init__(self, rows: Any, transform: Callable[[Image.Image], Tensor]) -> None:
+        self.rows, self.transform = rows, transform
 
     def __len__(self) -> int:
-        return len(self.data)
+        return len(self.rows)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
-        row = self.data[index]
-        return self.transform(to_rgb_image(row[self.image_column])), index, int(row[self.label_column])
-
-
-def load_split(
-    dataset: str,
-    split: str,
-    *,
-    name: str | None = None,
-    data_dir: str | None = None,
-    data_files: Sequence[str] | None = None,
-) -> Any:
-    """``datasets.load_dataset`` for one split: a Hub id, a local folder, or ``parquet``/``imagefolder``.
-
-    ``data_files`` are ``SPLIT=PATTERN`` strings (or bare patterns, which form the ``train`` split).
-    Split slicing works (``train[:45000]``, ``train[45000:]``) to hold out part of a split.
-    """
-    import datasets
-
-    files: dict[str, list[str]] | None = None
-    if data_files:
-        files = {}
-        for item in data_files:
-            key, _, pattern = item.rpartition("=")
-            files.setdefault(key or "train", []).append(pattern)
-    return datasets.load_dataset(dataset, name, split=split, data_dir=data_dir, data_files=files)
-
-
-def image_column_of(data: Any, name: str | None = None) -> str:
-    """``name``, else the first ``Image`` feature of a ``datasets.Dataset``, else ``image``/``img``."""
-    import datasets
-
-    if name:
-        return name
-    found = [c for c, f in data.features.items() if isinstance(f, datasets.Image)]
-    found += [c for c in ("image", "img") if c in data.features]
-    if not found:
-        raise ValueError(f"no image column among {list(data.features)}: pass --image-column")
-    return found[0]
-
-
-def label_column_of(data: Any, name: str | None = None) -> str:
-    """``name``, else the first ``ClassLabel`` feature, else ``label``/``labels``/``fine_label``."""
-    import datasets
-
-    if name:
-        return name
-    found = [c for c, f in data.features.items() if isinstance(f, datasets.ClassLabel)]
-    found += [c for c in ("label", "labels", "fine_label") if c in data.features]
-    if not found:
-        raise ValueError(f"no label column among {list(data.features)}: pass --label-column")
-    return found[0]
-
-
-def _num_classes(data: Any, label_column: str) -> int:
-    import datasets
-
-    feature = data.features[label_column]
-    if isinstance(feature, datasets.ClassLabel):
-        return feature.num_classes
-    return int(max(data[label_column])) + 1
+        row = self.rows[index]
+        return self.transform(decode_image(row["image"], row["id"])), int(row["id"]), int(row["label"])
 
 
 def write_results(output_dir: str | Path, filename: str, results: dict[str, Any]) -> Path:
@@ -825,26 +748,49 @@ def finetune(
 # command line
 
 
-def add_dataset_args(parser: argparse.ArgumentParser) -> None:
+def parse_data_files(values: Sequence[str] | None) -> dict[str, list[str]] | None:
+    """``--data-files`` values (``SPLIT=PATH``; a bare ``PATH`` belongs to ``train``) as ``{split: [paths]}``."""
+    if not values:
+        return None
+    files: dict[str, list[str]] = {}
+    for item in values:
+        key, _, path = item.rpartition("=")
+        files.setdefault(key or "train", []).append(path)
+    return files
+
+
+def add_dataset_args(parser: argparse.ArgumentParser, *, dataset_help: str) -> None:
     """``--dataset/--config-name/--data-dir/--data-files`` and ``--image-column`` (shared with detection)."""
-    parser.add_argument(
-        "--dataset", required=True, help="Hub id, local folder, or a builder (parquet, imagefolder)"
-    )
+    parser.add_argument("--dataset", required=True, help=dataset_help)
     parser.add_argument("--config-name", default=None, help="dataset configuration name")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--data-files", action="append", default=None, metavar="[SPLIT=]PATTERN")
+    parser.add_argument("--data-dir", default=None, help="local copy of the dataset (a folder)")
     parser.add_argument(
-        "--image-column", default=None, help="default: the first Image feature, else image/img"
+        "--data-files", action="append", default=None, metavar="[SPLIT=]PATH", help="repeatable; bare: train"
     )
+    parser.add_argument("--image-column", default=None, help="default: the dataset spec's (else 'image')")
 
 
 def _add_common_args(parser: argparse.ArgumentParser, *, batch_size: int) -> None:
     parser.add_argument("source", help="run folder, timm export folder, hf-hub:ORG/NAME or timm:NAME")
-    add_dataset_args(parser)
-    parser.add_argument("--label-column", default=None, help="default: the first ClassLabel, else label")
-    parser.add_argument("--train-split", default="train", help="split, slicing allowed: train[:45000]")
-    parser.add_argument("--test-split", default="test", help="split, slicing allowed: train[45000:]")
-    parser.add_argument("--num-classes", type=int, default=None, help="default: from the label feature")
+    add_dataset_args(
+        parser,
+        dataset_help="a named dataset spec (cifar10, small_objects, ...), a Hub id ORG/NAME, "
+        "or a local folder of Hub-style parquet files or an imagefolder tree",
+    )
+    parser.add_argument("--label-column", default=None, help="default: the dataset spec's (else 'label')")
+    parser.add_argument(
+        "--holdout", type=int, default=None, metavar="N",
+        help="hold out the last N train rows as the labeled test split (for copies with only a train split)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--train-split", default=None, help="default: the spec's; slicing allowed: train[:45000]"
+    )
+    parser.add_argument(
+        "--test-split", default=None, help="default: the spec's; slicing allowed: train[-5000:]"
+    )
+    parser.add_argument(
+        "--num-classes", type=int, default=None, help="default: the spec's, else max train label + 1"
+    )
     parser.add_argument("--batch-size", type=int, default=batch_size, help="global batch size")
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--input-size", type=int, default=None, help="override the backbone's input size")
@@ -860,26 +806,61 @@ def default_output_dir(source: str, output: str | None) -> Path:
     return Path(source) if Path(source).is_dir() else Path(".")
 
 
+def _classification_spec(args: argparse.Namespace) -> DatasetSpec:
+    """``--dataset`` and its options resolved by ``data.get_spec``; explicit splits win over ``--holdout``."""
+    overrides = {
+        "config": args.config_name,
+        "data_dir": args.data_dir,
+        "data_files": parse_data_files(args.data_files),
+        "image_column": args.image_column,
+        "label_column": args.label_column,
+    }
+    spec = get_spec(args.dataset, holdout=args.holdout, **{k: v for k, v in overrides.items() if v is not None})
+    splits = {"train_split": args.train_split, "test_split": args.test_split}
+    spec = spec.replace(**{k: v for k, v in splits.items() if v})
+    if not spec.test_split:
+        raise ValueError(f"dataset {spec.name!r} has no test split: pass --test-split or --holdout N")
+    return spec
+
+
+def _labels_of(rows: Any, spec: DatasetSpec, split: str) -> np.ndarray:
+    """The label column of loaded rows; every row must be labeled."""
+    labels = np.asarray(rows["label"], dtype=np.int64)
+    if labels.size == 0:
+        raise ValueError(f"split {split!r} of dataset {spec.name!r} is empty")
+    if (labels < 0).any():
+        raise ValueError(
+            f"split {split!r} of dataset {spec.name!r} has unlabeled rows (label column "
+            f"{spec.label_column!r}): pass --label-column, or choose labeled splits"
+        )
+    return labels
+
+
 def _classification_loaders(
     args: argparse.Namespace, model: nn.Module, accelerator: Any, *, train_augment: bool
 ):
-    """Build (and shard) the train/test loaders of a classification CLI command."""
+    """Build (and shard) the train/test loaders of a classification CLI command.
+
+    Rows come from ``data.load_images`` (uniform ``id``/``image``/``label`` columns, stable ids);
+    items are ``(classification_transform(decode_image(image, id)), id, label)``.
+    """
     data_config = backbone_data_config(model)
     if args.input_size:
         data_config["input_size"] = (3, args.input_size, args.input_size)
-    load = dict(name=args.config_name, data_dir=args.data_dir, data_files=args.data_files)
-    train_data = load_split(args.dataset, args.train_split, **load)
-    test_data = load_split(args.dataset, args.test_split, **load)
-    image_column = image_column_of(train_data, args.image_column)
-    label_column = label_column_of(train_data, args.label_column)
-    num_classes = args.num_classes or _num_classes(train_data, label_column)
+    spec = _classification_spec(args)
+    train_rows = load_images(spec, spec.train_split)
+    test_rows = load_images(spec, spec.test_split)
+    train_labels = _labels_of(train_rows, spec, spec.train_split)
+    test_labels = _labels_of(test_rows, spec, spec.test_split)
+    num_classes = args.num_classes or spec.num_classes or int(train_labels.max()) + 1
+    top = int(max(train_labels.max(), test_labels.max()))
+    if top >= num_classes:
+        raise ValueError(f"label {top} does not fit num_classes={num_classes}: pass --num-classes")
     per_process = max(args.batch_size // accelerator.num_processes, 1)
 
-    def loader(data: Any, train: bool) -> DataLoader:
+    def loader(rows: Any, train: bool) -> DataLoader:
         """Training loaders augment, shuffle and drop the last batch; feature/test loaders do none of it."""
-        dataset = ImageClassificationDataset(
-            data, classification_transform(data_config, train=train), image_column, label_column
-        )
+        dataset = _LabeledRows(rows, classification_transform(data_config, train=train))
         return DataLoader(
             dataset,
             batch_size=per_process,
@@ -890,14 +871,18 @@ def _classification_loaders(
             persistent_workers=args.num_workers > 0,
         )
 
-    train_loader, test_loader = loader(train_data, train_augment), loader(test_data, False)
+    train_loader, test_loader = loader(train_rows, train_augment), loader(test_rows, False)
     train_loader, test_loader = accelerator.prepare(train_loader, test_loader)
     info = {
         "dataset": args.dataset,
-        "train_split": args.train_split,
-        "test_split": args.test_split,
-        "image_column": image_column,
-        "label_column": label_column,
+        "data_dir": args.data_dir,
+        "holdout": args.holdout,
+        "train_split": spec.train_split,
+        "test_split": spec.test_split,
+        "image_column": spec.image_column,
+        "label_column": spec.label_column,
+        "num_train": len(train_rows),
+        "num_test": len(test_rows),
         "input_size": list(data_config["input_size"]),
     }
     return train_loader, test_loader, num_classes, info

@@ -44,6 +44,7 @@ class DataConfig:
     data_dir: str | None = None  # local copy: a folder of Hub-style parquet files or an imagefolder tree
     image_column: str | None = None
     label_column: str | None = None
+    image_size: int | None = None  # training (and eval) resolution instead of the spec's
     streaming: bool = False
     batch_size: int = 512
     num_workers: int = 4
@@ -143,7 +144,7 @@ _CHOICES = {
     "train.mixed_precision": ("no", "bf16", "fp16"),
 }
 _POSITIVE = {
-    "data.batch_size", "optim.lr", "train.epochs", "train.grad_accum", "crop.loc_interval", "crop.alpha",
+    "data.batch_size", "data.image_size", "optim.lr", "train.epochs", "train.grad_accum", "crop.loc_interval", "crop.alpha",
     "train.checkpoint_every", "train.keep_checkpoints", "train.knn_k", "train.knn_temperature", "train.log_every",
 }
 _NON_NEGATIVE = {

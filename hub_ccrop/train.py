@@ -131,7 +131,7 @@ def build_data(recipe: Recipe) -> RunData:
     d = recipe.data
     overrides: dict[str, Any] = {key: value for key, value in (
         ("data_dir", d.data_dir), ("image_column", d.image_column), ("label_column", d.label_column),
-        ("test_split", d.test_split)) if value is not None}
+        ("image_size", d.image_size), ("test_split", d.test_split)) if value is not None}
     if d.splits:
         overrides["pretrain_splits"] = tuple(d.splits)
     spec = data_lib.get_spec(d.dataset, holdout=d.holdout or None, **overrides)
@@ -196,7 +196,9 @@ class TrainBatches:
             self.loader.set_epoch(epoch)
             batches = self.accelerator.skip_first_batches(self.loader, start) if start else self.loader
         for batch in batches:
-            yield self.collate.views(batch, device)
+            view1, view2 = self.collate.views(batch, device)
+            if len(view1):  # a batch of only undecodable images (each skipped with a warning) is empty
+                yield view1, view2
 
 
 def _latest_checkpoint(out: Path) -> Path | None:

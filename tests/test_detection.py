@@ -119,6 +119,22 @@ def test_dataset_column_mapping_top_level_normalized_cxcywh():
     assert target["labels"].tolist() == [3]
 
 
+def test_dataset_decodes_with_decode_image():
+    """Images go through ``data.decode_image``: odd modes become RGB, bad images name the row id."""
+    from hub_ccrop.data import BadImageError
+
+    data = [
+        {"image": Image.new("L", (20, 10), 51), "objects": {"bbox": [[1.0, 1.0, 5.0, 5.0]], "category": [0]}},
+        {"image": {"bytes": b"oops", "path": "bad.jpg"}, "objects": {"bbox": [], "category": []}},
+    ]
+    image, target = DetectionDataset(data)[0]
+    assert image.shape == (3, 10, 20)
+    torch.testing.assert_close(image, torch.full((3, 10, 20), 51 / 255))
+    assert target["labels"].tolist() == [1]
+    with pytest.raises(BadImageError, match=r"sample id 1.*bad\.jpg"):
+        DetectionDataset(data)[1]
+
+
 def test_frozen_bn_and_frozen_stages():
     body = timm.create_model("resnet18", features_only=True, out_indices=(1, 2, 3, 4))
     model = build_faster_rcnn(body, 2, trainable_stages=3, min_size=64, max_size=96)
@@ -202,6 +218,7 @@ def test_cli_finetune_detection_run_folder(tmp_path):
     args = parser.parse_args(shlex.split(command))
     result = args.func(args)
     assert result["num_categories"] == 2  # from the ClassLabel feature
+    assert result["image_column"] == "image" and result["objects_column"] == "objects"
     saved = json.loads((run / "detection" / "detection.json").read_text())
     assert saved["metrics"]["num_images"] == 4 and saved["steps"] == 2
     assert (run / "detection" / "detector.safetensors").is_file()

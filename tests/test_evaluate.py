@@ -400,12 +400,15 @@ def run_cli(command: str) -> dict:
 def test_cli_knn_linear_finetune(tmp_path, tiny_parquet):
     torch.manual_seed(0)
     run = shlex.quote(str(write_run(tmp_path, timm.create_model("resnet18", num_classes=0))))
-    files = {split: shlex.quote(f"{split}={tiny_parquet / split}.parquet") for split in ("train", "test")}
-    data = f"--dataset parquet --data-files {files['train']} --data-files {files['test']} --num-workers 0 --no-progress"
+    # a local folder of parquet files (train.parquet, test.parquet), resolved by data.get_spec
+    data = f"--dataset {shlex.quote(str(tiny_parquet))} --image-column img --num-workers 0 --no-progress"
     knn = run_cli(f"eval knn {run} {data} --batch-size 8")
     saved = json.loads((tmp_path / "run" / "eval_knn.json").read_text())
     assert saved["top1"] == knn["top1"] and saved["k"] == 200 and saved["image_column"] == "img"
     assert saved["num_train"] == 32 and saved["num_test"] == 16 and "date" in saved
+    assert saved["dataset"] == str(tiny_parquet) and saved["label_column"] == "label"
+    assert (saved["train_split"], saved["test_split"]) == ("train", "test")  # the spec's defaults
+    assert saved["num_classes"] == 2  # max train label + 1 (a folder spec has no num_classes)
 
     fast = run_cli(f"eval linear {run} {data} --fast --epochs 3 --milestones 2")
     assert "cached-features" in json.loads((tmp_path / "run" / "eval_linear.json").read_text())["protocol"]
@@ -421,3 +424,90 @@ def test_cli_knn_linear_finetune(tmp_path, tiny_parquet):
     assert (out / "finetune.json").is_file() and (out / "model.safetensors").is_file()
     reloaded = load_backbone(out, num_classes=2)  # a timm export, trained head included (strict load)
     assert reloaded.get_classifier().out_features == 2
+
+
+def test_cli_knn_named_spec_small_objects(tmp_path):
+    """``--dataset small_objects`` with a small local copy, split slices and ``--holdout``."""
+    from hub_ccrop.synthetic import small_objects_dir
+
+    torch.manual_seed(0)
+    run = shlex.quote(str(write_run(tmp_path, timm.create_model("resnet18", num_classes=0))))
+    root = shlex.quote(str(small_objects_dir(tmp_path / "data", train=64, test=32)))
+    data = f"--dataset small_objects --data-dir {root} --num-workers 0 --no-progress --batch-size 16"
+    out = tmp_path / "so"
+    result = run_cli(f"eval knn {run} {data} --train-split train[:48] --test-split test[-16:] --output {out}")
+    saved = json.loads((out / "eval_knn.json").read_text())
+    assert saved["top1"] == result["top1"] and saved["dataset"] == "small_objects"
+    assert (saved["train_split"], saved["test_split"]) == ("train[:48]", "test[-16:]")
+    assert saved["num_train"] == 48 and saved["num_test"] == 16
+    assert saved["num_classes"] == 10  # from the spec
+    assert saved["image_column"] == "image" and saved["label_column"] == "label"
+
+    held = run_cli(f"eval knn {run} {data} --holdout 16 --output {out}")
+    assert (held["train_split"], held["test_split"]) == ("train[:-16]", "train[-16:]")
+    assert held["holdout"] == 16 and held["num_train"] == 48 and held["num_test"] == 16
+
+
+def test_cli_dataset_resolution_and_label_checks(tmp_path, tiny_parquet):
+    """``--dataset`` goes through ``data.get_spec``; unlabeled or out-of-range labels are clear errors."""
+    import pyarrow.parquet as pq
+
+    from hub_ccrop.evaluate import _classification_spec, parse_data_files
+
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(dest="command", required=True))
+
+    def spec_of(command: str):
+        return _classification_spec(parser.parse_args(["eval", "knn", "RUN", *shlex.split(command)]))
+
+    hub = spec_of("--dataset org/name --image-column img --label-column fine --config-name c")
+    assert (hub.hub_id, hub.image_column, hub.label_column, hub.config) == ("org/name", "img", "fine", "c")
+    cifar = spec_of("--dataset cifar10 --data-dir /some/cifar10 --holdout 5000")
+    assert cifar.data_dir == "/some/cifar10" and cifar.num_classes == 10 and cifar.image_column == "img"
+    assert (cifar.train_split, cifar.test_split) == ("train[:-5000]", "train[-5000:]")
+    sliced = spec_of("--dataset cifar10 --holdout 5000 --train-split train[:1000]")
+    assert (sliced.train_split, sliced.test_split) == ("train[:1000]", "train[-5000:]")
+    folder = spec_of(f"--dataset {shlex.quote(str(tiny_parquet))}")
+    assert folder.data_dir == str(tiny_parquet) and folder.num_classes is None
+    with pytest.raises(KeyError, match="unknown dataset"):
+        spec_of("--dataset no-such-dataset")
+    assert parse_data_files(["train=a.parquet", "b.parquet", "test=c.parquet"]) == {
+        "train": ["a.parquet", "b.parquet"],
+        "test": ["c.parquet"],
+    }
+
+    run = shlex.quote(str(write_run(tmp_path, timm.create_model("resnet18", num_classes=0))))
+    data = f"--dataset {shlex.quote(str(tiny_parquet))} --image-column img --num-workers 0 --no-progress"
+    with pytest.raises(KeyError, match="no label column"):
+        run_cli(f"eval knn {run} {data} --label-column nothing")
+    unlabeled = tmp_path / "unlabeled"
+    unlabeled.mkdir()
+    for split in ("train", "test"):
+        table = pq.read_table(tiny_parquet / f"{split}.parquet").drop_columns(["label"])
+        pq.write_table(table, unlabeled / f"{split}.parquet")
+    with pytest.raises(ValueError, match="unlabeled"):  # no label column: label -1 on every row
+        run_cli(f"eval knn {run} --dataset {shlex.quote(str(unlabeled))} --image-column img --num-workers 0")
+    with pytest.raises(ValueError, match="num_classes"):
+        run_cli(f"eval knn {run} {data} --num-classes 1")
+
+
+def test_cli_rows_decoded_with_decode_image(tmp_path):
+    """Items are ``(transform(decode_image(image, id)), id, label)``: odd modes become RGB, and a bad
+    image names its sample id."""
+    from PIL import Image
+
+    from hub_ccrop.data import BadImageError
+    from hub_ccrop.evaluate import _LabeledRows, classification_transform
+
+    gray = Image.new("L", (8, 8), 7)
+    rows = [
+        {"id": 40, "image": gray, "label": 1},
+        {"id": 41, "image": {"bytes": b"not an image", "path": "broken.png"}, "label": 0},
+    ]
+    cfg = {"input_size": (3, 8, 8), "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "crop_pct": 1.0}
+    dataset = _LabeledRows(rows, classification_transform(cfg, train=False))
+    image, sample_id, label = dataset[0]
+    assert image.shape == (3, 8, 8) and (sample_id, label) == (40, 1)
+    torch.testing.assert_close(image, torch.full((3, 8, 8), 7 / 255))
+    with pytest.raises(BadImageError, match=r"sample id 41.*broken\.png"):
+        dataset[1]
