@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration, set_seed
 from datasets import IterableDataset
 from datasets.distributed import split_dataset_by_node
@@ -351,6 +352,16 @@ def _run_info(recipe: Recipe, run_data: RunData, backbone) -> dict[str, Any]:
 
 def train(recipe: Recipe, output_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
     """Train ``recipe``; return the final metrics (also written to ``OUTPUT/metrics.json``)."""
+    try:
+        return _train(recipe, output_dir, resume)
+    finally:
+        # accelerate keeps one mixed-precision/gradient state per process; release it (the process
+        # group stays) so that a next run in this process, e.g. in a notebook, can pick its own.
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+
+def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool) -> dict[str, Any]:
     t, c = recipe.train, recipe.crop
     out = Path(output_dir or t.output_dir or Path("runs") / recipe.name)
     accelerator = Accelerator(

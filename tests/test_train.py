@@ -85,9 +85,23 @@ def test_resume_continues_to_the_same_final_state(tiny_objects, tmp_path):
     assert torch.equal(BoxTable.load(full / "boxes.parquet").boxes, BoxTable.load(cut / "boxes.parquet").boxes)
 
 
-def test_gradient_accumulation_and_lars_run(tiny_objects, tmp_path):
+@pytest.mark.parametrize("data", [
+    {"streaming": True},
+    {"batched_views": True},
+    {"batched_views": True, "device_resident": True},
+    {"num_workers": 2},
+], ids=["streaming", "batched", "device-resident", "workers"])
+def test_every_data_path_trains_and_localizes(tiny_objects, tmp_path, data):
+    train(tiny_recipe(tiny_objects, data=data, train={"epochs": 2, "knn_every": 0}), tmp_path)
+    history = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    assert [h["crop"] for h in history] == ["rcrop", "ccrop"] and history[0]["loc_images"] == 192
+    table = BoxTable.load(tmp_path / "boxes.parquet")
+    assert not torch.equal(table.boxes, BoxTable(192).boxes)
+
+
+def test_gradient_accumulation_lars_and_bf16_run(tiny_objects, tmp_path):
     recipe = tiny_recipe(tiny_objects, data={"batch_size": 32}, optim={"name": "lars", "lr": 0.3},
-                         train={"epochs": 2, "grad_accum": 2, "knn_every": 0})
+                         train={"epochs": 2, "grad_accum": 2, "knn_every": 0, "mixed_precision": "bf16"})
     metrics = train(recipe, tmp_path)
     assert metrics["epochs"] == 2 and torch.isfinite(torch.tensor(metrics["final_loss"]))
 
