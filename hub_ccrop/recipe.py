@@ -52,6 +52,7 @@ class DataConfig:
     device_resident: bool = False  # keep decoded uint8 images on the device (small datasets)
     holdout: int = 0  # last N rows of the train split held out as the labeled kNN test split
     splits: list[str] | None = None  # pretraining splits instead of the spec's, e.g. ["train[:10000]"]
+    train_split: str | None = None  # the kNN monitor's labeled bank instead of the spec's, e.g. "train[:45000]"
     test_split: str | None = None  # the kNN monitor's labeled test split instead of the spec's
 
 
@@ -86,7 +87,7 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 500
     seed: int = 0
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    mixed_precision: str | bool = "no"  # no | bf16 | fp16 (YAML's unquoted `no` arrives as false)
     grad_accum: int = 1
     checkpoint_every: int = 1  # epochs
     checkpoint_every_steps: int | None = None
@@ -160,7 +161,12 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
         if value is None and type(None) in typing.get_args(annotation):
             return None
         inner = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _check_type(value, inner[0], key)
+        for option in inner[1:]:
+            try:
+                return _check_type(value, option, key)
+            except RecipeError:
+                pass
+        return _check_type(value, inner[0], key)  # the main type's error message
     if origin is list:
         if not isinstance(value, list | tuple):
             raise RecipeError(f"{key}: expected a list, got {value!r}")
@@ -197,6 +203,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
 
 
 def _validate(recipe: Recipe) -> None:
+    if recipe.train.mixed_precision is False:
+        recipe.train.mixed_precision = "no"
     for key, choices in _CHOICES.items():
         value = _get(recipe, key)
         if value not in choices:
@@ -219,9 +227,10 @@ def _validate(recipe: Recipe) -> None:
         )
     if c.loc_epochs is not None and any(e < 1 for e in c.loc_epochs):
         raise RecipeError(f"crop.loc_epochs: epochs are 1-based (localize after that epoch), got {c.loc_epochs}")
-    if recipe.data.holdout and recipe.data.splits:
-        raise RecipeError("data.holdout and data.splits exclude each other: slice the splits yourself, "
-                          "e.g. splits: ['train[:-5000]'] and test_split: 'train[-5000:]'")
+    if recipe.data.holdout and (recipe.data.splits or recipe.data.train_split or recipe.data.test_split):
+        raise RecipeError("data.holdout and data.splits/train_split/test_split exclude each other: slice the "
+                          "splits yourself, e.g. splits: ['train[:-5000]'], train_split: 'train[:-5000]', "
+                          "test_split: 'train[-5000:]'")
     if recipe.data.streaming and recipe.data.device_resident:
         raise RecipeError("data.device_resident needs a map-style dataset: set data.streaming: false")
     if recipe.data.device_resident and not recipe.data.batched_views:
@@ -247,7 +256,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"--set {dotted}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(text)
+        try:
+            node[parts[-1]] = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise RecipeError(f"--set {item}: the value is not valid YAML (quote it?): {err}") from None
     return raw
 
 

@@ -132,7 +132,8 @@ def build_data(recipe: Recipe) -> RunData:
     d = recipe.data
     overrides: dict[str, Any] = {key: value for key, value in (
         ("data_dir", d.data_dir), ("image_column", d.image_column), ("label_column", d.label_column),
-        ("image_size", d.image_size), ("test_split", d.test_split)) if value is not None}
+        ("image_size", d.image_size), ("train_split", d.train_split), ("test_split", d.test_split))
+        if value is not None}
     if d.splits:
         overrides["pretrain_splits"] = tuple(d.splits)
     spec = data_lib.get_spec(d.dataset, holdout=d.holdout or None, **overrides)
@@ -442,7 +443,7 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool) -> dict[
                     raise NonFiniteLossError(
                         f"loss is {loss.item()} at epoch {epoch + 1}, step {state.step_in_epoch + 1}: training "
                         f"stopped. Last good checkpoint: {_latest_checkpoint(out) or 'none yet'} (lower optim.lr "
-                        f"or use train.mixed_precision=no, then --resume)")
+                        f"or set train.mixed_precision=no, then --resume)")
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -516,8 +517,10 @@ def _final_metrics(recipe: Recipe, run_data: RunData, state: TrainState, images_
     if run_data.gt_boxes is not None:
         sizes = torch.tensor([[run_data.spec.image_size] * 2]).expand(run_data.num_rows, 2)
         miss = object_miss_rate(run_data.gt_boxes, state.boxes.boxes, sizes, scale=c.scale, ratio=c.ratio,
-                                alpha=c.alpha if c.mode == "ccrop" else 1.0)
-        metrics |= {"miss_rate_rcrop": miss["rcrop"], "miss_rate_ccrop": miss["ccrop"]}
+                                alpha=c.alpha)
+        metrics["miss_rate_rcrop"] = miss["rcrop"]
+        if c.mode == "ccrop":  # an R-Crop run has no learned boxes to judge
+            metrics["miss_rate_ccrop"] = miss["ccrop"]
     return metrics
 
 

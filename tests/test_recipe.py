@@ -20,6 +20,17 @@ def test_defaults_and_overrides():
     assert [recipe.crop_mode(e) for e in (0, 3, 4, 9)] == ["rcrop", "rcrop", "ccrop", "ccrop"]
 
 
+def test_yaml_no_for_mixed_precision_and_split_keys():
+    assert load_recipe({}, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe({}, ["data.splits=[train[:1000]]"])
+    recipe = load_recipe({}, ['data.splits=["train[:1000]"]', "data.train_split=train[:45000]",
+                              "data.test_split=train[-5000:]"])
+    assert recipe.data.train_split == "train[:45000]" and recipe.data.splits == ["train[:1000]"]
+    with pytest.raises(RecipeError, match="exclude each other"):
+        load_recipe({"data": {"holdout": 5000, "train_split": "train"}})
+
+
 def test_rcrop_never_localizes_and_init_boxes_skip_warmup():
     assert load_recipe({"crop": {"mode": "rcrop"}, "train": {"epochs": 5}}).localization_epochs() == []
     warm = load_recipe({"crop": {"init_boxes": "org/boxes", "warmup_epochs": 100, "loc_interval": 2},
