@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import pickle
 import re
 import warnings
@@ -671,7 +672,7 @@ def add_cli(subparsers: Any) -> None:
     det.add_argument("--lr", type=float, default=0.02)
     det.add_argument("--weight-decay", type=float, default=1e-4)
     det.add_argument("--warmup-steps", type=int, default=100)
-    det.add_argument("--num-workers", type=int, default=4)
+    det.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
     det.add_argument(
         "--output", default=None, help="default: RUN/detection for a run folder, else ./detection"
     )

@@ -25,6 +25,7 @@ import datetime as _dt
 import importlib
 import json
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -792,7 +793,7 @@ def _add_common_args(parser: argparse.ArgumentParser, *, batch_size: int) -> Non
         "--num-classes", type=int, default=None, help="default: the spec's, else max train label + 1"
     )
     parser.add_argument("--batch-size", type=int, default=batch_size, help="global batch size")
-    parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--input-size", type=int, default=None, help="override the backbone's input size")
     parser.add_argument("--output", default=None, help="results folder (default: the run folder, else '.')")
     parser.add_argument("--channels-last", action="store_true")
