@@ -57,6 +57,9 @@ __all__ = [
     "register_spec",
 ]
 
+# The normalization of the paper's official code for CIFAR-10 (also the CIFAR-stem models' pretrained_cfg).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -190,7 +193,7 @@ def get_spec(name: str, *, holdout: int | None = None, **overrides: Any) -> Data
 
 register_spec(DatasetSpec(
     name="cifar10", hub_id="uoft-cs/cifar10", config="plain_text", image_column="img", label_column="label",
-    image_size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010), num_classes=10,
+    image_size=32, mean=CIFAR10_MEAN, std=CIFAR10_STD, num_classes=10,
 ))  # fmt: skip
 register_spec(DatasetSpec(
     name="cifar100", hub_id="uoft-cs/cifar100", config="cifar100", image_column="img",

@@ -22,6 +22,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
+from hub_ccrop.data import CIFAR10_MEAN, CIFAR10_STD
+
 __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
@@ -32,9 +34,6 @@ __all__ = [
     "prepare_model",
 ]
 
-# The normalization of the paper's official code for CIFAR-10.
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 
 
 class CifarResNet(ResNet):

@@ -489,31 +489,25 @@ class TwoViewCollate:
         raw: bool = False,
         strict: bool = False,
         max_side: int | None = None,
-        flip_p: float = 0.5,
-        jitter: Sequence[float] = JITTER,
-        jitter_p: float = 0.8,
-        gray_p: float = 0.2,
-        blur_p: float = 0.5,
-        blur_sigma: Sequence[float] = BLUR_SIGMA,
+        **pipeline: Any,
     ) -> None:
         self.size = int(size)
         self.crops = CropSampler(box_table, scale=scale, ratio=ratio, alpha=alpha, mode=mode)
-        self.augment = BatchedViewAugment(
-            size, mean, std, blur=blur, flip_p=flip_p, jitter=jitter, jitter_p=jitter_p, gray_p=gray_p,
-            blur_p=blur_p, blur_sigma=blur_sigma,
-        )  # fmt: skip
+        # The one description of the paper's pipeline (flip_p, jitter, jitter_p, gray_p, blur_p,
+        # blur_sigma); the per-image PIL transforms below are built from it too.
+        self.augment = a = BatchedViewAugment(size, mean, std, blur=blur, **pipeline)
         self.batched = batched or raw
         self.raw = raw
         self.strict = strict
         self.max_side = max_side
         self.skipped = SkipCounter()
         steps: list[nn.Module] = [
-            T.RandomHorizontalFlip(flip_p),
-            T.RandomApply([T.ColorJitter(*jitter)], p=jitter_p),
-            T.RandomGrayscale(gray_p),
+            T.RandomHorizontalFlip(a.flip_p),
+            T.RandomApply([T.ColorJitter(*a.jitter)], p=a.jitter_p),
+            T.RandomGrayscale(a.gray_p),
         ]
         if blur:
-            steps.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(self.size), tuple(blur_sigma))], p=blur_p))
+            steps.append(T.RandomApply([T.GaussianBlur(a.kernel_size, a.blur_sigma)], p=a.blur_p))
         self.pil_transform = T.Compose(steps)
 
     @classmethod
