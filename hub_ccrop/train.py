@@ -14,8 +14,12 @@ import argparse
 import hashlib
 import itertools
 import json
+import os
+import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,6 +42,7 @@ from hub_ccrop.boxes import BoxTable, pairwise_box_iou
 from hub_ccrop.crop import object_miss_rate
 from hub_ccrop.data import DatasetSpec
 from hub_ccrop.distributed import default_autocast_dtype
+from hub_ccrop.errors import TrainingInterrupted, UserError, run_command
 from hub_ccrop.evaluate import extract_features, knn_accuracy
 from hub_ccrop.hub import load_boxes
 from hub_ccrop.localize import heatmaps, localize_boxes, normalize_heatmaps
@@ -88,6 +93,63 @@ class TrainState:
         self.global_step = int(state["global_step"])
         self.boxes.load_state(state["boxes"], json.loads(state["box_metadata"]))
         self.history = json.loads(state["history"])
+
+
+class StopRequest:
+    """SIGINT/SIGTERM during training: remembered, acted on after the current step instead of killing the run.
+
+    Checkpoints are collective, so every process must stop at the same step: :meth:`agreed` takes the
+    maximum over processes (a rank that got no signal stops with the others).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        # A second signal (a launcher forwards the terminal's Ctrl-C again) must not cut the checkpoint short.
+        self.signum = self.signum or signum
+
+    def agreed(self, accelerator: Accelerator) -> int:
+        """The signal any process received (0 for none), the same number on every process."""
+        if accelerator.num_processes == 1:
+            return self.signum
+        flag = torch.tensor([self.signum], device=accelerator.device)
+        return int(accelerator.reduce(flag, reduction="max").item())
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which stops them after its checkpoint."""
+    for signum in StopRequest.SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def _resume_command(out: Path, accelerator: Accelerator) -> str:
+    """The exact command that continues this run (the run folder keeps the resolved recipe)."""
+    args = f"{shlex.quote(str(out / 'recipe.yaml'))} --output-dir {shlex.quote(str(out))} --resume"
+    if accelerator.num_processes == 1:
+        return f"hub-ccrop train {args}"
+    cpu = "ACCELERATE_USE_CPU=1 " if os.environ.get("ACCELERATE_USE_CPU") else ""
+    return (f"{cpu}accelerate launch --multi_gpu --num_processes {accelerator.num_processes} "
+            f"-m hub_ccrop.train {args}")
+
+
+def _interrupted(accelerator: Accelerator, out: Path, state: TrainState, keep: int, signum: int) -> TrainingInterrupted:
+    """Save a checkpoint at the current step on every process; the exception carries the resume command."""
+    checkpoint = _save_checkpoint(accelerator, out, state, keep)
+    accelerator.end_training()
+    return TrainingInterrupted(signum, str(checkpoint), _resume_command(out, accelerator))
 
 
 class SeededCollate:
@@ -235,7 +297,7 @@ def _loader(dataset, collate, *, batch_size: int, num_workers: int, shuffle: boo
             seed: int = 0, persistent: bool = False) -> DataLoader:
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers,
-        persistent_workers=persistent and num_workers > 0, collate_fn=collate,
+        persistent_workers=persistent and num_workers > 0, collate_fn=collate, worker_init_fn=_ignore_stop_signals,
         pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed),
     )
 
@@ -353,17 +415,22 @@ def _run_info(recipe: Recipe, run_data: RunData, backbone) -> dict[str, Any]:
 
 
 def train(recipe: Recipe, output_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
-    """Train ``recipe``; return the final metrics (also written to ``OUTPUT/metrics.json``)."""
+    """Train ``recipe``; return the final metrics (also written to ``OUTPUT/metrics.json``).
+
+    SIGINT/SIGTERM save a checkpoint at the current step and raise :class:`TrainingInterrupted`.
+    """
+    stop = StopRequest()
     try:
-        return _train(recipe, output_dir, resume)
+        return _train(recipe, output_dir, resume, stop)
     finally:
+        stop.restore()
         # accelerate keeps one mixed-precision/gradient state per process; release it (the process
         # group stays) so that a next run in this process, e.g. in a notebook, can pick its own.
         AcceleratorState._reset_state()
         GradientState._reset_state()
 
 
-def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool) -> dict[str, Any]:
+def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool, stop: StopRequest) -> dict[str, Any]:
     t, c = recipe.train, recipe.crop
     out = Path(output_dir or t.output_dir or Path("runs") / recipe.name)
     accelerator = Accelerator(
@@ -374,10 +441,7 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool) -> dict[
     set_seed(t.seed)
     is_main = accelerator.is_main_process
     if not resume and _latest_checkpoint(out) is not None:
-        raise RuntimeError(f"{out} already holds a run: pass --resume to continue it, or choose another --output-dir")
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(recipe.to_yaml())
+        raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --output-dir")
 
     # -- data and the shared box table ----------------------------------------------------------
     run_data = build_data(recipe)
@@ -408,6 +472,9 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool) -> dict[
     optimizer = build_optimizer(method.param_groups(base_lr, recipe.optim.weight_decay), recipe.optim, base_lr)
     method, optimizer = accelerator.prepare(method, optimizer)
     online = accelerator.unwrap_model(method)
+    if is_main:  # only now: a run that fails before training leaves no folder behind
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(recipe.to_yaml())
     accelerator.register_for_checkpointing(state)
     if resume:
         ckpt = _latest_checkpoint(out)
@@ -428,7 +495,10 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool) -> dict[
 
     # -- epochs ---------------------------------------------------------------------------------
     logs: dict[str, float] = {}
+    stop.install()  # from here on, Ctrl-C/SIGTERM stop after the current step with a checkpoint
     while state.epoch < t.epochs:
+        if signum := stop.agreed(accelerator):
+            raise _interrupted(accelerator, out, state, t.keep_checkpoints, signum)
         epoch = state.epoch
         mode = recipe.crop_mode(epoch)
         collate.set_epoch(epoch, mode)
@@ -460,6 +530,11 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool) -> dict[
                                 step=state.global_step)
             if t.checkpoint_every_steps and state.global_step % t.checkpoint_every_steps == 0:
                 _save_checkpoint(accelerator, out, state, t.keep_checkpoints)
+            # Mid-epoch only after a full accumulation cycle (exact resume); the last step's stop waits for
+            # the epoch's end (localization, kNN) and is taken at the next epoch's start.
+            if (accelerator.sync_gradients and state.step_in_epoch < len(batches)
+                    and (signum := stop.agreed(accelerator))):
+                raise _interrupted(accelerator, out, state, t.keep_checkpoints, signum)
             if t.max_steps is not None and state.global_step >= t.max_steps:
                 accelerator.print(f"stopped at train.max_steps={t.max_steps}; continue with --resume")
                 accelerator.end_training()
@@ -562,11 +637,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-    except RecipeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    """``hub-ccrop train``; user mistakes raise (the caller's :func:`~hub_ccrop.errors.run_command` reports them)."""
+    recipe = load_recipe(args.recipe, args.overrides)
     try:
         train(recipe, args.output_dir, resume=args.resume)
     except NonFiniteLossError as err:
@@ -578,7 +650,9 @@ def run_from_args(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hub_ccrop.train", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    args = parser.parse_args(argv)
+    return run_command(lambda: run_from_args(args), debug=args.debug)
 
 
 if __name__ == "__main__":
