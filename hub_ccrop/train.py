@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from datasets import IterableDataset
 from datasets.distributed import split_dataset_by_node
 from safetensors.torch import save_file
@@ -50,7 +50,7 @@ from hub_ccrop.methods import METHOD_DEFAULTS, build_method
 from hub_ccrop.models import create_backbone, prepare_model
 from hub_ccrop.optim import build_optimizer, set_epoch_lr
 from hub_ccrop.recipe import Recipe, RecipeError, load_recipe
-from hub_ccrop.views import DeviceResidentImages, EvalCollate, RawBatch, TwoViewCollate
+from hub_ccrop.views import DeviceResidentImages, EvalCollate, RawBatch, SkipCounter, TwoViewCollate
 from hub_ccrop.viz import draw_localization_grid, to_uint8
 
 __all__ = ["NonFiniteLossError", "RunData", "SeededCollate", "TrainBatches", "build_data", "main", "train"]
@@ -82,17 +82,27 @@ class TrainState:
     step_in_epoch: int = 0  # batches of the current epoch already trained
     global_step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    skipped: SkipCounter = field(default_factory=SkipCounter)  # undecodable pretraining images, by id
+    skipped_ids: list[int] = field(default_factory=list)  # all processes' skipped ids, as of the last sync
+
+    def sync_skipped(self, accelerator: Accelerator) -> list[int]:
+        """Every process's skipped ids, merged (collective: call it on all processes)."""
+        self.skipped_ids = sorted(set(self.skipped_ids) | set(gather_object(self.skipped.ids())))
+        return self.skipped_ids
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "boxes": self.boxes.boxes.clone(), "box_metadata": json.dumps(self.boxes.metadata, default=str),
-                "history": json.dumps(self.history)}
+                "history": json.dumps(self.history), "skipped_ids": json.dumps(self.skipped_ids)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         self.global_step = int(state["global_step"])
         self.boxes.load_state(state["boxes"], json.loads(state["box_metadata"]))
         self.history = json.loads(state["history"])
+        self.skipped_ids = json.loads(state.get("skipped_ids", "[]"))  # absent in older checkpoints
+        for sample_id in self.skipped_ids:  # already reported: no second warning after --resume
+            self.skipped.add(0, sample_id)
 
 
 class StopRequest:
@@ -276,6 +286,7 @@ def _save_checkpoint(accelerator: Accelerator, out: Path, state: TrainState, kee
     tmp = final.with_name(f".tmp_{final.name}")
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
+    state.sync_skipped(accelerator)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
@@ -328,6 +339,7 @@ def _localization_pass(accelerator: Accelerator, encoder, run_data: RunData, sta
                        out: Path) -> dict[str, float]:
     """Localize every pretraining image, gather by id, write the shared table, save it and a picture."""
     collate = EvalCollate(run_data.spec, purpose="localize")
+    collate.skipped = state.skipped  # the training views' ids: each bad image is reported once per run
     start = time.perf_counter()
     ids, boxes = localize_boxes(encoder, _eval_loader(accelerator, run_data.pretrain, collate, recipe),
                                 k=recipe.crop.k, autocast_dtype=default_autocast_dtype(accelerator.device),
@@ -451,13 +463,14 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool, stop: St
     if c.init_boxes:
         init = load_boxes(c.init_boxes, dataset_num_rows=run_data.num_rows, fingerprint=run_data.fingerprint)
         table.load_state(init.boxes, {"init_boxes": c.init_boxes})
-    state = TrainState(table)
+    state = TrainState(table, skipped=SkipCounter(run_data.num_rows))
     collate = SeededCollate(
         TwoViewCollate.from_spec(spec, table, scale=c.scale, ratio=c.ratio, alpha=c.alpha, blur=c.blur or spec.blur,
                                  mode=recipe.crop_mode(0), batched=recipe.data.batched_views,
                                  raw=recipe.data.batched_views and accelerator.device.type == "cuda"),
         seed=t.seed,
     )
+    collate.collate.skipped = state.skipped
     batches = TrainBatches(recipe, run_data, collate, accelerator)
 
     # -- model, method, optimizer ---------------------------------------------------------------
@@ -564,7 +577,7 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool, stop: St
 
     # -- the end --------------------------------------------------------------------------------
     metrics = _final_metrics(recipe, run_data, state, images_seen / max(train_seconds, 1e-9),
-                             time.perf_counter() - run_start, int(collate.collate.skipped))
+                             time.perf_counter() - run_start, len(state.sync_skipped(accelerator)))
     if is_main:
         backbone = online.localization_encoder
         weights = {k: v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()}
@@ -573,9 +586,21 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool, stop: St
         (out / "metrics.json").write_text(json.dumps(metrics | {"history": state.history}, indent=2))
         state.boxes.save(out / "boxes.parquet")
         state.boxes.save(out / "boxes.safetensors")
+        _write_skipped(out, run_data, state.skipped_ids)
     accelerator.end_training()
     accelerator.print(_summary(recipe, metrics, out))
     return metrics
+
+
+def _write_skipped(out: Path, run_data: RunData, ids: list[int]) -> None:
+    """``skipped.json``: the undecodable pretraining images (by sample id), written only when there are some."""
+    if ids:
+        (out / "skipped.json").write_text(json.dumps({
+            "count": len(ids), "ids": ids, "dataset": run_data.spec.hub_id or run_data.spec.name,
+            "splits": list(run_data.spec.pretrain_splits),
+            "note": "sample ids are row positions in the unshuffled pretraining data (row-index-v1); the "
+                    "training log's warnings name each id's file; these images were left out of training",
+        }, indent=2))
 
 
 def _final_metrics(recipe: Recipe, run_data: RunData, state: TrainState, images_per_s: float, wall: float,
@@ -611,6 +636,9 @@ def _summary(recipe: Recipe, metrics: dict[str, Any], out: Path) -> str:
     if "miss_rate_ccrop" in metrics:
         lines.append(f"  view pairs where a view misses the object (< 20% of it): "
                      f"RandomResizedCrop {metrics['miss_rate_rcrop']:.3f}, ContrastiveCrop {metrics['miss_rate_ccrop']:.3f}")
+    if metrics["skipped_images"]:
+        lines.append(f"  skipped {metrics['skipped_images']} undecodable images (distinct ids, listed in "
+                     f"{out / 'skipped.json'})")
     if recipe.target:
         lines.append(f"  paper reference: {recipe.target}")
     lines.append(f"  run folder: {out} (backbone.safetensors, boxes.parquet, pictures/, metrics.json); "
