@@ -51,7 +51,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------------------
-# The paper: citation and reference numbers (DESIGN.md section 3)
+# The paper: citation and reference numbers (docs/METHOD.md, section 6)
 # ------------------------------------------------------------------------------------------------------------
 
 PAPER_TITLE = "Crafting Better Contrastive Views for Siamese Representation Learning"

@@ -1,4 +1,4 @@
-"""The training loop: any method, any dataset, under ``accelerate`` (DESIGN.md 2.3 for the schedule).
+"""The training loop: any method, any dataset, under ``accelerate`` (docs/METHOD.md, section 4: the schedule).
 
     hub-ccrop train recipes/quickstart.yaml [--set train.epochs=20] [--output-dir DIR] [--resume]
     accelerate launch -m hub_ccrop.train recipes/simclr_cifar10_ccrop.yaml
