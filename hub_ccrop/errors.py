@@ -84,7 +84,7 @@ def run_command(command: Callable[[], int | None], *, debug: bool = False) -> in
         message = user_error_message(err)
         if message is None or debug:
             raise
-        if _is_main_rank():
-            print(f"error: {message}", file=sys.stderr, flush=True)
+        if _is_main_rank():  # one line, also for messages that quote a multi-line parser error
+            print("error: " + " ".join(message.split()), file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     return result if isinstance(result, int) else 0

@@ -63,6 +63,11 @@ def test_recipe_names_are_checked_before_any_data_is_read(override, expected, tm
     assert not out.exists()
 
 
+def test_multi_line_parser_errors_become_one_line(tmp_path, capsys):
+    assert cli.main(["train", str(QUICKSTART), "--set", "data.splits=[train[:512]]"]) == 2
+    assert "the value is not valid YAML (quote it?)" in _one_error_line(capsys)
+
+
 def test_hub_dataset_offline_is_one_line_with_the_fix(tmp_path, capsys, monkeypatch):
     import datasets.config
     import huggingface_hub.constants

@@ -16,7 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Shortens the quickstart for a test (same recipe, same commands): 512 images, 2 epochs, kNN on 256.
-SHORT = ["train.epochs=2", "crop.warmup_epochs=1", "crop.loc_interval=1", "data.splits=[train[:512]]",
+SHORT = ["train.epochs=2", "crop.warmup_epochs=1", "crop.loc_interval=1", "data.splits=['train[:512]']",
          "data.train_split=train[:512]", "data.test_split=test[:256]", "data.batch_size=64", "train.knn_every=2",
          "train.checkpoint_every_steps=1"]
 
