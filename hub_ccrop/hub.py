@@ -51,7 +51,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------------------
-# The paper: citation and reference numbers (DESIGN.md section 3)
+# The paper: citation and reference numbers (docs/METHOD.md, section 6)
 # ------------------------------------------------------------------------------------------------------------
 
 PAPER_TITLE = "Crafting Better Contrastive Views for Siamese Representation Learning"
@@ -224,9 +224,13 @@ def _write_recipe(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def _latest_picture(run_dir: Path) -> Path | None:
-    pictures = sorted((run_dir / "pictures").glob("*.png"))
-    return pictures[-1] if pictures else None
+def _table_picture(run_dir: Path, table: BoxTable | None) -> Path | None:
+    """The picture training drew of exactly the exported boxes: the localization pass that made the table."""
+    epoch = table.metadata.get("epoch") if table is not None else None
+    if epoch is None:  # e.g. boxes from crop.init_boxes, never re-localized: no picture of them
+        return None
+    picture = run_dir / "pictures" / f"localization_epoch_{int(epoch):04d}.png"
+    return picture if picture.is_file() else None
 
 
 def _load_run_boxes(run_dir: Path) -> BoxTable | None:
@@ -320,7 +324,7 @@ def export_run(
             _write_recipe(run_dir / "recipe.yaml", tmp / "recipe.yaml")
         with (tmp / "metrics.json").open("w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=2, sort_keys=True)
-        picture = _latest_picture(run_dir)
+        picture = _table_picture(run_dir, table)
         if picture is not None:
             shutil.copyfile(picture, tmp / PICTURE_NAME)
 
@@ -366,16 +370,30 @@ def _number(value: Any, digits: int = 2) -> float | None:
     return round(float(value), digits)
 
 
-def _card_results(run: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """kNN and linear top-1 with their split and protocol, from metrics.json and the eval_*.json it carries.
+KNN_SOURCES = {
+    "train": "the training run's kNN monitor after its last epoch (`metrics.json`, the number `hub-ccrop train` "
+             "printed in its summary)",
+    "eval": "`hub-ccrop eval knn` after training (`eval_knn.json`)",
+}
 
-    ``eval_knn``/``eval_linear`` (written by ``hub-ccrop eval-knn/eval-linear RUN``) win over the training
-    monitor's ``knn_top1`` and a plain ``linear_top1``.
+
+def _card_results(run: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """kNN and linear top-1 with their split, protocol and source, from metrics.json and the eval_*.json it carries.
+
+    The kNN number has one source, named on the card: the training summary's (``knn_top1`` of metrics.json)
+    when the run had the monitor, else ``hub-ccrop eval knn``'s. The linear number comes from
+    ``hub-ccrop eval linear`` (``eval_linear``) or a plain ``linear_top1``.
     """
     dataset = run.get("dataset") or {}
     default_split = str(dataset.get("test_split") or metrics.get("eval_split") or "test")
-    knn_eval, lin_eval = dict(metrics.get("eval_knn") or {}), dict(metrics.get("eval_linear") or {})
-    k, temperature = knn_eval.get("k", metrics.get("knn_k")), knn_eval.get("temperature", metrics.get("knn_temperature"))
+    lin_eval = dict(metrics.get("eval_linear") or {})
+    knn_source = "train" if _number(metrics.get("knn_top1")) is not None else "eval"
+    if knn_source == "train":
+        knn_eval = {"top1": metrics["knn_top1"], "k": metrics.get("knn_k"),
+                    "temperature": metrics.get("knn_temperature"), "test_split": metrics.get("eval_split")}
+    else:
+        knn_eval = dict(metrics.get("eval_knn") or {})
+    k, temperature = knn_eval.get("k"), knn_eval.get("temperature")
     knn_settings = f"k={k}, T={temperature}" if k is not None and temperature is not None else ""
     protocol = str(lin_eval.get("protocol", ""))
     paper_protocol = protocol.startswith("linear-probe (paper)")
@@ -386,9 +404,12 @@ def _card_results(run: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[st
     else:
         linear_name = "Linear probe top-1"
     return {
-        "knn_top1": _number(knn_eval.get("top1", metrics.get("knn_top1"))),
+        "knn_top1": _number(knn_eval.get("top1")),
         "knn_split": str(knn_eval.get("test_split") or default_split),
         "knn_name": f"kNN top-1 ({knn_settings})" if knn_settings else "kNN top-1",
+        "knn_source": KNN_SOURCES[knn_source],
+        "later_knn": dict(metrics["eval_knn"]) if knn_source == "train" and metrics.get("eval_knn") else None,
+        "linear_source": "`hub-ccrop eval linear` after training (`eval_linear.json`)" if lin_eval else "`metrics.json`",
         "linear_top1": _number(lin_eval.get("top1", metrics.get("linear_top1"))),
         "linear_split": str(lin_eval.get("test_split") or default_split),
         "linear_name": linear_name,
@@ -497,6 +518,7 @@ def build_model_card(
         paper_arxiv_id=PAPER_ARXIV_ID,
         citation=PAPER_CITATION,
         picture=picture,
+        picture_epoch=box_meta.get("epoch"),
         has_recipe=has_recipe,
         has_boxes=boxes is not None,
         boxes_num_rows=len(boxes) if boxes is not None else None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -237,6 +238,44 @@ def _validate(recipe: Recipe) -> None:
         raise RecipeError("data.device_resident needs a map-style dataset: set data.streaming: false")
     if recipe.data.device_resident and not recipe.data.batched_views:
         raise RecipeError("data.device_resident works with the batched views path: set data.batched_views: true")
+    _check_names(recipe)
+
+
+def _did_you_mean(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def _check_names(recipe: Recipe) -> None:
+    """Model, method (and its options) and dataset: checked here, before any data is read or folder made."""
+    import timm
+
+    import hub_ccrop.models  # noqa: F401  (registers the CIFAR-stem ResNets with timm)
+    from hub_ccrop.data import list_specs
+    from hub_ccrop.methods import METHODS, method_config
+
+    model = recipe.model.name
+    if model.startswith("local-dir:") and not Path(model.removeprefix("local-dir:")).expanduser().is_dir():
+        raise RecipeError(f"model.name: {model}: no such folder")
+    if not model.startswith(("hf-hub:", "local-dir:")) and not timm.is_model(model):
+        raise RecipeError(f"model.name: unknown timm model {model!r}{_did_you_mean(model, timm.list_models())}; "
+                          "list them with timm.list_models()")
+    method = recipe.method.name.strip().lower().replace("-", "_")
+    if method not in METHODS:
+        raise RecipeError(f"method.name: unknown method {recipe.method.name!r}{_did_you_mean(method, list(METHODS))}; "
+                          f"choose one of {', '.join(METHODS)}")
+    try:
+        method_config(method, **recipe.method.options)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"method.options: {err}") from None
+    d = recipe.data
+    is_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", d.dataset) is not None  # as data.get_spec reads it
+    if d.dataset not in list_specs() and not Path(d.dataset).expanduser().exists() and not is_hub_id:
+        raise RecipeError(f"data.dataset: unknown dataset {d.dataset!r}{_did_you_mean(d.dataset, list_specs())}; "
+                          f"use one of {', '.join(list_specs())}, a Hub id (ORG/NAME) or an existing local folder")
+    if d.data_dir is not None and not Path(d.data_dir).expanduser().is_dir():
+        raise RecipeError(f"data.data_dir: folder {d.data_dir} does not exist: fix the path, or download the "
+                          "dataset there first (a folder of its parquet files, as on the Hub)")
 
 
 def _get(recipe: Recipe, dotted: str) -> Any:

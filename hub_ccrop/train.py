@@ -1,4 +1,4 @@
-"""The training loop: any method, any dataset, under ``accelerate`` (DESIGN.md 2.3 for the schedule).
+"""The training loop: any method, any dataset, under ``accelerate`` (docs/METHOD.md, section 4: the schedule).
 
     hub-ccrop train recipes/quickstart.yaml [--set train.epochs=20] [--output-dir DIR] [--resume]
     accelerate launch -m hub_ccrop.train recipes/simclr_cifar10_ccrop.yaml
@@ -14,8 +14,12 @@ import argparse
 import hashlib
 import itertools
 import json
+import os
+import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,7 +30,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from datasets import IterableDataset
 from datasets.distributed import split_dataset_by_node
 from safetensors.torch import save_file
@@ -38,6 +42,7 @@ from hub_ccrop.boxes import BoxTable, pairwise_box_iou
 from hub_ccrop.crop import object_miss_rate
 from hub_ccrop.data import DatasetSpec
 from hub_ccrop.distributed import default_autocast_dtype
+from hub_ccrop.errors import TrainingInterrupted, UserError, run_command
 from hub_ccrop.evaluate import extract_features, knn_accuracy
 from hub_ccrop.hub import load_boxes
 from hub_ccrop.localize import heatmaps, localize_boxes, picture_heatmaps
@@ -45,7 +50,7 @@ from hub_ccrop.methods import METHOD_DEFAULTS, build_method
 from hub_ccrop.models import create_backbone, prepare_model
 from hub_ccrop.optim import build_optimizer, set_epoch_lr
 from hub_ccrop.recipe import Recipe, RecipeError, load_recipe
-from hub_ccrop.views import DeviceResidentImages, EvalCollate, RawBatch, TwoViewCollate
+from hub_ccrop.views import DeviceResidentImages, EvalCollate, RawBatch, SkipCounter, TwoViewCollate
 from hub_ccrop.viz import draw_localization_grid, to_uint8
 
 __all__ = ["NonFiniteLossError", "RunData", "SeededCollate", "TrainBatches", "build_data", "main", "train"]
@@ -77,17 +82,84 @@ class TrainState:
     step_in_epoch: int = 0  # batches of the current epoch already trained
     global_step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    skipped: SkipCounter = field(default_factory=SkipCounter)  # undecodable pretraining images, by id
+    skipped_ids: list[int] = field(default_factory=list)  # all processes' skipped ids, as of the last sync
+
+    def sync_skipped(self, accelerator: Accelerator) -> list[int]:
+        """Every process's skipped ids, merged (collective: call it on all processes)."""
+        self.skipped_ids = sorted(set(self.skipped_ids) | set(gather_object(self.skipped.ids())))
+        return self.skipped_ids
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "boxes": self.boxes.boxes.clone(), "box_metadata": json.dumps(self.boxes.metadata, default=str),
-                "history": json.dumps(self.history)}
+                "history": json.dumps(self.history), "skipped_ids": json.dumps(self.skipped_ids)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         self.global_step = int(state["global_step"])
         self.boxes.load_state(state["boxes"], json.loads(state["box_metadata"]))
         self.history = json.loads(state["history"])
+        self.skipped_ids = json.loads(state.get("skipped_ids", "[]"))  # absent in older checkpoints
+        for sample_id in self.skipped_ids:  # already reported: no second warning after --resume
+            self.skipped.add(0, sample_id)
+
+
+class StopRequest:
+    """SIGINT/SIGTERM during training: remembered, acted on after the current step instead of killing the run.
+
+    Checkpoints are collective, so every process must stop at the same step: :meth:`agreed` takes the
+    maximum over processes (a rank that got no signal stops with the others).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        # A second signal (a launcher forwards the terminal's Ctrl-C again) must not cut the checkpoint short.
+        self.signum = self.signum or signum
+
+    def agreed(self, accelerator: Accelerator) -> int:
+        """The signal any process received (0 for none), the same number on every process."""
+        if accelerator.num_processes == 1:
+            return self.signum
+        flag = torch.tensor([self.signum], device=accelerator.device)
+        return int(accelerator.reduce(flag, reduction="max").item())
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which stops them after its checkpoint."""
+    for signum in StopRequest.SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def _resume_command(out: Path, accelerator: Accelerator) -> str:
+    """The exact command that continues this run (the run folder keeps the resolved recipe)."""
+    args = f"{shlex.quote(str(out / 'recipe.yaml'))} --output-dir {shlex.quote(str(out))} --resume"
+    if accelerator.num_processes == 1:
+        return f"hub-ccrop train {args}"
+    cpu = "ACCELERATE_USE_CPU=1 " if os.environ.get("ACCELERATE_USE_CPU") else ""
+    return (f"{cpu}accelerate launch --multi_gpu --num_processes {accelerator.num_processes} "
+            f"-m hub_ccrop.train {args}")
+
+
+def _interrupted(accelerator: Accelerator, out: Path, state: TrainState, keep: int, signum: int) -> TrainingInterrupted:
+    """Save a checkpoint at the current step on every process; the exception carries the resume command."""
+    checkpoint = _save_checkpoint(accelerator, out, state, keep)
+    accelerator.end_training()
+    return TrainingInterrupted(signum, str(checkpoint), _resume_command(out, accelerator))
 
 
 class SeededCollate:
@@ -214,6 +286,7 @@ def _save_checkpoint(accelerator: Accelerator, out: Path, state: TrainState, kee
     tmp = final.with_name(f".tmp_{final.name}")
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
+    state.sync_skipped(accelerator)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
@@ -235,7 +308,7 @@ def _loader(dataset, collate, *, batch_size: int, num_workers: int, shuffle: boo
             seed: int = 0, persistent: bool = False) -> DataLoader:
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers,
-        persistent_workers=persistent and num_workers > 0, collate_fn=collate,
+        persistent_workers=persistent and num_workers > 0, collate_fn=collate, worker_init_fn=_ignore_stop_signals,
         pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed),
     )
 
@@ -266,6 +339,7 @@ def _localization_pass(accelerator: Accelerator, encoder, run_data: RunData, sta
                        out: Path) -> dict[str, float]:
     """Localize every pretraining image, gather by id, write the shared table, save it and a picture."""
     collate = EvalCollate(run_data.spec, purpose="localize")
+    collate.skipped = state.skipped  # the training views' ids: each bad image is reported once per run
     start = time.perf_counter()
     ids, boxes = localize_boxes(encoder, _eval_loader(accelerator, run_data.pretrain, collate, recipe),
                                 k=recipe.crop.k, alignment=recipe.crop.heatmap_alignment,
@@ -354,17 +428,22 @@ def _run_info(recipe: Recipe, run_data: RunData, backbone) -> dict[str, Any]:
 
 
 def train(recipe: Recipe, output_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
-    """Train ``recipe``; return the final metrics (also written to ``OUTPUT/metrics.json``)."""
+    """Train ``recipe``; return the final metrics (also written to ``OUTPUT/metrics.json``).
+
+    SIGINT/SIGTERM save a checkpoint at the current step and raise :class:`TrainingInterrupted`.
+    """
+    stop = StopRequest()
     try:
-        return _train(recipe, output_dir, resume)
+        return _train(recipe, output_dir, resume, stop)
     finally:
+        stop.restore()
         # accelerate keeps one mixed-precision/gradient state per process; release it (the process
         # group stays) so that a next run in this process, e.g. in a notebook, can pick its own.
         AcceleratorState._reset_state()
         GradientState._reset_state()
 
 
-def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool) -> dict[str, Any]:
+def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool, stop: StopRequest) -> dict[str, Any]:
     t, c = recipe.train, recipe.crop
     out = Path(output_dir or t.output_dir or Path("runs") / recipe.name)
     accelerator = Accelerator(
@@ -375,10 +454,7 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool) -> dict[
     set_seed(t.seed)
     is_main = accelerator.is_main_process
     if not resume and _latest_checkpoint(out) is not None:
-        raise RuntimeError(f"{out} already holds a run: pass --resume to continue it, or choose another --output-dir")
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(recipe.to_yaml())
+        raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --output-dir")
 
     # -- data and the shared box table ----------------------------------------------------------
     run_data = build_data(recipe)
@@ -388,13 +464,14 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool) -> dict[
     if c.init_boxes:
         init = load_boxes(c.init_boxes, dataset_num_rows=run_data.num_rows, fingerprint=run_data.fingerprint)
         table.load_state(init.boxes, {"init_boxes": c.init_boxes})
-    state = TrainState(table)
+    state = TrainState(table, skipped=SkipCounter(run_data.num_rows))
     collate = SeededCollate(
         TwoViewCollate.from_spec(spec, table, scale=c.scale, ratio=c.ratio, alpha=c.alpha, blur=c.blur or spec.blur,
                                  mode=recipe.crop_mode(0), batched=recipe.data.batched_views,
                                  raw=recipe.data.batched_views and accelerator.device.type == "cuda"),
         seed=t.seed,
     )
+    collate.collate.skipped = state.skipped
     batches = TrainBatches(recipe, run_data, collate, accelerator)
 
     # -- model, method, optimizer ---------------------------------------------------------------
@@ -409,6 +486,9 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool) -> dict[
     optimizer = build_optimizer(method.param_groups(base_lr, recipe.optim.weight_decay), recipe.optim, base_lr)
     method, optimizer = accelerator.prepare(method, optimizer)
     online = accelerator.unwrap_model(method)
+    if is_main:  # only now: a run that fails before training leaves no folder behind
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(recipe.to_yaml())
     accelerator.register_for_checkpointing(state)
     if resume:
         ckpt = _latest_checkpoint(out)
@@ -429,7 +509,10 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool) -> dict[
 
     # -- epochs ---------------------------------------------------------------------------------
     logs: dict[str, float] = {}
+    stop.install()  # from here on, Ctrl-C/SIGTERM stop after the current step with a checkpoint
     while state.epoch < t.epochs:
+        if signum := stop.agreed(accelerator):
+            raise _interrupted(accelerator, out, state, t.keep_checkpoints, signum)
         epoch = state.epoch
         mode = recipe.crop_mode(epoch)
         collate.set_epoch(epoch, mode)
@@ -461,6 +544,11 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool) -> dict[
                                 step=state.global_step)
             if t.checkpoint_every_steps and state.global_step % t.checkpoint_every_steps == 0:
                 _save_checkpoint(accelerator, out, state, t.keep_checkpoints)
+            # Mid-epoch only after a full accumulation cycle (exact resume); the last step's stop waits for
+            # the epoch's end (localization, kNN) and is taken at the next epoch's start.
+            if (accelerator.sync_gradients and state.step_in_epoch < len(batches)
+                    and (signum := stop.agreed(accelerator))):
+                raise _interrupted(accelerator, out, state, t.keep_checkpoints, signum)
             if t.max_steps is not None and state.global_step >= t.max_steps:
                 accelerator.print(f"stopped at train.max_steps={t.max_steps}; continue with --resume")
                 accelerator.end_training()
@@ -490,7 +578,7 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool) -> dict[
 
     # -- the end --------------------------------------------------------------------------------
     metrics = _final_metrics(recipe, run_data, state, images_seen / max(train_seconds, 1e-9),
-                             time.perf_counter() - run_start, int(collate.collate.skipped))
+                             time.perf_counter() - run_start, len(state.sync_skipped(accelerator)))
     if is_main:
         backbone = online.localization_encoder
         weights = {k: v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()}
@@ -499,9 +587,21 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool) -> dict[
         (out / "metrics.json").write_text(json.dumps(metrics | {"history": state.history}, indent=2))
         state.boxes.save(out / "boxes.parquet")
         state.boxes.save(out / "boxes.safetensors")
+        _write_skipped(out, run_data, state.skipped_ids)
     accelerator.end_training()
     accelerator.print(_summary(recipe, metrics, out))
     return metrics
+
+
+def _write_skipped(out: Path, run_data: RunData, ids: list[int]) -> None:
+    """``skipped.json``: the undecodable pretraining images (by sample id), written only when there are some."""
+    if ids:
+        (out / "skipped.json").write_text(json.dumps({
+            "count": len(ids), "ids": ids, "dataset": run_data.spec.hub_id or run_data.spec.name,
+            "splits": list(run_data.spec.pretrain_splits),
+            "note": "sample ids are row positions in the unshuffled pretraining data (row-index-v1); the "
+                    "training log's warnings name each id's file; these images were left out of training",
+        }, indent=2))
 
 
 def _final_metrics(recipe: Recipe, run_data: RunData, state: TrainState, images_per_s: float, wall: float,
@@ -537,6 +637,9 @@ def _summary(recipe: Recipe, metrics: dict[str, Any], out: Path) -> str:
     if "miss_rate_ccrop" in metrics:
         lines.append(f"  view pairs where a view misses the object (< 20% of it): "
                      f"RandomResizedCrop {metrics['miss_rate_rcrop']:.3f}, ContrastiveCrop {metrics['miss_rate_ccrop']:.3f}")
+    if metrics["skipped_images"]:
+        lines.append(f"  skipped {metrics['skipped_images']} undecodable images (distinct ids, listed in "
+                     f"{out / 'skipped.json'})")
     if recipe.target:
         lines.append(f"  paper reference: {recipe.target}")
     lines.append(f"  run folder: {out} (backbone.safetensors, boxes.parquet, pictures/, metrics.json); "
@@ -563,11 +666,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-    except RecipeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    """``hub-ccrop train``; user mistakes raise (the caller's :func:`~hub_ccrop.errors.run_command` reports them)."""
+    recipe = load_recipe(args.recipe, args.overrides)
     try:
         train(recipe, args.output_dir, resume=args.resume)
     except NonFiniteLossError as err:
@@ -579,7 +679,9 @@ def run_from_args(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hub_ccrop.train", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    args = parser.parse_args(argv)
+    return run_command(lambda: run_from_args(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -71,17 +71,32 @@ def max_side_for(spec: DatasetSpec) -> int | None:
 
 
 class SkipCounter:
-    """Count of skipped (undecodable) images, summed over all DataLoader workers (shared memory)."""
+    """Count of skipped (undecodable) images, summed over all DataLoader workers (shared memory).
+
+    With ``num_ids`` it also records which ids were skipped, so that an id is warned about once, whatever
+    the number of epochs, passes and workers that meet it (an id sits in one batch at a time: no races).
+    """
 
     SLOTS = 64
 
-    def __init__(self) -> None:
+    def __init__(self, num_ids: int = 0) -> None:
         self._slots = torch.zeros(self.SLOTS, dtype=torch.int64).share_memory_()
+        self._seen = torch.zeros(num_ids, dtype=torch.bool).share_memory_()
 
-    def add(self, n: int = 1) -> None:
+    def add(self, n: int = 1, sample_id: int | None = None) -> bool:
+        """Count ``n`` skips; False when ``sample_id`` was recorded before (no need to warn again)."""
         info = torch.utils.data.get_worker_info()
         slot = 0 if info is None else 1 + info.id % (self.SLOTS - 1)  # one writer per slot: no races
         self._slots[slot] += n
+        if sample_id is None or not 0 <= sample_id < len(self._seen):
+            return True
+        first = not bool(self._seen[sample_id])
+        self._seen[sample_id] = True
+        return first
+
+    def ids(self) -> list[int]:
+        """The recorded ids (with ``num_ids``), sorted."""
+        return self._seen.nonzero().flatten().tolist()
 
     @property
     def value(self) -> int:
@@ -205,8 +220,8 @@ def _decode_all(
         except BadImageError as err:
             if strict:
                 raise
-            counter.add()
-            warnings.warn(f"skipping {err}", BadImageWarning, stacklevel=3)
+            if counter.add(sample_id=int(sid)):
+                warnings.warn(f"skipping {err}", BadImageWarning, stacklevel=3)
             continue
         keep.append(k)
     id_t = torch.as_tensor([int(ids[k]) for k in keep], dtype=torch.int64)

@@ -264,7 +264,14 @@ def test_card_takes_results_of_evaluate_commands(tmp_path):
     out = export_run(run_dir, tmp_path / "out")
     card = ModelCard.load(out / "README.md")
     results = {r.metric_name: r for r in card.data.eval_results}
+    # One named source for the headline kNN: the training summary's number, when the run had the monitor
+    assert results["kNN top-1"].metric_value == 70.0 and "(`metrics.json`, the number `hub-ccrop train`" in card.text
+    assert "`hub-ccrop eval knn` after training (`eval_knn.json`) measured 81.5 top-1 on `test`" in card.text
+    (run_dir / "metrics.json").write_text(json.dumps({"epochs": 500}))  # a run without the kNN monitor
+    card = ModelCard.load(export_run(run_dir, tmp_path / "out2") / "README.md")
+    results = {r.metric_name: r for r in card.data.eval_results}
     assert results["kNN top-1 (k=200, T=0.1)"].metric_value == 81.5
+    assert "Source of the kNN number: `hub-ccrop eval knn` after training (`eval_knn.json`)" in card.text
     linear = results["Linear probe top-1 (linear-probe-cached-features, not the paper's protocol)"]
     assert linear.metric_value == 84.25 and linear.dataset_split == "test"
     assert "not comparable to the paper's" in card.text
@@ -359,6 +366,36 @@ def test_hf_hub_load_from_seeded_cache_offline(run_and_export, tmp_path):
                     HF_ENDPOINT="http://127.0.0.1:9")  # nothing listens there: any request would fail
     proc = run_py(LOAD_AND_COMPARE, env, repo_id, str(run_dir))
     assert "LOADED OK" in proc.stdout
+
+
+def test_card_says_which_models_need_hub_ccrop_and_both_loads_work_as_it_says(run_and_export, tmp_path):
+    """A stock timm architecture loads with plain timm (tested above); a CIFAR-stem one fails in plain timm and
+    loads after ``import hub_ccrop``, exactly as each card says."""
+    _, stock_export, _ = run_and_export
+    stock_card = (stock_export / "README.md").read_text()
+    assert "`pip install timm` is all it needs (no `import hub_ccrop`)" in stock_card
+    assert "python train.py --model hf-hub:test-user/resnet10t-simclr-ccrop" in stock_card
+    run_dir, _ = make_run(tmp_path / "run", model_name="resnet_tiny_cifar")
+    repo_id = "test-user/tiny-cifar"
+    out = export_run(run_dir, tmp_path / "export", repo_id=repo_id)
+    card = (out / "README.md").read_text()
+    assert "plain timm does not know it" in card and "pip install -e ." in card and "pip install hub-ccrop" not in card
+    assert "python train.py" not in card and "timm's `train.py` does not import `hub_ccrop`" in card
+    seed_hf_cache(tmp_path / "hub", repo_id, out)
+    env = clean_env(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "home"), HF_HUB_CACHE=str(tmp_path / "hub"))
+    plain = subprocess.run([sys.executable, "-c", f"import timm; timm.create_model('hf-hub:{repo_id}', pretrained=True)"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert plain.returncode != 0 and "Unknown model (resnet_tiny_cifar)" in plain.stderr
+    run_py(f"""
+        import timm, torch, hub_ccrop
+        from safetensors.torch import load_file
+        model = timm.create_model("hf-hub:{repo_id}", pretrained=True).eval()
+        ref = hub_ccrop.create_backbone("resnet_tiny_cifar")
+        ref.load_state_dict(load_file("{run_dir}/backbone.safetensors"))
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.equal(model(x), ref.eval()(x))
+    """, env)
 
 
 @pytest.fixture

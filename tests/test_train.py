@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from hub_ccrop.boxes import BoxTable
 from hub_ccrop.data import get_spec, load_images
+from hub_ccrop.errors import UserError
 from hub_ccrop.localize import localize_boxes
 from hub_ccrop.methods import build_method
 from hub_ccrop.models import create_backbone
@@ -143,7 +144,7 @@ def test_refuses_to_overwrite_a_run(tiny_objects, tmp_path):
     recipe = tiny_recipe(tiny_objects, train={"epochs": 2, "max_steps": 1, "checkpoint_every_steps": 1,
                                               "knn_every": 0})
     train(recipe, tmp_path)
-    with pytest.raises(RuntimeError, match="--resume"):
+    with pytest.raises(UserError, match="--resume"):
         train(recipe, tmp_path)
 
 
