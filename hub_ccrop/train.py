@@ -404,7 +404,7 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool) -> dict[
         options.setdefault("num_rows", run_data.num_rows)  # MoCo warns when its queue outgrows the data
     method = build_method(recipe.method.name, create_backbone(recipe.model.name, **recipe.model.args), **options)
     method = prepare_model(method, sync_bn=recipe.model.sync_bn and accelerator.num_processes > 1,
-                           channels_last=recipe.model.channels_last)
+                           channels_last=recipe.model.channels_last, device_type=accelerator.device.type)
     world_batch = recipe.data.batch_size  # global: per-process batch x processes x grad_accum
     base_lr = recipe.optim.lr * (world_batch / 256 if recipe.optim.lr_scaling == "linear" else 1.0)
     optimizer = build_optimizer(method.param_groups(base_lr, recipe.optim.weight_decay), recipe.optim, base_lr)

@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hub_ccrop.methods.base import Encoder, MethodConfig, MomentumMethod, MomentumSchedule, mlp_head
-from hub_ccrop.methods.distributed import all_gather_no_grad, batch_shuffle, batch_unshuffle, get_world_size
+from hub_ccrop.methods.distributed import (
+    CPUSyncBatchNorm,
+    all_gather_no_grad,
+    batch_shuffle,
+    batch_unshuffle,
+    get_world_size,
+)
 from hub_ccrop.methods.losses import info_nce_loss, mean_cosine
 from hub_ccrop.models import feature_dim
 
@@ -148,7 +154,7 @@ class MoCo(MomentumMethod):
         shuffle = (
             self.config.shuffle_bn
             and get_world_size() > 1
-            and not any(isinstance(m, nn.SyncBatchNorm) for m in self.target.modules())
+            and not any(isinstance(m, nn.SyncBatchNorm | CPUSyncBatchNorm) for m in self.target.modules())
         )
         if shuffle:
             x, idx_unshuffle = batch_shuffle(x)
