@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -403,3 +404,43 @@ def test_two_processes_with_sync_bn_equal_one_process_at_the_same_global_batch(t
     assert min(float((one[k] - init[k]).abs().max()) for k in trained) > 1e-5  # every tensor trained
     assert max(disagreement(two).values()) < 0.02  # measured: 3e-3 (float rounding, amplified over 3 steps)
     assert max(disagreement(no_sync).values()) > 0.1  # per-process BN statistics: another result
+
+
+# ------------------------------------------------------------------------------------- official box tables
+def test_official_boxes_land_on_the_same_images_in_another_row_order():
+    """Official rows follow torchvision's order; a Hub copy (or the shuffled local CIFAR-10) another one:
+    matched by image hash, each official box lands on the project id of the same image."""
+    from PIL import Image
+
+    from hub_ccrop.boxes import BoxTable, image_key, official_id_map
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in range(20)]
+    images.append(images[3].copy())  # an exact duplicate, as some datasets have
+    official_order = rng.permutation(len(images))  # official row r shows images[official_order[r]]
+    official = torch.rand(len(images), 4) * 0.5
+    official[:, 2:] += 0.4  # (y0, x0, y1, x1) with y1 > y0
+    ids = official_id_map([image_key(images[i]) for i in official_order], [image_key(im) for im in images])
+    table = BoxTable.from_official(official, image_size=(8, 8), official_to_id=ids)
+    plain = BoxTable.from_official(official, image_size=(8, 8))  # row r -> id r
+    for row, image_index in enumerate(official_order):
+        assert torch.equal(table.lookup([int(image_index)]), plain.lookup([row])) or image_index in (3, 20)
+    assert sorted(ids.tolist()) == list(range(len(images)))
+    with pytest.raises(KeyError, match="official row 0"):
+        official_id_map(["missing"], [image_key(im) for im in images])
+    with pytest.raises(ValueError, match="official_id_map"):
+        BoxTable.from_official(official, image_size=(8, 8), official_to_id=torch.zeros(len(images), dtype=torch.long))
+
+
+def test_imagefolder_order_is_torchvisions(tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    from hub_ccrop.boxes import imagefolder_order
+
+    files = ["n02/b.png", "n01/sub/a.png", "n01/z.png", "n01/sub-x/c.png", "n10/a.png", "n01/a.png"]
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    official = [str(Path(path).relative_to(tmp_path)) for path, _ in
+                ImageFolder(str(tmp_path), loader=lambda _: None, is_valid_file=lambda _: True).samples]
+    assert [files[i] for i in imagefolder_order(files)] == official
