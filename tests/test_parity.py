@@ -402,8 +402,8 @@ def test_two_processes_with_sync_bn_equal_one_process_at_the_same_global_batch(t
         return {k: float((other[k] - one[k]).abs().max() / (one[k] - init[k]).abs().max()) for k in trained}
 
     assert min(float((one[k] - init[k]).abs().max()) for k in trained) > 1e-5  # every tensor trained
-    assert max(disagreement(two).values()) < 0.02  # measured: 3e-3 (float rounding, amplified over 3 steps)
-    assert max(disagreement(no_sync).values()) > 0.1  # per-process BN statistics: another result
+    assert max(disagreement(two).values()) < 0.05  # measured: 0.007 (float rounding, amplified over 3 steps)
+    assert max(disagreement(no_sync).values()) > 0.2  # measured: 0.64 (per-process BN statistics)
 
 
 # ------------------------------------------------------------------------------------- official box tables
