@@ -415,6 +415,7 @@ def test_cli_knn_linear_finetune(tmp_path, tiny_parquet):
     assert fast["num_train"] == 32
     paper = run_cli(f"eval linear {run} {data} --epochs 2 --batch-size 16 --lr 1")
     assert paper["protocol"].startswith("linear-probe (paper)") and paper["epochs"] == 2
+    assert fast["linear_protocol"].startswith("small-dataset protocol") and fast["batch_size"] == 512  # its default
 
     out = tmp_path / "ft"
     ft = run_cli(

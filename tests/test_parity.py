@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from hub_ccrop.data import get_spec
 from hub_ccrop.methods import SplitBatchNorm2d, build_method
 from hub_ccrop.models import create_backbone
 from hub_ccrop.optim import build_optimizer, lr_at_epoch, set_epoch_lr
@@ -37,27 +38,27 @@ OFFICIAL = Path("/work/official")  # an unpacked copy of xyupeng/ContrastiveCrop
 # (test_transcription_matches_the_official_files checks them against the files when a copy is at hand).
 OFFICIAL_SETTINGS = {
     "simclr_cifar10_ccrop": dict(
-        file="configs/small/cifar10/simclr_ccrop.py", batch_size=512, lr=0.5, momentum=0.9, weight_decay=1e-4,
+        file="configs/small/cifar10/simclr_ccrop.py", depth=18, maxpool=False, blur=False, batch_size=512, lr=0.5, momentum=0.9, weight_decay=1e-4,
         lr_cfg=dict(type="Cosine", decay_rate=0.1), epochs=500, warmup_epochs=100, loc_interval=100,
         box_thresh=0.1, alpha=0.1, temperature=0.5, base_temperature=0.07, sync_bn=True, zero_init=False),
     "moco_v2_cifar10_ccrop": dict(
-        file="configs/small/cifar10/moco_ccrop.py", batch_size=512, lr=0.5, momentum=0.9, weight_decay=1e-4,
+        file="configs/small/cifar10/moco_ccrop.py", depth=18, maxpool=False, blur=False, batch_size=512, lr=0.5, momentum=0.9, weight_decay=1e-4,
         lr_cfg=dict(type="Cosine", decay_rate=0.1), epochs=500, warmup_epochs=100, loc_interval=100,
         box_thresh=0.1, alpha=0.1, temperature=0.2, queue_size=65536, ema=0.999, sync_bn=False, zero_init=False),
     "byol_cifar10_ccrop": dict(
-        file="configs/small/cifar10/byol_ccrop.py", batch_size=512, lr=0.5, momentum=0.9, weight_decay=1e-4,
+        file="configs/small/cifar10/byol_ccrop.py", depth=18, maxpool=False, blur=False, batch_size=512, lr=0.5, momentum=0.9, weight_decay=1e-4,
         lr_cfg=dict(type="Cosine", decay_rate=0.1), epochs=500, warmup_epochs=100, loc_interval=100,
         box_thresh=0.1, alpha=0.1, ema=0.996, sync_bn=True, zero_init=False),
     "simsiam_cifar10_ccrop": dict(
-        file="configs/small/cifar10/simsiam_ccrop.py", batch_size=512, lr=0.5, momentum=0.9, weight_decay=1e-4,
+        file="configs/small/cifar10/simsiam_ccrop.py", depth=18, maxpool=False, blur=False, batch_size=512, lr=0.5, momentum=0.9, weight_decay=1e-4,
         lr_cfg=dict(type="Cosine", decay_rate=0.1), epochs=500, warmup_epochs=100, loc_interval=100,
         box_thresh=0.1, alpha=0.1, fix_pred_lr=True, sync_bn=True, zero_init=True),
     "moco_v2_imagenet1k_ccrop": dict(
-        file="configs/IN1K/mocov2_ccrop.py", batch_size=256, lr=0.03, momentum=0.9, weight_decay=1e-4,
+        file="configs/IN1K/mocov2_ccrop.py", depth=50, maxpool=True, blur=True, batch_size=256, lr=0.03, momentum=0.9, weight_decay=1e-4,
         lr_cfg=dict(type="Cosine", decay_rate=0.0), epochs=100, warmup_epochs=20, loc_interval=20,
         box_thresh=0.1, alpha=0.6, temperature=0.2, queue_size=65536, ema=0.999, sync_bn=False, zero_init=False),
     "moco_v1_imagenet1k_ccrop": dict(
-        file="configs/IN1K/mocov1_ccrop.py", batch_size=256, lr=0.03, momentum=0.9, weight_decay=1e-4,
+        file="configs/IN1K/mocov1_ccrop.py", depth=50, maxpool=True, blur=True, batch_size=256, lr=0.03, momentum=0.9, weight_decay=1e-4,
         lr_cfg=dict(type="MultiStep", decay_rate=0.0, decay_steps=[60, 80]), epochs=100, warmup_epochs=20,
         loc_interval=20, box_thresh=0.1, alpha=0.6, temperature=0.07, queue_size=65536, ema=0.999,
         sync_bn=False, zero_init=False),
@@ -90,6 +91,11 @@ def test_recipe_settings_equal_the_official_config(name):
     recipe = paper(name)
     opts = recipe.method.options
     assert recipe.data.batch_size == official["batch_size"]  # global in both
+    # models/resnet.py: depth 18 with maxpool=False is the CIFAR stem (3x3 conv, stride 1, no max-pool)
+    assert recipe.model.name == {(18, False): "resnet18_cifar", (50, True): "resnet50"}[
+        (official["depth"], official["maxpool"])]
+    # datasets/transforms/imagenet.py adds GaussianBlur([0.1, 2.0]) p=0.5; small.py has none
+    assert (recipe.crop.blur or get_spec(recipe.data.dataset).blur) == official["blur"]
     assert (recipe.optim.lr, recipe.optim.momentum, recipe.optim.weight_decay) == (
         official["lr"], official["momentum"], official["weight_decay"])
     assert recipe.optim.lr_scaling == "none" and recipe.optim.warmup_epochs == 0
@@ -130,6 +136,7 @@ def test_transcription_matches_the_official_files(name):
         official["warmup_epochs"], official["loc_interval"], official["box_thresh"])
     assert cfg["data"]["train"]["ccrop_dict"]["alpha"] == official["alpha"]
     assert cfg["model"].get("zero_init_residual", False) == official["zero_init"]
+    assert (cfg["model"]["depth"], cfg["model"]["maxpool"]) == (official["depth"], official["maxpool"])
     for key, value in (cfg.get("moco") or {}).items():
         expected = {"T": official.get("temperature"), "K": official.get("queue_size"), "m": official.get("ema")}
         if key in expected:
@@ -444,3 +451,27 @@ def test_imagefolder_order_is_torchvisions(tmp_path):
     official = [str(Path(path).relative_to(tmp_path)) for path, _ in
                 ImageFolder(str(tmp_path), loader=lambda _: None, is_valid_file=lambda _: True).samples]
     assert [files[i] for i in imagefolder_order(files)] == official
+
+
+# ------------------------------------------------------------------------------------- linear protocol
+def test_linear_protocol_per_dataset_follows_the_official_linear_configs():
+    """configs/linear/{cifar10,cifar100,stl10,tiny200}_res18.py: lr 10, batch 512; {IN1K,IN200}_res50.py:
+    lr 30, batch 256 (MoCo's protocol). Both: 100 epochs, x0.1 at 60 and 80, wd 0 (the CLI's defaults)."""
+    import argparse
+
+    from hub_ccrop.evaluate import add_cli, linear_protocol
+
+    for name in ("cifar10", "cifar100", "stl10", "tiny_imagenet"):
+        assert (linear_protocol(get_spec(name)).lr, linear_protocol(get_spec(name)).batch_size) == (10.0, 512)
+    for name in ("imagenet1k", "imagenet200"):
+        assert (linear_protocol(get_spec(name)).lr, linear_protocol(get_spec(name)).batch_size) == (30.0, 256)
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "linear", "run", "--dataset", "cifar10"])
+    assert (args.lr, args.batch_size, args.epochs, args.milestones) == (None, None, 100, [60, 80])
+    if OFFICIAL.is_dir():
+        for file, protocol in (("cifar10_res18.py", "cifar10"), ("IN1K_res50.py", "imagenet1k")):
+            cfg = runpy.run_path(str(OFFICIAL / "configs" / "linear" / file))
+            chosen = linear_protocol(get_spec(protocol))
+            assert (cfg["lr"], cfg["batch_size"], cfg["epochs"]) == (chosen.lr, chosen.batch_size, 100)
+            assert cfg["lr_cfg"]["decay_steps"] == [60, 80] and cfg["optimizer"]["weight_decay"] == 0
