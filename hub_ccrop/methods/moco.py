@@ -82,7 +82,7 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         self.running_mean.copy_(running_mean.view(groups, c).mean(0))
         self.running_var.copy_(running_var.view(groups, c).mean(0))
         self.num_batches_tracked.add_(1)
-        return out.view(n, c, h, w)
+        return out.reshape(n, c, h, w)
 
 
 def convert_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
