@@ -279,6 +279,8 @@ def test_linear_probe_frozen_backbone_untouched():
     assert result["top1"] >= 90.0
     assert result["protocol"].startswith("linear-probe (paper)")
     assert {"top1", "top5", "best_top1", "best_epoch", "note", "history"} <= result.keys()
+    assert result["top1"] == result["history"][-1]["top1"]  # the last epoch, the paper's protocol
+    assert result["best_top1"] == max(h["top1"] for h in result["history"])
     assert bn_modes and not any(bn_modes)  # BN always ran in eval mode
     assert_same_state(backbone, before)  # weights, running stats, num_batches_tracked
     assert backbone.training and all(p.requires_grad for p in backbone.parameters())  # restored

@@ -475,3 +475,24 @@ def test_linear_protocol_per_dataset_follows_the_official_linear_configs():
             chosen = linear_protocol(get_spec(protocol))
             assert (cfg["lr"], cfg["batch_size"], cfg["epochs"]) == (chosen.lr, chosen.batch_size, 100)
             assert cfg["lr_cfg"]["decay_steps"] == [60, 80] and cfg["optimizer"]["weight_decay"] == 0
+
+
+def test_bias_before_batchnorm_changes_nothing_in_training():
+    """models/byol.py keeps the bias of the Linear layers followed by BatchNorm; ours drop it. In training
+    mode BN subtracts the batch mean, so outputs and every other gradient are the same and the bias's own
+    gradient is zero (only weight decay would move it)."""
+    torch.manual_seed(0)
+    ours = nn.Sequential(nn.Linear(6, 5, bias=False), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
+    official = copy.deepcopy(ours)
+    official[0] = nn.Linear(6, 5)
+    with torch.no_grad():
+        official[0].weight.copy_(ours[0].weight)
+        official[0].bias.uniform_(-1, 1)
+    x = torch.randn(16, 6)
+    out, out_official = ours(x), official(x)
+    torch.testing.assert_close(out, out_official)
+    out.square().sum().backward()
+    out_official.square().sum().backward()
+    torch.testing.assert_close(official[0].bias.grad, torch.zeros(5), atol=1e-5, rtol=0)
+    for a, b in ((ours[0].weight, official[0].weight), (ours[1].weight, official[1].weight), (ours[3].weight, official[3].weight)):
+        torch.testing.assert_close(a.grad, b.grad)
