@@ -64,6 +64,7 @@ def test_warmup_then_localization_then_contrastive_crop(tiny_objects, tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["model"] == "resnet_tiny_cifar" and run["input_size"] == [3, 64, 64]
     assert run["schedule"]["loc_epochs"] == [1, 2] and run["dataset"]["num_rows"] == 192
+    assert (run["batch_size"], run["num_processes"], run["grad_accum"], run["per_process_batch_size"]) == (64, 1, 1, 64)
     assert run["dataset"]["test_split"] == "test" and metrics["eval_split"] == "test"
     backbone = create_backbone("resnet_tiny_cifar")
     backbone.load_state_dict(load_file(out / "backbone.safetensors"))
