@@ -358,6 +358,8 @@ def test_single_process_moco_uses_split_bn_by_default():
     assert set(splits) == {8}
     with pytest.raises(ValueError, match="multiple of method.options.split_bn"):
         method(*views(3, n=12))
+    with pytest.raises(ValueError, match="split_bn"):
+        build_method("moco_v2", create_backbone("resnet_tiny_cifar"), split_bn=0)
 
 
 # ------------------------------------------------------------------------------------- 2 processes

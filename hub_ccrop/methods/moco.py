@@ -45,6 +45,11 @@ class MoCoConfig(MethodConfig):
     split_bn: int = 8
     num_rows: int | None = None  # training-set size, to warn when the queue is longer
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.split_bn < 1:
+            raise ValueError(f"option 'split_bn' must be >= 1 (1 disables split-BN), got {self.split_bn}")
+
 
 @dataclasses.dataclass
 class MoCoV1Config(MoCoConfig):
