@@ -7,19 +7,22 @@ parquet (``id, x0, y0, x1, y1``) with metadata that ties them to a dataset.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path, PurePath
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-__all__ = ["ID_SCHEME", "BoxTable", "BoxTableMismatch", "pairwise_box_iou"]
+__all__ = ["ID_SCHEME", "BoxTable", "BoxTableMismatch", "image_key", "imagefolder_order", "official_id_map",
+           "pairwise_box_iou"]
 
 ID_SCHEME = "row-index-v1"
 METADATA_KEYS = ("dataset", "split", "num_rows", "id_scheme", "fingerprint", "k", "epoch", "backbone")
@@ -180,13 +183,18 @@ class BoxTable:
 
     @classmethod
     def from_official(
-        cls, boxes: Tensor, image_size: tuple[int, int], metadata: Mapping[str, Any] | None = None
+        cls, boxes: Tensor, image_size: tuple[int, int], metadata: Mapping[str, Any] | None = None, *,
+        official_to_id: Tensor | Sequence[int] | None = None,
     ) -> BoxTable:
         """Convert the official ContrastiveCrop checkpoints' ``boxes`` tensor.
 
         The official code stores ``(y0, x0, y1, x1)`` with the *last* active pixel divided by the
         size (``x1 = last / W``); this project's boxes are continuous, so ``x1 = (last + 1) / W``.
         ``image_size`` is the ``(H, W)`` of the images the official pass ran on (e.g. 32x32).
+
+        Official rows follow the official dataset's index order (torchvision's CIFAR files, ``ImageFolder``'s
+        sorted classes and files); Hub copies order their rows differently. ``official_to_id[i]`` is the
+        sample id of official row ``i`` (:func:`official_id_map`); without it row ``i`` is id ``i``.
         """
         boxes = torch.as_tensor(boxes, dtype=torch.float32)
         if boxes.ndim != 2 or boxes.shape[1] != 4:
@@ -194,9 +202,56 @@ class BoxTable:
         height, width = image_size
         y0, x0, y1, x1 = boxes.unbind(1)
         converted = torch.stack([x0, y0, x1 + 1 / width, y1 + 1 / height], dim=1).clamp(0, 1)
+        ids = torch.arange(boxes.shape[0]) if official_to_id is None else torch.as_tensor(official_to_id)
+        if ids.shape != (boxes.shape[0],) or len(torch.unique(ids)) != len(ids):
+            raise ValueError(f"official_to_id must give one distinct sample id per official row ({boxes.shape[0]}), "
+                             f"got {tuple(ids.shape)} ids: build it with official_id_map")
         table = cls(boxes.shape[0], metadata)
-        table.update(torch.arange(boxes.shape[0]), converted)
+        table.update(ids, converted)
         return table
+
+
+def image_key(image: Any) -> str:
+    """A content key of an image (a PIL image or an array): SHA-1 of its RGB pixels and size. The same image
+    gets the same key in any container, file order or encoding that decodes to the same pixels (PNG)."""
+    if hasattr(image, "convert"):
+        image = image.convert("RGB")
+    pixels = np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+    return hashlib.sha1(str(pixels.shape).encode() + pixels.tobytes()).hexdigest()
+
+
+def imagefolder_order(paths: Sequence[str | os.PathLike]) -> list[int]:
+    """Positions of ``paths`` (``CLASS/.../FILE`` relative to the dataset root) in the index order of
+    torchvision's ``ImageFolder``, the order of the official box tables on ImageNet and Tiny ImageNet:
+    classes sorted by name, then each class's files by sorted folder walk and sorted file names.
+    ``[paths[i] for i in imagefolder_order(paths)]`` lists them in official row order."""
+    def key(i: int) -> tuple[str, str, str]:
+        parts = PurePath(paths[i]).parts  # sorted(os.walk(...)) orders folders by their path string
+        return parts[0], "/".join(parts[:-1]), parts[-1]
+
+    return sorted(range(len(paths)), key=key)
+
+
+def official_id_map(official_keys: Sequence[Hashable], project_keys: Sequence[Hashable]) -> Tensor:
+    """``ids[i]``: the sample id (position in ``project_keys``) of the official row with ``official_keys[i]``.
+
+    Keys are file names (``ImageFolder`` trees, in :func:`imagefolder_order`) or :func:`image_key` hashes
+    (CIFAR: the same pixels in another row order). Duplicate keys (identical images) pair up in order of
+    appearance; their boxes are the same. Raise ``KeyError`` naming the first official key with no match.
+    """
+    positions: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(project_keys):
+        positions.setdefault(key, []).append(i)
+    for matches in positions.values():
+        matches.reverse()  # pop() then yields them in order of appearance
+    ids = []
+    for row, key in enumerate(official_keys):
+        matches = positions.get(key)
+        if not matches:
+            raise KeyError(f"official row {row} ({key!r}) is not in the project's data: the official boxes belong "
+                           "to another dataset or split")
+        ids.append(matches.pop())
+    return torch.tensor(ids, dtype=torch.int64)
 
 
 def pairwise_box_iou(a: Tensor, b: Tensor) -> Tensor:

@@ -43,6 +43,7 @@ from hub_ccrop.evaluate import (
     set_loader_epoch,
     write_results,
 )
+from hub_ccrop.recipe import per_process_batch
 
 __all__ = [
     "DetectionDataset",
@@ -574,7 +575,7 @@ def _run_finetune_detection(args: argparse.Namespace) -> dict[str, Any]:
         normalized=args.normalized_boxes,
         category_offset=args.category_offset,
     )
-    per_process = max(args.batch_size // accelerator.num_processes, 1)
+    per_process = per_process_batch(args.batch_size, accelerator.num_processes, key="--batch-size")
 
     def loader(data: Any, train: bool) -> DataLoader:
         return DataLoader(

@@ -5,8 +5,9 @@
 - ``knn_predict`` / ``knn_accuracy`` / ``knn_evaluate``: the weighted kNN of the InstDisc/SimCLR
   monitors (cosine similarity, k = 200, weights ``exp(sim / T)``, T = 0.1). The training monitor and
   ``hub-ccrop eval knn`` call the same functions.
-- ``linear_probe``: the paper's protocol (frozen backbone in eval mode, 100 epochs, SGD lr 10,
-  momentum 0.9, x0.1 at epochs 60 and 80, wd 0, augmented training images). It reports the **last**
+- ``linear_probe``: the paper's protocol (frozen backbone in eval mode, 100 epochs, SGD momentum 0.9,
+  x0.1 at epochs 60 and 80, wd 0, augmented training images; lr 10 / batch 512 on small datasets, the
+  MoCo ImageNet protocol lr 30 / batch 256 on ImageNet-like data: ``linear_protocol``). It reports the **last**
   epoch; the best epoch is reported too, labelled as such. ``linear_probe_on_features`` is a fast check
   on cached, un-augmented features: a different protocol, labelled differently.
 - ``load_backbone`` loads a run folder, a local timm export or an ``hf-hub:`` id; ``finetune`` trains
@@ -28,6 +29,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ from tqdm.auto import tqdm
 
 from hub_ccrop.data import DatasetSpec, decode_image, get_spec, load_images
 from hub_ccrop.distributed import default_autocast_dtype, gather_by_id, is_distributed
+from hub_ccrop.recipe import per_process_batch
 
 __all__ = [
     "add_cli",
@@ -60,6 +63,7 @@ __all__ = [
     "knn_predict",
     "linear_probe",
     "linear_probe_on_features",
+    "linear_protocol",
     "load_backbone",
     "parse_data_files",
     "set_loader_epoch",
@@ -70,6 +74,29 @@ __all__ = [
 LINEAR_PROTOCOL = "linear-probe (paper): frozen backbone, augmented train images, last epoch"
 FAST_LINEAR_PROTOCOL = "linear-probe-cached-features (fast check, not the paper's protocol)"
 KNN_PROTOCOL = "knn (cosine, weighted exp(sim/T) voting)"
+
+
+@dataclass(frozen=True)
+class LinearProtocol:
+    """The linear-probe hyper-parameters of one kind of dataset (official ``configs/linear/*.py``)."""
+
+    name: str
+    lr: float
+    batch_size: int  # global
+
+
+# configs/linear/{cifar10,cifar100,stl10,tiny200}_res18.py: lr 10, batch 512;
+# configs/linear/{IN1K,IN200}_res50.py: MoCo's protocol, lr 30, batch 256. Both: 100 epochs, x0.1 at 60, 80, wd 0.
+SMALL_LINEAR = LinearProtocol("small-dataset protocol (official configs/linear/cifar10_res18.py)", 10.0, 512)
+IMAGENET_LINEAR = LinearProtocol("MoCo ImageNet protocol (official configs/linear/IN1K_res50.py)", 30.0, 256)
+
+
+def linear_protocol(spec: DatasetSpec) -> LinearProtocol:
+    """ImageNet's protocol for ImageNet-like data (the resize-256 / center-crop-224 eval pipeline, e.g.
+    imagenet1k, imagenet200), the small-dataset protocol otherwise (CIFAR, STL-10, Tiny ImageNet)."""
+    return IMAGENET_LINEAR if spec.eval_resize is not None else SMALL_LINEAR
+
+
 BEST_EPOCH_NOTE = "best_top1/best_epoch: the best epoch on the test set, not the paper's protocol (it reports the last epoch)"
 
 
@@ -771,7 +798,7 @@ def add_dataset_args(parser: argparse.ArgumentParser, *, dataset_help: str) -> N
     parser.add_argument("--image-column", default=None, help="default: the dataset spec's (else 'image')")
 
 
-def _add_common_args(parser: argparse.ArgumentParser, *, batch_size: int) -> None:
+def _add_common_args(parser: argparse.ArgumentParser, *, batch_size: int | None) -> None:
     parser.add_argument("source", help="run folder, timm export folder, hf-hub:ORG/NAME or timm:NAME")
     add_dataset_args(
         parser,
@@ -792,7 +819,8 @@ def _add_common_args(parser: argparse.ArgumentParser, *, batch_size: int) -> Non
     parser.add_argument(
         "--num-classes", type=int, default=None, help="default: the spec's, else max train label + 1"
     )
-    parser.add_argument("--batch-size", type=int, default=batch_size, help="global batch size")
+    parser.add_argument("--batch-size", type=int, default=batch_size,
+                        help="global batch size (all processes)" + ("" if batch_size else "; default: the dataset's protocol"))
     parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--input-size", type=int, default=None, help="override the backbone's input size")
     parser.add_argument("--output", default=None, help="results folder (default: the run folder, else '.')")
@@ -857,7 +885,7 @@ def _classification_loaders(
     top = int(max(train_labels.max(), test_labels.max()))
     if top >= num_classes:
         raise ValueError(f"label {top} does not fit num_classes={num_classes}: pass --num-classes")
-    per_process = max(args.batch_size // accelerator.num_processes, 1)
+    per_process = per_process_batch(args.batch_size, accelerator.num_processes, key="--batch-size")
 
     def loader(rows: Any, train: bool) -> DataLoader:
         """Training loaders augment, shuffle and drop the last batch; feature/test loaders do none of it."""
@@ -927,6 +955,11 @@ def _run_linear(args: argparse.Namespace) -> dict[str, Any]:
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     autocast_dtype = default_autocast_dtype(accelerator.device)
+    protocol = linear_protocol(_classification_spec(args))
+    args.lr = protocol.lr if args.lr is None else args.lr
+    args.batch_size = protocol.batch_size if args.batch_size is None else args.batch_size
+    accelerator.print(f"linear protocol for {args.dataset}: {protocol.name} (lr {protocol.lr}, global batch "
+                      f"{protocol.batch_size}); this run: lr {args.lr}, global batch {args.batch_size}")
     train_loader, test_loader, num_classes, info = _classification_loaders(
         args, model, accelerator, train_augment=not args.fast
     )
@@ -969,7 +1002,7 @@ def _run_linear(args: argparse.Namespace) -> dict[str, Any]:
             **hyper,
         )
         result["batch_size"] = args.batch_size
-    result = {**result, "source": args.source, **info}
+    result = {**result, "source": args.source, "linear_protocol": protocol.name, **info}
     if accelerator.is_main_process:
         path = write_results(default_output_dir(args.source, args.output), "eval_linear.json", result)
         print(
@@ -1036,9 +1069,10 @@ def add_cli(subparsers: Any) -> None:
     knn.set_defaults(func=_run_knn)
 
     linear = eval_sub.add_parser("linear", help="linear probe on the frozen backbone (the paper's protocol)")
-    _add_common_args(linear, batch_size=512)
+    _add_common_args(linear, batch_size=None)  # the dataset's protocol: linear_protocol
     linear.add_argument("--epochs", type=int, default=100)
-    linear.add_argument("--lr", type=float, default=10.0)
+    linear.add_argument("--lr", type=float, default=None,
+                        help="default: the dataset's protocol (10 small datasets, 30 ImageNet-like)")
     linear.add_argument("--milestones", type=int, nargs="+", default=[60, 80])
     linear.add_argument("--seed", type=int, default=0)
     linear.add_argument(

@@ -163,15 +163,20 @@ def feature_dim(model: nn.Module) -> int:
     raise ValueError(f"{type(model).__name__} has no 'num_features'; is it a timm model?")
 
 
-def prepare_model(module: nn.Module, *, sync_bn: bool = False, channels_last: bool = False) -> nn.Module:
+def prepare_model(module: nn.Module, *, sync_bn: bool = False, channels_last: bool = False,
+                  device_type: str = "cuda") -> nn.Module:
     """Runtime options for a whole training module (an ``SSLMethod``, so heads and momentum encoders too).
 
-    ``sync_bn`` converts every BatchNorm to ``nn.SyncBatchNorm`` (statistics over all processes; needs a GPU
-    backend when distributed, a plain BatchNorm otherwise). ``channels_last`` stores conv weights in NHWC,
-    which the inputs should match (``x.to(memory_format=torch.channels_last)``). Returns the module to use.
+    ``sync_bn`` converts every BatchNorm to ``nn.SyncBatchNorm`` (statistics over all processes), or, for
+    ``device_type="cpu"`` where torch's refuses to run, to ``CPUSyncBatchNorm`` (the same result over gloo).
+    ``channels_last`` stores conv weights in NHWC, which the inputs should match
+    (``x.to(memory_format=torch.channels_last)``). Returns the module to use.
     """
     if sync_bn:
-        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        # imported here: hub_ccrop.methods imports this module
+        from hub_ccrop.methods.distributed import convert_cpu_sync_bn
+
+        module = convert_cpu_sync_bn(module) if device_type == "cpu" else nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
     return module

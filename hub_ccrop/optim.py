@@ -1,4 +1,5 @@
-"""Optimizers and the paper's learning-rate schedule (cosine per epoch to lr * final_lr_ratio)."""
+"""Optimizers and the paper's learning-rate schedules, per epoch as in the official code
+(``utils/util.py::_get_lr``): cosine to lr * final_lr_ratio, or steps at milestones (MoCo v1)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ __all__ = ["LARS", "build_optimizer", "lr_at_epoch", "set_epoch_lr"]
 
 
 def lr_at_epoch(cfg: OptimConfig, epoch: int, epochs: int, base_lr: float) -> float:
-    """Learning rate for a 0-based epoch: optional linear warm-up, then cosine to ``base_lr * final_lr_ratio``."""
+    """Learning rate for a 0-based epoch: optional linear warm-up, then cosine to ``base_lr * final_lr_ratio``,
+    or ``base_lr * step_factor ** (milestones passed)`` (a milestone ``m`` applies from 0-based epoch ``m``)."""
     if epoch < cfg.warmup_epochs:
         return base_lr * (epoch + 1) / cfg.warmup_epochs
     if cfg.schedule == "constant":
         return base_lr
+    if cfg.schedule == "step":
+        return base_lr * cfg.step_factor ** sum(epoch >= m for m in cfg.milestones)
     final = base_lr * cfg.final_lr_ratio
     progress = (epoch - cfg.warmup_epochs) / max(1, epochs - cfg.warmup_epochs)
     return final + (base_lr - final) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["Recipe", "RecipeError", "apply_overrides", "load_recipe"]
+__all__ = ["Recipe", "RecipeError", "apply_overrides", "batch_split", "load_recipe", "per_process_batch"]
 
 
 class RecipeError(ValueError):
@@ -47,7 +47,7 @@ class DataConfig:
     label_column: str | None = None
     image_size: int | None = None  # training (and eval) resolution instead of the spec's
     streaming: bool = False
-    batch_size: int = 512
+    batch_size: int = 512  # GLOBAL batch (all processes x grad_accum), as the paper and official configs
     num_workers: int = 4
     batched_views: bool = False  # crop/augment whole batches on the training device
     device_resident: bool = False  # keep decoded uint8 images on the device (small datasets)
@@ -68,7 +68,7 @@ class CropConfig:
     warmup_epochs: int = 100  # RandomResizedCrop epochs before ContrastiveCrop starts
     loc_interval: int = 100  # localize after every loc_interval epochs once warm-up is over
     loc_epochs: list[int] | None = None  # explicit epochs (1-based, after the epoch) instead of the interval
-    loc_batch_size: int | None = None  # default: 2 x training batch size
+    loc_batch_size: int | None = None  # GLOBAL batch of the localization pass; default: 2 x data.batch_size
     init_boxes: str | None = None  # a box table (file, run folder or Hub repo) to start from; skips warm-up
     blur: bool = False  # Gaussian blur p=0.5 (ImageNet pipeline)
 
@@ -79,10 +79,12 @@ class OptimConfig:
     lr: float = 0.5
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    schedule: str = "cosine"  # cosine (per epoch, to lr * final_lr_ratio) | constant
+    schedule: str = "cosine"  # cosine (per epoch, to lr * final_lr_ratio) | step | constant
     final_lr_ratio: float = 0.1
+    milestones: list[int] = field(default_factory=lambda: [60, 80])  # step schedule: epochs (1-based) after which
+    step_factor: float = 0.1  # ... the lr is multiplied by step_factor
     warmup_epochs: int = 0  # linear LR warm-up
-    lr_scaling: str = "none"  # none | linear (lr * batch / 256)
+    lr_scaling: str = "none"  # none | linear (lr * global batch / 256)
 
 
 @dataclass
@@ -130,6 +132,17 @@ class Recipe:
         first = c.warmup_epochs if c.init_boxes is None else c.loc_interval
         return list(range(max(first, 1), epochs, c.loc_interval))
 
+    def per_process_batch_size(self, num_processes: int) -> int:
+        """``data.batch_size`` (global) / (processes x grad_accum); RecipeError when it does not divide."""
+        return per_process_batch(self.data.batch_size, num_processes, self.train.grad_accum)
+
+    def loc_per_process_batch_size(self, num_processes: int) -> int:
+        """The localization pass's per-process batch: ``crop.loc_batch_size`` (global, default 2 x
+        ``data.batch_size``) / processes."""
+        if self.crop.loc_batch_size is None:
+            return 2 * self.data.batch_size // num_processes  # 2 x a global batch that divides already
+        return per_process_batch(self.crop.loc_batch_size, num_processes, key="crop.loc_batch_size")
+
     def crop_mode(self, epoch: int) -> str:
         """``"rcrop"`` or ``"ccrop"`` for a 0-based epoch."""
         if self.crop.mode == "rcrop":
@@ -143,18 +156,41 @@ _CHOICES = {
     "crop.mode": ("ccrop", "rcrop"),
     "crop.heatmap_alignment": ("receptive_field", "official"),
     "optim.name": ("sgd", "lars"),
-    "optim.schedule": ("cosine", "constant"),
+    "optim.schedule": ("cosine", "step", "constant"),
     "optim.lr_scaling": ("none", "linear"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
 }
 _POSITIVE = {
-    "data.batch_size", "data.image_size", "optim.lr", "train.epochs", "train.grad_accum", "crop.loc_interval", "crop.alpha",
+    "data.batch_size", "data.image_size", "crop.loc_batch_size", "optim.lr", "train.epochs", "train.grad_accum", "crop.loc_interval", "crop.alpha",
     "train.checkpoint_every", "train.keep_checkpoints", "train.knn_k", "train.knn_temperature", "train.log_every",
 }
 _NON_NEGATIVE = {
     "data.num_workers", "data.holdout", "crop.warmup_epochs", "optim.momentum", "optim.weight_decay",
-    "optim.warmup_epochs", "optim.final_lr_ratio", "train.knn_every", "train.show_images",
+    "optim.warmup_epochs", "optim.final_lr_ratio", "optim.step_factor", "train.knn_every", "train.show_images",
 }
+
+
+def per_process_batch(global_batch: int, num_processes: int, grad_accum: int = 1, key: str = "data.batch_size") -> int:
+    """The per-process batch of a global batch split over ``num_processes`` x ``grad_accum`` steps.
+
+    Raise :class:`RecipeError` naming ``key`` when it does not divide evenly (the paper's batch sizes are
+    global: a silent rounding would train another setting)."""
+    parts = num_processes * grad_accum
+    if global_batch % parts:
+        accum = f" x {grad_accum} accumulation steps" if grad_accum > 1 else ""
+        lower = max(parts, global_batch // parts * parts)
+        raise RecipeError(
+            f"{key}={global_batch} is the global batch and does not divide over {num_processes} process(es){accum}: "
+            f"set {key} to a multiple of {parts} (e.g. --set {key}={lower})")
+    return global_batch // parts
+
+
+def batch_split(global_batch: int, num_processes: int, grad_accum: int = 1) -> str:
+    """``"global batch 512 = 2 processes x 256"`` (the run's start line)."""
+    per = per_process_batch(global_batch, num_processes, grad_accum)
+    processes = f"{num_processes} process{'es' if num_processes > 1 else ''}"
+    accum = f" x {grad_accum} accumulation steps" if grad_accum > 1 else ""
+    return f"global batch {global_batch} = {processes}{accum} x {per}"
 
 
 def _check_type(value: Any, annotation: Any, key: str) -> Any:

@@ -49,7 +49,7 @@ from hub_ccrop.localize import heatmaps, localize_boxes, picture_heatmaps
 from hub_ccrop.methods import METHOD_DEFAULTS, build_method
 from hub_ccrop.models import create_backbone, prepare_model
 from hub_ccrop.optim import build_optimizer, set_epoch_lr
-from hub_ccrop.recipe import Recipe, RecipeError, load_recipe
+from hub_ccrop.recipe import Recipe, RecipeError, batch_split, load_recipe
 from hub_ccrop.views import DeviceResidentImages, EvalCollate, RawBatch, SkipCounter, TwoViewCollate
 from hub_ccrop.viz import draw_localization_grid, to_uint8
 
@@ -227,26 +227,27 @@ class TrainBatches:
 
     def __init__(self, recipe: Recipe, run_data: RunData, collate: SeededCollate, accelerator: Accelerator) -> None:
         d, self.accelerator, self.collate, self.seed = recipe.data, accelerator, collate, recipe.train.seed
-        self.batch_size, world = d.batch_size, accelerator.num_processes
+        world = accelerator.num_processes
+        self.batch_size = batch = recipe.per_process_batch_size(world)  # data.batch_size is the global batch
         self.resident = self.loader = self.stream = None
         if d.device_resident:
             self.resident = DeviceResidentImages(run_data.pretrain, accelerator.device)
-            self.steps = self.resident.num_batches(d.batch_size, world_size=world)
+            self.steps = self.resident.num_batches(batch, world_size=world)
         elif d.streaming:
             shard = split_dataset_by_node(run_data.pretrain, rank=accelerator.process_index, world_size=world)
-            self.stream = shard.shuffle(seed=self.seed, buffer_size=10 * d.batch_size)
-            self.loader = _loader(self.stream, collate, batch_size=d.batch_size, num_workers=d.num_workers,
+            self.stream = shard.shuffle(seed=self.seed, buffer_size=10 * batch)
+            self.loader = _loader(self.stream, collate, batch_size=batch, num_workers=d.num_workers,
                                   drop_last=True, seed=self.seed, persistent=True)
             # Shards differ by a few rows: every process stops after the same, safe number of steps.
             shards = getattr(run_data.pretrain, "num_shards", 1)
-            self.steps = (run_data.num_rows // world - shards) // d.batch_size
+            self.steps = (run_data.num_rows // world - shards) // batch
         else:
-            loader = _loader(run_data.pretrain, collate, batch_size=d.batch_size, num_workers=d.num_workers,
+            loader = _loader(run_data.pretrain, collate, batch_size=batch, num_workers=d.num_workers,
                              shuffle=True, drop_last=True, seed=self.seed, persistent=True)
             self.loader = accelerator.prepare_data_loader(loader)
             self.steps = len(self.loader)
         if self.steps < 1:
-            raise RecipeError(f"data.batch_size ({d.batch_size}) x {world} process(es) is larger than the "
+            raise RecipeError(f"data.batch_size ({d.batch_size}, the global batch) is larger than the "
                               f"dataset ({run_data.num_rows} rows): lower data.batch_size")
 
     def __len__(self) -> int:
@@ -315,7 +316,7 @@ def _loader(dataset, collate, *, batch_size: int, num_workers: int, shuffle: boo
 
 def _eval_loader(accelerator: Accelerator, dataset, collate, recipe: Recipe):
     """Un-augmented batches of this process's share of ``dataset`` (results are gathered by id)."""
-    batch_size = recipe.crop.loc_batch_size or 2 * recipe.data.batch_size
+    batch_size = recipe.loc_per_process_batch_size(accelerator.num_processes)  # crop.loc_batch_size is global
     if _is_streaming(dataset):
         shard = split_dataset_by_node(dataset, rank=accelerator.process_index, world_size=accelerator.num_processes)
         return _loader(shard, collate, batch_size=batch_size, num_workers=recipe.data.num_workers)
@@ -406,7 +407,7 @@ def _draw_picture(encoder, run_data: RunData, collate: EvalCollate, state: Train
                            gt_boxes=gt, ids=ids.tolist(), title=f"{recipe.name}: boxes after epoch {state.epoch}")
 
 
-def _run_info(recipe: Recipe, run_data: RunData, backbone) -> dict[str, Any]:
+def _run_info(recipe: Recipe, run_data: RunData, backbone, num_processes: int) -> dict[str, Any]:
     cfg = dict(getattr(backbone, "pretrained_cfg", {}) or {})
     spec = run_data.spec
     size = spec.image_size
@@ -419,7 +420,8 @@ def _run_info(recipe: Recipe, run_data: RunData, backbone) -> dict[str, Any]:
                     "num_rows": run_data.num_rows, "image_column": spec.image_column,
                     "label_column": spec.label_column, "fingerprint": run_data.fingerprint,
                     "train_split": spec.train_split, "test_split": spec.test_split},
-        "epochs": recipe.train.epochs, "batch_size": recipe.data.batch_size,
+        "epochs": recipe.train.epochs, "batch_size": recipe.data.batch_size, "num_processes": num_processes,
+        "grad_accum": recipe.train.grad_accum, "per_process_batch_size": recipe.per_process_batch_size(num_processes),
         "schedule": {"crop": recipe.crop.mode, "warmup_epochs": recipe.crop.warmup_epochs,
                      "loc_epochs": recipe.localization_epochs(), "k": recipe.crop.k, "alpha": recipe.crop.alpha,
                      "heatmap_alignment": recipe.crop.heatmap_alignment},
@@ -480,8 +482,8 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool, stop: St
         options.setdefault("num_rows", run_data.num_rows)  # MoCo warns when its queue outgrows the data
     method = build_method(recipe.method.name, create_backbone(recipe.model.name, **recipe.model.args), **options)
     method = prepare_model(method, sync_bn=recipe.model.sync_bn and accelerator.num_processes > 1,
-                           channels_last=recipe.model.channels_last)
-    world_batch = recipe.data.batch_size * accelerator.num_processes * t.grad_accum
+                           channels_last=recipe.model.channels_last, device_type=accelerator.device.type)
+    world_batch = recipe.data.batch_size  # global: per-process batch x processes x grad_accum
     base_lr = recipe.optim.lr * (world_batch / 256 if recipe.optim.lr_scaling == "linear" else 1.0)
     optimizer = build_optimizer(method.param_groups(base_lr, recipe.optim.weight_decay), recipe.optim, base_lr)
     method, optimizer = accelerator.prepare(method, optimizer)
@@ -504,7 +506,8 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool, stop: St
     run_start = time.perf_counter()
     train_seconds, images_seen = 0.0, 0
     accelerator.print(f"{recipe.name}: {recipe.method.name} on {spec.name} ({run_data.num_rows} images), "
-                      f"{recipe.model.name}, {t.epochs} epochs x {len(batches)} steps, global batch {world_batch}, "
+                      f"{recipe.model.name}, {t.epochs} epochs x {len(batches)} steps, "
+                      f"{batch_split(world_batch, accelerator.num_processes, t.grad_accum)}, "
                       f"{accelerator.num_processes} process(es) on {accelerator.device.type}; run folder {out}")
 
     # -- epochs ---------------------------------------------------------------------------------
@@ -583,7 +586,7 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool, stop: St
         backbone = online.localization_encoder
         weights = {k: v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()}
         save_file(weights, str(out / "backbone.safetensors"), metadata={"format": "pt"})
-        (out / "run.json").write_text(json.dumps(_run_info(recipe, run_data, backbone), indent=2))
+        (out / "run.json").write_text(json.dumps(_run_info(recipe, run_data, backbone, accelerator.num_processes), indent=2))
         (out / "metrics.json").write_text(json.dumps(metrics | {"history": state.history}, indent=2))
         state.boxes.save(out / "boxes.parquet")
         state.boxes.save(out / "boxes.safetensors")

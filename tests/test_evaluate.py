@@ -279,6 +279,8 @@ def test_linear_probe_frozen_backbone_untouched():
     assert result["top1"] >= 90.0
     assert result["protocol"].startswith("linear-probe (paper)")
     assert {"top1", "top5", "best_top1", "best_epoch", "note", "history"} <= result.keys()
+    assert result["top1"] == result["history"][-1]["top1"]  # the last epoch, the paper's protocol
+    assert result["best_top1"] == max(h["top1"] for h in result["history"])
     assert bn_modes and not any(bn_modes)  # BN always ran in eval mode
     assert_same_state(backbone, before)  # weights, running stats, num_batches_tracked
     assert backbone.training and all(p.requires_grad for p in backbone.parameters())  # restored
@@ -415,6 +417,7 @@ def test_cli_knn_linear_finetune(tmp_path, tiny_parquet):
     assert fast["num_train"] == 32
     paper = run_cli(f"eval linear {run} {data} --epochs 2 --batch-size 16 --lr 1")
     assert paper["protocol"].startswith("linear-probe (paper)") and paper["epochs"] == 2
+    assert fast["linear_protocol"].startswith("small-dataset protocol") and fast["batch_size"] == 512  # its default
 
     out = tmp_path / "ft"
     ft = run_cli(

@@ -211,7 +211,7 @@ def test_head_widths_follow_the_backbone(width: int) -> None:
 
 # ------------------------------------------------------------------------------------------------ config
 def test_method_defaults_follow_design() -> None:
-    assert METHOD_DEFAULTS["simclr"] == {"temperature": 0.5, "hidden_dim": None, "out_dim": 128}
+    assert METHOD_DEFAULTS["simclr"] == {"temperature": 0.5, "base_temperature": None, "hidden_dim": None, "out_dim": 128}
     v1, v2 = METHOD_DEFAULTS["moco_v1"], METHOD_DEFAULTS["moco_v2"]
     assert (v1["temperature"], v1["mlp_head"]) == (0.07, False)
     assert (v2["temperature"], v2["mlp_head"]) == (0.2, True)

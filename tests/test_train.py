@@ -65,6 +65,7 @@ def test_warmup_then_localization_then_contrastive_crop(tiny_objects, tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["model"] == "resnet_tiny_cifar" and run["input_size"] == [3, 64, 64]
     assert run["schedule"]["loc_epochs"] == [1, 2] and run["dataset"]["num_rows"] == 192
+    assert (run["batch_size"], run["num_processes"], run["grad_accum"], run["per_process_batch_size"]) == (64, 1, 1, 64)
     assert run["dataset"]["test_split"] == "test" and metrics["eval_split"] == "test"
     backbone = create_backbone("resnet_tiny_cifar")
     backbone.load_state_dict(load_file(out / "backbone.safetensors"))
@@ -184,7 +185,7 @@ def test_two_processes_match_one(tiny_objects, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "hub_ccrop.train", str(REPO / "recipes" / "quickstart.yaml"), "--output-dir", str(out),
-           "--set", f"data.data_dir={tiny_objects}", "--set", "data.batch_size=32", "--set", "data.num_workers=0",
+           "--set", f"data.data_dir={tiny_objects}", "--set", "data.batch_size=64", "--set", "data.num_workers=0",
            "--set", "train.epochs=2", "--set", "crop.warmup_epochs=1", "--set", "crop.loc_epochs=[2]",
            "--set", "train.knn_every=2", "--set", "train.knn_k=20"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
@@ -196,7 +197,8 @@ def test_two_processes_match_one(tiny_objects, tmp_path):
     spec = get_spec("small_objects", data_dir=str(tiny_objects), image_size=size)
     backbone = create_backbone("resnet_tiny_cifar")
     backbone.load_state_dict(load_file(out / "backbone.safetensors"))
-    # Same per-process batches (2 x 32) and one thread, as in the launched run: the same float sums.
+    # Same per-process localization batches (default global 2 x data.batch_size = 128 = 2 processes x 64) and
+    # one thread, as in the launched run: the same float sums.
     loader = torch.utils.data.DataLoader(load_images(spec), batch_size=64, collate_fn=EvalCollate(spec, purpose="localize"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

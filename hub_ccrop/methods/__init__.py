@@ -30,7 +30,14 @@ from hub_ccrop.methods.base import (
 )
 from hub_ccrop.methods.byol import BYOL, BYOLConfig
 from hub_ccrop.methods.losses import byol_loss, info_nce_loss, mean_cosine, negative_cosine, nt_xent_loss
-from hub_ccrop.methods.moco import MoCo, MoCoConfig, MoCoV1Config, MoCoV2Config
+from hub_ccrop.methods.moco import (
+    MoCo,
+    MoCoConfig,
+    MoCoV1Config,
+    MoCoV2Config,
+    SplitBatchNorm2d,
+    convert_split_bn,
+)
 from hub_ccrop.methods.simclr import SimCLR, SimCLRConfig
 from hub_ccrop.methods.simsiam import SimSiam, SimSiamConfig
 
@@ -51,7 +58,9 @@ __all__ = [
     "SimCLRConfig",
     "SimSiam",
     "SimSiamConfig",
+    "SplitBatchNorm2d",
     "build_method",
+    "convert_split_bn",
     "byol_loss",
     "frozen_copy",
     "info_nce_loss",

@@ -55,7 +55,7 @@ class MethodConfig:
             _check_type(f.name, value, hints[f.name])
             if value is None or isinstance(value, bool | str):
                 continue
-            if (f.name.endswith(("_dim", "_size")) or f.name == "temperature") and value <= 0:
+            if (f.name.endswith(("_dim", "_size", "temperature"))) and value <= 0:
                 raise ValueError(f"option {f.name!r} must be > 0, got {value}")
             if f.name == "momentum" and not 0.0 <= value <= 1.0:
                 raise ValueError(f"option 'momentum' must lie in [0, 1], got {value}")

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
+    "CPUSyncBatchNorm",
     "all_gather_no_grad",
     "all_gather_with_grad",
     "batch_shuffle",
     "batch_unshuffle",
+    "convert_cpu_sync_bn",
     "get_rank",
     "get_world_size",
     "is_distributed",
@@ -101,3 +103,48 @@ def batch_unshuffle(x: Tensor, idx_unshuffle: Tensor) -> Tensor:
     x_all = all_gather_no_grad(x)
     mine = idx_unshuffle.view(world, -1)[get_rank()]
     return x_all[mine]
+
+
+class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm with statistics over the global batch of all processes, for CPU (gloo) runs.
+
+    ``nn.SyncBatchNorm`` refuses CPU tensors (and DDP refuses it on CPU modules); this one all-gathers the
+    per-channel sums with autograd (``all_gather_with_grad``), so forward and backward equal one BatchNorm
+    over the concatenated batch. Outside training or without several processes: plain BatchNorm.
+    """
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and get_world_size() > 1):
+            return super().forward(x)
+        channels, dims = x.shape[1], [0, *range(2, x.dim())]
+        local = torch.cat([x.sum(dims), (x * x).sum(dims), x.new_full((1,), x.numel() / channels)])
+        total = all_gather_with_grad(local[None]).sum(0)
+        count = total[-1]
+        mean = total[:channels] / count
+        var = total[channels : 2 * channels] / count - mean * mean
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach(), self.momentum)
+                self.running_var.lerp_(var.detach() * count / (count - 1), self.momentum)
+                self.num_batches_tracked.add_(1)
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
+
+
+def convert_cpu_sync_bn(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm of ``module`` by a :class:`CPUSyncBatchNorm` with the same state."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CPUSyncBatchNorm):
+        sync = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                module.track_running_stats)
+        sync.load_state_dict(module.state_dict())
+        return sync
+    for name, child in module.named_children():
+        setattr(module, name, convert_cpu_sync_bn(child))
+    return module

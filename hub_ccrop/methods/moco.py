@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hub_ccrop.methods.base import Encoder, MethodConfig, MomentumMethod, MomentumSchedule, mlp_head
-from hub_ccrop.methods.distributed import all_gather_no_grad, batch_shuffle, batch_unshuffle, get_world_size
+from hub_ccrop.methods.distributed import (
+    CPUSyncBatchNorm,
+    all_gather_no_grad,
+    batch_shuffle,
+    batch_unshuffle,
+    get_world_size,
+)
 from hub_ccrop.methods.losses import info_nce_loss, mean_cosine
 from hub_ccrop.models import feature_dim
 
-__all__ = ["MoCo", "MoCoConfig", "MoCoV1Config", "MoCoV2Config"]
+__all__ = ["MoCo", "MoCoConfig", "MoCoV1Config", "MoCoV2Config", "SplitBatchNorm2d", "convert_split_bn"]
 
 
 @dataclasses.dataclass
@@ -31,7 +38,17 @@ class MoCoConfig(MethodConfig):
     # Shuffle-BN: key-encoder BatchNorm statistics over a random slice of the global batch. Active only
     # with several processes and when the key encoder has no SyncBatchNorm (SyncBN replaces it).
     shuffle_bn: bool = True
+    # Split-BN for single-process runs, where shuffle-BN has nothing to shuffle across: BatchNorm2d statistics
+    # over split_bn groups of the batch, keys shuffled before the split (MoCo's own single-GPU CIFAR demo,
+    # bn_splits=8). Without it the query and key of an image share BN statistics, a shortcut the model can
+    # use. 1 disables it; inactive with several processes (shuffle-BN or SyncBN there).
+    split_bn: int = 8
     num_rows: int | None = None  # training-set size, to warn when the queue is longer
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.split_bn < 1:
+            raise ValueError(f"option 'split_bn' must be >= 1 (1 disables split-BN), got {self.split_bn}")
 
 
 @dataclasses.dataclass
@@ -45,6 +62,45 @@ class MoCoV1Config(MoCoConfig):
 @dataclasses.dataclass
 class MoCoV2Config(MoCoConfig):
     """MoCo v2: T = 0.2, MLP head."""
+
+
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that, in training and in a single process, normalizes ``num_splits`` groups of the batch
+    (rows ``g, g + G, g + 2G, ...``) with their own statistics; the running statistics are the mean of the
+    groups' updates. Evaluation and multi-process training: plain BatchNorm2d (the same state dict keys)."""
+
+    def __init__(self, num_features: int, num_splits: int, **kwargs: Any) -> None:
+        super().__init__(num_features, **kwargs)
+        self.num_splits = num_splits
+
+    def forward(self, x: Tensor) -> Tensor:
+        groups = self.num_splits
+        if not self.training or groups == 1 or get_world_size() > 1:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        if n % groups:
+            raise ValueError(f"MoCo split-BN: the per-process batch ({n}) must be a multiple of "
+                             f"method.options.split_bn ({groups}); change the batch or split_bn")
+        running_mean, running_var = self.running_mean.repeat(groups), self.running_var.repeat(groups)
+        out = F.batch_norm(x.reshape(n // groups, c * groups, h, w), running_mean, running_var,
+                           self.weight.repeat(groups), self.bias.repeat(groups), True, self.momentum, self.eps)
+        self.running_mean.copy_(running_mean.view(groups, c).mean(0))
+        self.running_var.copy_(running_var.view(groups, c).mean(0))
+        self.num_batches_tracked.add_(1)
+        return out.reshape(n, c, h, w)
+
+
+def convert_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
+    """Replace every ``nn.BatchNorm2d`` in ``module`` by a :class:`SplitBatchNorm2d` with the same state."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            split = SplitBatchNorm2d(child.num_features, num_splits, eps=child.eps, momentum=child.momentum,
+                                     affine=child.affine, track_running_stats=child.track_running_stats)
+            split.load_state_dict(child.state_dict())
+            setattr(module, name, split.to(child.weight.device))
+        else:
+            convert_split_bn(child, num_splits)
+    return module
 
 
 class MoCo(MomentumMethod):
@@ -61,6 +117,8 @@ class MoCo(MomentumMethod):
         config = config or MoCoV2Config()
         dim = feature_dim(backbone)
         dims = (dim, config.hidden_dim or dim, config.out_dim) if config.mlp_head else (dim, config.out_dim)
+        if config.split_bn > 1:
+            backbone = convert_split_bn(backbone, config.split_bn)
         super().__init__(Encoder(backbone, mlp_head(dims)), config)
         # A fixed generator: the initial queue is the same on every process without any broadcast.
         generator = torch.Generator().manual_seed(0)
@@ -101,10 +159,13 @@ class MoCo(MomentumMethod):
         shuffle = (
             self.config.shuffle_bn
             and get_world_size() > 1
-            and not any(isinstance(m, nn.SyncBatchNorm) for m in self.target.modules())
+            and not any(isinstance(m, nn.SyncBatchNorm | CPUSyncBatchNorm) for m in self.target.modules())
         )
         if shuffle:
             x, idx_unshuffle = batch_shuffle(x)
+        elif self.config.split_bn > 1 and get_world_size() == 1:  # split-BN: keys in other groups than queries
+            perm = torch.randperm(x.shape[0], device=x.device)
+            return F.normalize(self.target(x[perm]).float(), dim=1)[torch.argsort(perm)]
         k = self.target(x)
         if shuffle:
             k = batch_unshuffle(k, idx_unshuffle)

@@ -19,6 +19,10 @@ class SimCLRConfig(MethodConfig):
     """SimCLR options (defaults: the paper's small-dataset setting, projector 512-512-128, T = 0.5)."""
 
     temperature: float = 0.5
+    # The official small-dataset code (losses/NT_Xent_dist.py, SupContrast's form) multiplies the loss by
+    # temperature / base_temperature (0.5 / 0.07 = 7.14 in configs/small/*/simclr_*.py): with SGD that is
+    # a 7.14x larger gradient step. None: plain NT-Xent (SimCLR's paper).
+    base_temperature: float | None = None
     hidden_dim: int | None = None  # projector hidden width; None: the backbone's feature width
     out_dim: int = 128
 
@@ -36,10 +40,16 @@ class SimCLR(SSLMethod):
         self.encoder = Encoder(backbone, mlp_head((dim, config.hidden_dim or dim, config.out_dim)))
 
     @property
+    def loss_scale(self) -> float:
+        """``temperature / base_temperature`` (1 without ``base_temperature``)."""
+        base = self.config.base_temperature
+        return 1.0 if base is None else self.config.temperature / base
+
+    @property
     def localization_encoder(self) -> nn.Module:
         return self.encoder.backbone
 
     def forward(self, view1: Tensor, view2: Tensor) -> tuple[Tensor, dict[str, float]]:
         z1, z2 = self.encoder(torch.cat([view1, view2])).chunk(2)
-        loss = nt_xent_loss(z1, z2, self.config.temperature)
+        loss = nt_xent_loss(z1, z2, self.config.temperature) * self.loss_scale
         return loss, self._logs(loss=loss, pos_cosine=mean_cosine(z1, z2))
