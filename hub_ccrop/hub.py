@@ -225,7 +225,8 @@ def _write_recipe(src: Path, dst: Path) -> None:
 
 
 def _latest_picture(run_dir: Path) -> Path | None:
-    pictures = sorted((run_dir / "pictures").glob("*.png"))
+    """The last localization pass's picture: its boxes are the published table's (``show_*.png`` are not)."""
+    pictures = sorted((run_dir / "pictures").glob("localization_epoch_*.png"))
     return pictures[-1] if pictures else None
 
 
