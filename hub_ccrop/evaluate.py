@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import importlib
 import json
 import math
@@ -42,9 +43,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from hub_ccrop.data import DatasetSpec, decode_image, get_spec, load_images
+from hub_ccrop.data import DatasetSpec, decode_image, decode_to_tensor, get_spec, load_images
 from hub_ccrop.distributed import default_autocast_dtype, gather_by_id, is_distributed
 from hub_ccrop.recipe import per_process_batch
+from hub_ccrop.views import eval_image, max_side_for
 
 __all__ = [
     "add_cli",
@@ -614,30 +616,43 @@ def backbone_data_config(model: nn.Module) -> dict[str, Any]:
 # datasets for the CLI (rows from ``hub_ccrop.data``)
 
 
+def _uint8_tensor(image: Image.Image | Tensor) -> Tensor:
+    from torchvision.transforms import functional as TF
+
+    return image if isinstance(image, Tensor) else TF.pil_to_tensor(image)
+
+
 def classification_transform(data_config: dict[str, Any], *, train: bool) -> Callable[[Image.Image], Tensor]:
-    """Train: RandomResizedCrop + flip; test: resize (``size / crop_pct``) + center crop. Both normalize."""
+    """Train: RandomResizedCrop + flip; test: :func:`hub_ccrop.views.eval_image` (the kNN monitor's and the
+    localization passes' transform): the whole image at ``input_size`` when ``crop_pct`` is 1, else
+    resize (``size / crop_pct``) + centre crop. Both normalize."""
     from torchvision import transforms as T
 
     size = tuple(data_config["input_size"][-2:])
     normalize = [T.ToTensor(), T.Normalize(data_config["mean"], data_config["std"])]
     if train:
         return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *normalize])
-    resize = int(math.floor(min(size) / data_config.get("crop_pct", 1.0)))
-    return T.Compose([T.Resize(resize), T.CenterCrop(size), *normalize])
+    crop_pct = data_config.get("crop_pct", 1.0)
+    resize = int(math.floor(min(size) / crop_pct)) if crop_pct < 1 else None
+    return T.Compose([_uint8_tensor, functools.partial(eval_image, size=size, resize=resize),
+                      T.ConvertImageDtype(torch.float32), T.Normalize(data_config["mean"], data_config["std"])])
 
 
 class _LabeledRows(Dataset):
     """``data.load_images`` rows as ``(transform(image), id, label)`` items (decoded with ``decode_image``)."""
 
-    def __init__(self, rows: Any, transform: Callable[[Image.Image], Tensor]) -> None:
-        self.rows, self.transform = rows, transform
+    def __init__(self, rows: Any, transform: Callable[[Any], Tensor], *, max_side: int | None = None,
+                 as_tensor: bool = False) -> None:
+        self.rows, self.transform, self.max_side = rows, transform, max_side
+        self.decode = decode_to_tensor if as_tensor else decode_image  # tensors: decoded as the kNN monitor decodes
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
         row = self.rows[index]
-        return self.transform(decode_image(row["image"], row["id"])), int(row["id"]), int(row["label"])
+        image = self.decode(row["image"], row["id"], max_side=self.max_side)
+        return self.transform(image), int(row["id"]), int(row["label"])
 
 
 def write_results(output_dir: str | Path, filename: str, results: dict[str, Any]) -> Path:
@@ -871,7 +886,8 @@ def _classification_loaders(
     """Build (and shard) the train/test loaders of a classification CLI command.
 
     Rows come from ``data.load_images`` (uniform ``id``/``image``/``label`` columns, stable ids);
-    items are ``(classification_transform(decode_image(image, id)), id, label)``.
+    items are ``(classification_transform(decode(image, id)), id, label)``; eval items are decoded to
+    tensors with the pretraining spec's size limit, as the kNN monitor's :class:`~hub_ccrop.views.EvalCollate`.
     """
     data_config = backbone_data_config(model)
     if args.input_size:
@@ -889,7 +905,8 @@ def _classification_loaders(
 
     def loader(rows: Any, train: bool) -> DataLoader:
         """Training loaders augment, shuffle and drop the last batch; feature/test loaders do none of it."""
-        dataset = _LabeledRows(rows, classification_transform(data_config, train=train))
+        dataset = _LabeledRows(rows, classification_transform(data_config, train=train), max_side=max_side_for(spec),
+                               as_tensor=not train)
         return DataLoader(
             dataset,
             batch_size=per_process,

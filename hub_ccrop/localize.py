@@ -137,6 +137,8 @@ def _extrapolating(module: nn.Module) -> nn.Module:
 
     module.probe_pads = _pads(module)
     module.padding = 0 if isinstance(module, nn.AvgPool2d) else (0, 0)
+    if isinstance(module, nn.Conv2d):
+        module.padding_mode = "zeros"  # reflect/circular convs would pad again from their cached amounts
     module.register_forward_pre_hook(pre_hook)
     return module
 
@@ -224,8 +226,8 @@ def _probe_centres(model: nn.Module, size: tuple[int, int]) -> CellCentres:
     if any(fit is None for fit in fits):
         warnings.warn(
             f"{type(model).__name__}: its feature map is not a linear function of the input with uniform "
-            "weights (attention or gating?), so cells are placed as patches tiling the image "
-            "(crop.heatmap_alignment has no effect for this architecture)", stacklevel=3)
+            "weights (attention or gating?), so its cells are placed as patches tiling the image "
+            "(the receptive-field alignment cannot be measured for this architecture)", stacklevel=3)
         return CellCentres.patchify(tuple(out.shape[-2:]), size)
     (stride_y, offset_y), (stride_x, offset_x) = fits
     return CellCentres((stride_y, stride_x), (offset_y, offset_x))

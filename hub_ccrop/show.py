@@ -3,29 +3,32 @@
     hub-ccrop show runs/quickstart --images 8                      # the run's own training images
     hub-ccrop show hf-hub:ORG/NAME --input photos/ --images 12     # any backbone, your folder of images
 
-One row per image: the box (yellow) the backbone's heatmap gives at threshold k, the heatmap, two
-ContrastiveCrop views from that box and two RandomResizedCrop views for comparison.
+One row per image (labelled with its file name or sample id): the box (yellow) the backbone's heatmap
+gives at threshold k, the heatmap, two ContrastiveCrop views from that box and two RandomResizedCrop
+views for comparison. Images get the localization passes' preprocessing (the whole image at the model's
+input size). The picture goes to RUN/pictures/show_NNNN.png (or ./show_NNNN.png), never over an earlier one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
-from hub_ccrop.data import decode_image
-from hub_ccrop.evaluate import backbone_data_config, classification_transform, load_backbone
+from hub_ccrop.data import decode_to_tensor
+from hub_ccrop.evaluate import backbone_data_config, load_backbone
 from hub_ccrop.localize import heatmaps, model_boxes, picture_heatmaps
+from hub_ccrop.views import eval_image, max_side_for
 from hub_ccrop.viz import draw_localization_grid, to_uint8
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
-def _input_images(inputs: list[str], limit: int) -> tuple[list[Image.Image], list[str]]:
+def _input_images(inputs: list[str], limit: int) -> tuple[list[torch.Tensor], list[str]]:
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
@@ -38,11 +41,12 @@ def _input_images(inputs: list[str], limit: int) -> tuple[list[Image.Image], lis
     if not files:
         raise FileNotFoundError(f"--input {' '.join(inputs)}: no images found ({', '.join(sorted(IMAGE_SUFFIXES))})")
     files = files[:limit]
-    return [decode_image({"bytes": f.read_bytes(), "path": str(f)}, f.name) for f in files], [f.name for f in files]
+    return [decode_to_tensor({"bytes": f.read_bytes(), "path": str(f)}, f.name) for f in files], [f.name for f in files]
 
 
-def _run_images(run_dir: Path, limit: int) -> tuple[list[Image.Image], list[int], torch.Tensor | None]:
-    """Evenly spaced training images of a run, their ids, and ground-truth boxes when the data has them."""
+def _run_images(run_dir: Path, limit: int) -> tuple[list[torch.Tensor], list[str], torch.Tensor | None]:
+    """Evenly spaced training images of a run (decoded as the passes decode them), ``id N`` labels, and
+    ground-truth boxes when the data has them."""
     from hub_ccrop.data import get_spec, load_images
 
     run = json.loads((run_dir / "run.json").read_text())
@@ -51,18 +55,40 @@ def _run_images(run_dir: Path, limit: int) -> tuple[list[Image.Image], list[int]
     ids = torch.linspace(0, len(rows) - 1, min(limit, len(rows))).long().tolist()
     picked = [rows[i] for i in ids]
     gt = torch.tensor([r["gt_box"] for r in picked]) if "gt_box" in rows.column_names else None
-    return [decode_image(r["image"], r["id"]) for r in picked], [r["id"] for r in picked], gt
+    images = [decode_to_tensor(r["image"], r["id"], max_side=max_side_for(spec)) for r in picked]
+    return images, [f"id {r['id']}" for r in picked], gt
+
+
+def localization_batch(images: Sequence[torch.Tensor], data_config: dict[str, Any]) -> torch.Tensor:
+    """uint8 ``[3, H, W]`` images -> the normalized batch a localization pass sees: the whole image at the
+    model's input size (:func:`hub_ccrop.views.eval_image`, as :class:`~hub_ccrop.views.EvalCollate` does)."""
+    size = tuple(data_config["input_size"][-2:])
+    x = torch.stack([eval_image(img, size) for img in images]).to(torch.float32).div_(255.0)
+    mean = torch.tensor(data_config["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(data_config["std"], dtype=torch.float32).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def next_picture_path(folder: Path, stem: str = "show") -> Path:
+    """``folder/stem_0001.png``, or the next number after the pictures already there (never overwrites)."""
+    taken = [int(p.stem.rpartition("_")[2]) for p in folder.glob(f"{stem}_*.png") if p.stem.rpartition("_")[2].isdigit()]
+    return folder / f"{stem}_{max(taken, default=0) + 1:04d}.png"
 
 
 @torch.no_grad()
 def show(source: str, *, inputs: list[str] | None = None, num_images: int = 8, k: float | None = None,
          alpha: float | None = None, out: str | Path | None = None, seed: int = 0) -> Path:
-    """Draw the localization picture for ``source`` (run folder, export folder or ``hf-hub:`` id)."""
+    """Draw the localization picture for ``source`` (run folder, export folder or ``hf-hub:`` id).
+
+    Images get the localization passes' preprocessing and the run's ``k`` and heatmap alignment, so
+    on a run's own images the boxes are the ones a pass with this backbone would write.
+    """
     run_dir = Path(source)
     run: dict[str, Any] = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
     schedule = run.get("schedule", {})
     k = schedule.get("k", 0.1) if k is None else k
     alpha = schedule.get("alpha", 0.6) if alpha is None else alpha
+    alignment = schedule.get("heatmap_alignment", "receptive_field")
     model = load_backbone(source).eval()
     cfg = backbone_data_config(model)
     gt = None
@@ -72,18 +98,16 @@ def show(source: str, *, inputs: list[str] | None = None, num_images: int = 8, k
         images, names, gt = _run_images(run_dir, num_images)
     else:
         raise ValueError("give --input FILES_OR_FOLDER (this source is not a run folder with its own data)")
-    transform = classification_transform(cfg, train=False)
-    batch = torch.stack([transform(img) for img in images])
+    batch = localization_batch(images, cfg)
     raw = heatmaps(model, batch)
     size = tuple(batch.shape[-2:])
-    alignment = schedule.get("heatmap_alignment", "receptive_field")
     boxes = model_boxes(model, raw, size, k, alignment)
     maps = picture_heatmaps(model, raw, size, alignment)
     pixels = to_uint8(batch, cfg["mean"], cfg["std"])
-    out = Path(out) if out else (run_dir / "pictures" / "show.png" if run else Path("show.png"))
-    path = draw_localization_grid(pixels, maps, boxes, out, alpha=alpha, gt_boxes=gt, seed=seed,
-                                  title=f"{source}: heatmaps at k={k}, crops at alpha={alpha}")
-    print(f"wrote {path} ({len(images)} images: {', '.join(map(str, names[:4]))}{', ...' if len(names) > 4 else ''})")
+    out = Path(out) if out else next_picture_path(run_dir / "pictures" if run else Path.cwd())
+    path = draw_localization_grid(pixels, maps, boxes, out, alpha=alpha, gt_boxes=gt, seed=seed, ids=names,
+                                  title=f"{source}: heatmaps at k={k} ({alignment} alignment), crops at alpha={alpha}")
+    print(f"wrote {path} ({len(images)} images: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
     return path
 
 
@@ -95,7 +119,8 @@ def add_cli(subparsers: Any) -> None:
     parser.add_argument("--images", type=int, default=8, help="how many images (default 8)")
     parser.add_argument("--k", type=float, default=None, help="heatmap threshold (default: the run's, else 0.1)")
     parser.add_argument("--alpha", type=float, default=None, help="Beta(alpha, alpha) of the crops (default: the run's)")
-    parser.add_argument("--out", default=None, help="PNG path (default: RUN/pictures/show.png or ./show.png)")
+    parser.add_argument("--out", default=None,
+                        help="PNG path (default: RUN/pictures/show_NNNN.png or ./show_NNNN.png, the next free number)")
     parser.set_defaults(func=_run)
 
 

@@ -49,6 +49,7 @@ __all__ = [
     "RawBatch",
     "SkipCounter",
     "TwoViewCollate",
+    "eval_image",
 ]
 
 MODES = ("rcrop", "ccrop")
@@ -574,6 +575,22 @@ class TwoViewCollate:
         return x[0], x[1]
 
 
+def eval_image(img: Tensor, size: int | tuple[int, int], resize: int | None = None) -> Tensor:
+    """The one eval transform, uint8 ``[3, H, W]`` -> uint8 ``[3, *size]``: localization passes, the
+    kNN monitor, the kNN/linear CLI and ``hub-ccrop show`` all call it (antialiased tensor resizes).
+
+    ``resize=None``: the whole image resized to ``size`` (an int: squared) (boxes cover the whole image;
+    small datasets at native size pass through). ``resize``: shorter side to ``resize``, then a centre
+    crop of ``size`` (ImageNet-style classification eval, e.g. 256 / 224).
+    """
+    hw = [size, size] if isinstance(size, int) else list(size)
+    if resize is not None:
+        return TF.center_crop(TF.resize(img, resize, antialias=True), hw)
+    if list(img.shape[1:]) != hw:
+        img = TF.resize(img, hw, antialias=True)
+    return img
+
+
 class EvalCollate:
     """rows -> ``(images, ids, labels)`` with the un-augmented eval transform, normalized.
 
@@ -600,14 +617,9 @@ class EvalCollate:
         return self.spec.image_size if self.spec.eval_resize is None else self.spec.eval_resize[1]
 
     def transform(self, img: Tensor) -> Tensor:
-        """One uint8 ``[3, H, W]`` image -> uint8 ``[3, S, S]``."""
-        s = self.output_size
-        if self.spec.eval_resize is not None and self.purpose == "classify":
-            img = TF.resize(img, self.spec.eval_resize[0], antialias=True)
-            return TF.center_crop(img, [s, s])
-        if tuple(img.shape[1:]) != (s, s):
-            img = TF.resize(img, [s, s], antialias=True)
-        return img
+        """One uint8 ``[3, H, W]`` image -> uint8 ``[3, S, S]`` (:func:`eval_image`)."""
+        crop = self.spec.eval_resize is not None and self.purpose == "classify"
+        return eval_image(img, self.output_size, self.spec.eval_resize[0] if crop else None)
 
     def __call__(self, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]) -> tuple[Tensor, Tensor, Tensor]:
         images, ids, labels = _decode_all(

@@ -41,7 +41,7 @@ def draw_localization_grid(
     scale: Sequence[float] = (0.2, 1.0),
     ratio: Sequence[float] = (3 / 4, 4 / 3),
     gt_boxes: Tensor | None = None,
-    ids: Sequence[int] | None = None,
+    ids: Sequence[int | str] | None = None,
     title: str = "",
     seed: int = 0,
 ) -> Path:
@@ -67,8 +67,8 @@ def draw_localization_grid(
         _rect(ax, boxes[r], width, height, "yellow")
         if gt_boxes is not None:
             _rect(ax, gt_boxes[r], width, height, "cyan", "--")
-        if ids is not None:
-            ax.set_ylabel(f"id {int(ids[r])}", fontsize=7)
+        if ids is not None:  # sample ids, or labels such as file names
+            ax.set_ylabel(ids[r] if isinstance(ids[r], str) else f"id {int(ids[r])}", fontsize=7)
         ax = axes[r, 1]
         ax.imshow(img)
         ax.imshow(heatmaps[r].float().cpu().numpy(), cmap="jet", alpha=0.5, extent=(-0.5, width - 0.5, height - 0.5, -0.5))

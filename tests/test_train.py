@@ -139,6 +139,9 @@ def test_show_draws_a_picture_for_a_run_and_for_own_images(tiny_objects, tmp_pat
         Image.new("RGB", (50 + 10 * k, 40), (40 * k, 90, 200)).save(photos / f"p{k}.png")
     assert cli(["show", str(run), "--input", str(photos), "--out", str(tmp_path / "own.png")]) == 0
     assert (tmp_path / "own.png").stat().st_size > 5_000
+    for _ in range(2):  # the run's own images, into the run's pictures/, never over an earlier picture
+        assert cli(["show", str(run), "--images", "2"]) == 0
+    assert sorted(p.name for p in (run / "pictures").glob("show_*.png")) == ["show_0001.png", "show_0002.png"]
 
 
 def test_refuses_to_overwrite_a_run(tiny_objects, tmp_path):
