@@ -106,6 +106,8 @@ def test_recipe_settings_equal_the_official_config(name):
         assert recipe.crop.warmup_epochs == official["warmup_epochs"]
     assert recipe.localization_epochs() == list(
         range(official["warmup_epochs"], official["epochs"], official["loc_interval"]))
+    # DDP_*_ccrop.py::update_box: bilinear align_corners=False upsampling and x1 = last/W
+    assert recipe.crop.heatmap_alignment == "official"
     assert recipe.model.sync_bn == official["sync_bn"]
     assert recipe.model.args["zero_init_last"] == official["zero_init"]
     for key, option in (("temperature", "temperature"), ("base_temperature", "base_temperature"),
