@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from datasets import IterableDataset
 from datasets.distributed import split_dataset_by_node
 from safetensors.torch import save_file
@@ -127,8 +127,11 @@ class SeededCollate:
         return view1.to(device, non_blocking=True), view2.to(device, non_blocking=True)
 
 
-def build_data(recipe: Recipe) -> RunData:
-    """Resolve the dataset spec and open the pretraining and kNN splits (offline for local sources)."""
+def build_data(recipe: Recipe, accelerator: Accelerator | None = None) -> RunData:
+    """Resolve the dataset spec and open the pretraining and kNN splits (offline for local sources).
+
+    With several processes, the main one lists the dataset's files and hands the listing to the others.
+    """
     d = recipe.data
     overrides: dict[str, Any] = {key: value for key, value in (
         ("data_dir", d.data_dir), ("image_column", d.image_column), ("label_column", d.label_column),
@@ -137,6 +140,9 @@ def build_data(recipe: Recipe) -> RunData:
     if d.splits:
         overrides["pretrain_splits"] = tuple(d.splits)
     spec = data_lib.get_spec(d.dataset, holdout=d.holdout or None, **overrides)
+    if accelerator is not None and accelerator.num_processes > 1:
+        splits = [*spec.pretrain_splits, *(s for s in (spec.train_split, spec.test_split) if s)]
+        data_lib.share_listings(spec, splits, is_main=accelerator.is_main_process, broadcast=broadcast_object_list)
     pretrain = data_lib.load_images(spec, streaming=d.streaming)
     knn_train = knn_test = None
     if recipe.train.knn_every and spec.test_split and spec.label_column:
@@ -380,7 +386,7 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool) -> dict[
         (out / "recipe.yaml").write_text(recipe.to_yaml())
 
     # -- data and the shared box table ----------------------------------------------------------
-    run_data = build_data(recipe)
+    run_data = build_data(recipe, accelerator)
     spec = run_data.spec
     table = BoxTable(run_data.num_rows, {"dataset": spec.hub_id or spec.name, "split": "+".join(spec.pretrain_splits),
                                          "fingerprint": run_data.fingerprint, "backbone": recipe.model.name, "k": c.k})
