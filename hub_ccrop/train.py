@@ -140,12 +140,13 @@ def build_data(recipe: Recipe, accelerator: Accelerator | None = None) -> RunDat
     if d.splits:
         overrides["pretrain_splits"] = tuple(d.splits)
     spec = data_lib.get_spec(d.dataset, holdout=d.holdout or None, **overrides)
+    knn = bool(recipe.train.knn_every and spec.test_split and spec.label_column)
     if accelerator is not None and accelerator.num_processes > 1:
-        splits = [*spec.pretrain_splits, *(s for s in (spec.train_split, spec.test_split) if s)]
+        splits = [*spec.pretrain_splits, *((spec.train_split, spec.test_split) if knn else ())]
         data_lib.share_listings(spec, splits, is_main=accelerator.is_main_process, broadcast=broadcast_object_list)
     pretrain = data_lib.load_images(spec, streaming=d.streaming)
     knn_train = knn_test = None
-    if recipe.train.knn_every and spec.test_split and spec.label_column:
+    if knn:
         knn_train = data_lib.load_images(spec, spec.train_split)
         knn_test = data_lib.load_images(spec, spec.test_split)
     num_rows = data_lib.num_ids(spec)
