@@ -158,6 +158,8 @@ class RawBatch(NamedTuple):
 
     ``images`` uint8 ``[B, 3, H, W]`` (smaller images are edge-padded to the largest; ``sizes`` holds
     each real ``(H, W)``), ``crops`` int64 ``[2, B, 4]`` ``(i, j, h, w)``, ``ids``/``labels`` int64 ``[B]``.
+    ``.to(device)`` moves the pixels, ids and labels; ``sizes`` and ``crops`` stay on the host, where
+    the augmentation reads them (reading them from a device would stall it every batch).
     """
 
     images: Tensor
@@ -167,10 +169,12 @@ class RawBatch(NamedTuple):
     labels: Tensor
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> RawBatch:
-        return RawBatch(*(t.to(device, non_blocking=non_blocking) for t in self))
+        images, ids, labels = (t.to(device, non_blocking=non_blocking) for t in (self.images, self.ids, self.labels))
+        return RawBatch(images, self.sizes, self.crops, ids, labels)
 
     def pin_memory(self) -> RawBatch:
-        return RawBatch(*(t.pin_memory() for t in self))
+        return RawBatch(self.images.pin_memory(), self.sizes, self.crops, self.ids.pin_memory(),
+                        self.labels.pin_memory())
 
 
 def _columns(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]) -> tuple[list, list, list]:
@@ -243,19 +247,28 @@ def _per_image(f: Tensor) -> Tensor:
     return f.view(-1, 1, 1, 1)
 
 
+def _blend_(x: Tensor, f: Tensor, other: Tensor | None) -> Tensor:
+    """``clamp(f * x + (1 - f) * other, 0, 1)`` in place (``other`` None = black): torchvision's ``_blend``,
+    which brightness (black), contrast (the mean gray) and saturation (the gray image) all are."""
+    x.mul_(f)
+    if other is not None:
+        x.add_(other * (1 - f))
+    return x.clamp_(0, 1)
+
+
 def adjust_brightness(x: Tensor, f: Tensor) -> Tensor:
-    return (x * _per_image(f)).clamp_(0, 1)
+    """Brightness per image, in place."""
+    return _blend_(x, _per_image(f), None)
 
 
 def adjust_contrast(x: Tensor, f: Tensor) -> Tensor:
-    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
-    f = _per_image(f)
-    return (f * x + (1 - f) * mean).clamp_(0, 1)
+    """Contrast per image (blend with the mean gray level), in place."""
+    return _blend_(x, _per_image(f), _gray(x).mean(dim=(1, 2, 3), keepdim=True))
 
 
 def adjust_saturation(x: Tensor, f: Tensor) -> Tensor:
-    f = _per_image(f)
-    return (f * x + (1 - f) * _gray(x)).clamp_(0, 1)
+    """Saturation per image (blend with the gray image), in place."""
+    return _blend_(x, _per_image(f), _gray(x))
 
 
 def adjust_hue(x: Tensor, f: Tensor) -> Tensor:
@@ -347,15 +360,42 @@ class BatchedViewAugment(nn.Module):
     def crop_resize(self, images: Tensor, crops: Tensor, order: Tensor | None = None) -> Tensor:
         """``[2B, 3, S, S]`` float in [0, 1]: every view's ``(i, j, h, w)`` region resized (antialiased by
         averaging ``ceil(h / S)`` x ``ceil(w / S)`` bilinear samples per output pixel), view 1s first,
-        or in ``order`` (a permutation of the views) when given."""
+        or in ``order`` (a permutation of the views) when given.
+
+        Large images are converted to float one at a time and only over the union of their views (plus
+        the one-pixel margin bilinear sampling reads): an ImageNet batch padded to 640 px would
+        otherwise be a ~1.2 GB float copy. Small ones are converted as one batch (no per-image calls).
+        """
         n_views, batch = crops.shape[:2]
-        i, j, h, w = crops.reshape(-1, 4).to(torch.float32).unbind(1)
-        index = torch.arange(batch, device=images.device, dtype=torch.float32).repeat(n_views)
-        rois = torch.stack([index, j, i, j + w, i + h], dim=1)
-        if order is not None:
-            rois = rois[order]
-        x = images.to(torch.float32)
-        out = roi_align(x, rois, output_size=(self.size, self.size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        rect = crops.cpu()  # host rectangles (RawBatch keeps them there): no device sync
+        i, j, h, w = rect.to(torch.float32).unbind(-1)  # [V, B] each
+        size = (self.size, self.size)
+        height, width = images.shape[-2:]
+        out_views = n_views * batch
+        if height * width <= 4 * self.size * self.size:
+            index = torch.arange(batch, dtype=torch.float32).repeat(n_views)
+            rois = torch.stack([index, j.flatten(), i.flatten(), (j + w).flatten(), (i + h).flatten()], dim=1)
+            if order is not None:
+                rois = rois[order.cpu()]
+            x = images.to(torch.float32)
+            out = roi_align(x, rois.to(images.device), output_size=size, sampling_ratio=-1, aligned=True)
+            return out.div_(255.0)
+        top = (rect[..., 0].amin(0) - 1).clamp_(min=0).tolist()
+        left = (rect[..., 1].amin(0) - 1).clamp_(min=0).tolist()
+        bottom = ((rect[..., 0] + rect[..., 2]).amax(0) + 1).clamp_(max=height).tolist()
+        right = ((rect[..., 1] + rect[..., 3]).amax(0) + 1).clamp_(max=width).tolist()
+        # where each view lands in the output: slot[v * B + b]
+        slot = torch.arange(out_views) if order is None else torch.argsort(order.cpu())
+        slot = slot.view(n_views, batch).T.contiguous().to(images.device)  # [B, V]
+        out = torch.empty(out_views, 3, *size, device=images.device)
+        zero = torch.zeros(n_views, 1)
+        for b in range(batch):
+            y0, x0 = top[b], left[b]
+            region = images[b : b + 1, :, y0 : bottom[b], x0 : right[b]].to(torch.float32)
+            rois = torch.cat([zero, torch.stack([j[:, b] - x0, i[:, b] - y0, j[:, b] + w[:, b] - x0,
+                                                 i[:, b] + h[:, b] - y0], dim=1)], dim=1)  # fmt: skip
+            views = roi_align(region, rois.to(images.device), output_size=size, sampling_ratio=-1, aligned=True)
+            out.index_copy_(0, slot[b], views)
         return out.div_(255.0)
 
     def sample(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> dict[str, Tensor]:
@@ -379,14 +419,22 @@ class BatchedViewAugment(nn.Module):
         return factors, [k for k, v in enumerate(self.jitter) if v > 0]
 
     def _color_masked(self, x: Tensor, p: dict[str, Tensor]) -> Tensor:
-        """Accelerators: every op over the whole batch, selected per view with ``where`` (no host sync)."""
+        """Accelerators: the whole batch, selected per view without a host sync. At each of the four
+        jitter positions, brightness/contrast/saturation are one blend ``f * x + (1 - f) * other`` with
+        per-view ``f`` and ``other`` (black, mean gray or gray image), then hue where it is due."""
         factors, active = self._factors(p)
         x = torch.where(_per_image(p["flip"]), x.flip(-1), x)
         order = torch.tensor(PERMUTATIONS, device=x.device)[p["order"]]
+        one, zero = torch.ones_like(factors[0]), torch.zeros_like(factors[0])
         for pos in range(4):
-            for op in active:
-                sel = _per_image(p["jitter"] & (order[:, pos] == op))
-                x = torch.where(sel, JITTER_OPS[op](x, factors[op]), x)
+            op = torch.where(p["jitter"], order[:, pos], -1)  # -1: no jitter for this view
+            f = torch.where(op == 0, factors[0], torch.where(op == 1, factors[1], torch.where(op == 2, factors[2], one)))
+            gray = _gray(x)
+            other = (_per_image(torch.where(op == 1, 1 - f, zero)) * gray.mean(dim=(1, 2, 3), keepdim=True)
+                     + _per_image(torch.where(op == 2, 1 - f, zero)) * gray)  # fmt: skip
+            x = (x * _per_image(f)).add_(other).clamp_(0, 1)
+            if 3 in active:
+                x = torch.where(_per_image(op == 3), adjust_hue(x, factors[3]), x)
         x = torch.where(_per_image(p["gray"]), _gray(x).expand_as(x), x)
         if self.blur:
             x = torch.where(_per_image(p["blur"]), gaussian_blur(x, p["sigma"], self.kernel_size), x)
@@ -415,7 +463,10 @@ class BatchedViewAugment(nn.Module):
         def apply(lo: int, hi: int, fn: Any, *args: Tensor) -> None:
             for a in range(bounds[lo], bounds[hi], chunk):
                 rows = slice(a, min(a + chunk, bounds[hi]))
-                xs[rows] = fn(xs[rows], *(t[rows] for t in args))
+                view = xs[rows]
+                out = fn(view, *(t[rows] for t in args))
+                if out is not view:  # the blends work in place
+                    view.copy_(out)
 
         for g in range(len(PERMUTATIONS) + 1):
             base = 8 * g

@@ -426,3 +426,25 @@ def test_device_resident_rejects_mixed_sizes_and_skips_bad_images():
         warnings.simplefilter("ignore", BadImageWarning)
         with pytest.raises(ValueError, match="sample id 5 has size"):
             DeviceResidentImages(rows)
+
+
+@pytest.mark.parametrize("size", [16, 40])  # 40: the whole-batch path; 16: each image's union of views
+def test_crop_resize_equals_roi_align_over_the_whole_float_batch(size):
+    """Cropping each image to the union of its views before the float conversion changes nothing."""
+    from torchvision.ops import roi_align
+
+    from hub_ccrop.views import stack_padded
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(40, 64), (64, 40), (23, 71), (64, 64), (9, 9), (50, 31)]
+    images, sizes = stack_padded([torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in shapes])
+    crops = CropSampler(None)(torch.arange(len(shapes)), sizes, generator=g)
+    crops[0, 0] = torch.tensor([0, 0, 40, 64])  # a whole image: the union touches every border
+    order = torch.randperm(2 * len(shapes), generator=g)
+    aug = BatchedViewAugment(size, **NO_NORM)
+    i, j, h, w = crops.reshape(-1, 4).float().unbind(1)
+    index = torch.arange(len(shapes)).repeat(2).float()
+    rois = torch.stack([index, j, i, j + w, i + h], dim=1)
+    expected = roi_align(images.float(), rois, output_size=(size, size), sampling_ratio=-1, aligned=True) / 255
+    assert torch.allclose(aug.crop_resize(images, crops), expected, atol=1e-5)
+    assert torch.allclose(aug.crop_resize(images, crops, order), expected[order], atol=1e-5)
