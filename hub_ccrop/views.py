@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torchvision import transforms as T
 from torchvision.ops import roi_align
 from torchvision.transforms import functional as TF
@@ -358,44 +359,41 @@ class BatchedViewAugment(nn.Module):
         return f"size={self.size}, jitter={self.jitter}, blur={self.blur}"
 
     def crop_resize(self, images: Tensor, crops: Tensor, order: Tensor | None = None) -> Tensor:
-        """``[2B, 3, S, S]`` float in [0, 1]: every view's ``(i, j, h, w)`` region resized (antialiased by
-        averaging ``ceil(h / S)`` x ``ceil(w / S)`` bilinear samples per output pixel), view 1s first,
-        or in ``order`` (a permutation of the views) when given.
+        """``[2B, 3, S, S]`` float in [0, 1]: every view's ``(i, j, h, w)`` region resized, view 1s first, or
+        in ``order`` (a permutation of the views) when given.
 
-        Large images are converted to float one at a time and only over the union of their views (plus
-        the one-pixel margin bilinear sampling reads): an ImageNet batch padded to 640 px would
-        otherwise be a ~1.2 GB float copy. Small ones are converted as one batch (no per-image calls).
+        Small images (up to 2S x 2S): one ``roi_align`` over the batch, antialiased by averaging
+        ``ceil(h / S)`` x ``ceil(w / S)`` bilinear samples per output pixel. Larger ones: each image is
+        converted to float only over the union of its two views (an ImageNet batch padded to 640 px
+        would otherwise be a ~1.2 GB float copy) and each view resized with torchvision's antialiased
+        bilinear resize (``F.interpolate(antialias=True)``, what its tensor ``RandomResizedCrop`` does;
+        a separable filter, 2-3x faster than ``roi_align`` at 224 px on a CPU).
         """
         n_views, batch = crops.shape[:2]
         rect = crops.cpu()  # host rectangles (RawBatch keeps them there): no device sync
-        i, j, h, w = rect.to(torch.float32).unbind(-1)  # [V, B] each
         size = (self.size, self.size)
         height, width = images.shape[-2:]
-        out_views = n_views * batch
         if height * width <= 4 * self.size * self.size:
+            i, j, h, w = rect.reshape(-1, 4).to(torch.float32).unbind(1)
             index = torch.arange(batch, dtype=torch.float32).repeat(n_views)
-            rois = torch.stack([index, j.flatten(), i.flatten(), (j + w).flatten(), (i + h).flatten()], dim=1)
+            rois = torch.stack([index, j, i, j + w, i + h], dim=1)
             if order is not None:
                 rois = rois[order.cpu()]
             x = images.to(torch.float32)
             out = roi_align(x, rois.to(images.device), output_size=size, sampling_ratio=-1, aligned=True)
             return out.div_(255.0)
-        top = (rect[..., 0].amin(0) - 1).clamp_(min=0).tolist()
-        left = (rect[..., 1].amin(0) - 1).clamp_(min=0).tolist()
-        bottom = ((rect[..., 0] + rect[..., 2]).amax(0) + 1).clamp_(max=height).tolist()
-        right = ((rect[..., 1] + rect[..., 3]).amax(0) + 1).clamp_(max=width).tolist()
-        # where each view lands in the output: slot[v * B + b]
-        slot = torch.arange(out_views) if order is None else torch.argsort(order.cpu())
-        slot = slot.view(n_views, batch).T.contiguous().to(images.device)  # [B, V]
-        out = torch.empty(out_views, 3, *size, device=images.device)
-        zero = torch.zeros(n_views, 1)
+        top, left = rect[..., 0].amin(0).tolist(), rect[..., 1].amin(0).tolist()
+        bottom = (rect[..., 0] + rect[..., 2]).amax(0).tolist()
+        right = (rect[..., 1] + rect[..., 3]).amax(0).tolist()
+        slot = (torch.arange(n_views * batch) if order is None else torch.argsort(order.cpu())).tolist()
+        out = torch.empty(n_views * batch, 3, *size, device=images.device)
         for b in range(batch):
             y0, x0 = top[b], left[b]
-            region = images[b : b + 1, :, y0 : bottom[b], x0 : right[b]].to(torch.float32)
-            rois = torch.cat([zero, torch.stack([j[:, b] - x0, i[:, b] - y0, j[:, b] + w[:, b] - x0,
-                                                 i[:, b] + h[:, b] - y0], dim=1)], dim=1)  # fmt: skip
-            views = roi_align(region, rois.to(images.device), output_size=size, sampling_ratio=-1, aligned=True)
-            out.index_copy_(0, slot[b], views)
+            union = images[b : b + 1, :, y0 : bottom[b], x0 : right[b]].to(torch.float32)
+            for v in range(n_views):
+                i, j, h, w = rect[v, b].tolist()
+                view = union[:, :, i - y0 : i - y0 + h, j - x0 : j - x0 + w]
+                out[slot[v * batch + b]] = F.interpolate(view, size=size, mode="bilinear", antialias=True)[0]
         return out.div_(255.0)
 
     def sample(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> dict[str, Tensor]:

@@ -428,23 +428,30 @@ def test_device_resident_rejects_mixed_sizes_and_skips_bad_images():
             DeviceResidentImages(rows)
 
 
-@pytest.mark.parametrize("size", [16, 40])  # 40: the whole-batch path; 16: each image's union of views
-def test_crop_resize_equals_roi_align_over_the_whole_float_batch(size):
-    """Cropping each image to the union of its views before the float conversion changes nothing."""
+@pytest.mark.parametrize("size", [16, 40])
+def test_crop_resize_matches_its_reference_on_both_strategies(size):
+    """size 40 (images up to 2x the view): one roi_align over the whole float batch; size 16: each image
+    converted over the union of its views, each view torchvision's antialiased resized_crop."""
     from torchvision.ops import roi_align
+    from torchvision.transforms import functional as TF
 
     from hub_ccrop.views import stack_padded
 
     g = torch.Generator().manual_seed(0)
     shapes = [(40, 64), (64, 40), (23, 71), (64, 64), (9, 9), (50, 31)]
-    images, sizes = stack_padded([torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in shapes])
+    images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in shapes]
+    padded, sizes = stack_padded(images)
     crops = CropSampler(None)(torch.arange(len(shapes)), sizes, generator=g)
     crops[0, 0] = torch.tensor([0, 0, 40, 64])  # a whole image: the union touches every border
     order = torch.randperm(2 * len(shapes), generator=g)
     aug = BatchedViewAugment(size, **NO_NORM)
-    i, j, h, w = crops.reshape(-1, 4).float().unbind(1)
-    index = torch.arange(len(shapes)).repeat(2).float()
-    rois = torch.stack([index, j, i, j + w, i + h], dim=1)
-    expected = roi_align(images.float(), rois, output_size=(size, size), sampling_ratio=-1, aligned=True) / 255
-    assert torch.allclose(aug.crop_resize(images, crops), expected, atol=1e-5)
-    assert torch.allclose(aug.crop_resize(images, crops, order), expected[order], atol=1e-5)
+    if size == 40:
+        i, j, h, w = crops.reshape(-1, 4).float().unbind(1)
+        rois = torch.stack([torch.arange(len(shapes)).repeat(2).float(), j, i, j + w, i + h], dim=1)
+        expected = roi_align(padded.float(), rois, output_size=(size, size), sampling_ratio=-1, aligned=True)
+    else:
+        expected = torch.stack([TF.resized_crop(images[b].float(), *crops[v, b].tolist(), [size, size], antialias=True)
+                                for v in range(2) for b in range(len(shapes))])  # fmt: skip
+    expected = expected / 255
+    assert torch.allclose(aug.crop_resize(padded, crops), expected, atol=1e-5)
+    assert torch.allclose(aug.crop_resize(padded, crops, order), expected[order], atol=1e-5)
