@@ -48,7 +48,8 @@ from hub_ccrop.recipe import Recipe, RecipeError, load_recipe
 from hub_ccrop.views import DeviceResidentImages, EvalCollate, RawBatch, TwoViewCollate
 from hub_ccrop.viz import draw_localization_grid, to_uint8
 
-__all__ = ["NonFiniteLossError", "RunData", "SeededCollate", "TrainBatches", "build_data", "main", "train"]
+__all__ = ["NonFiniteLossError", "NonFiniteWatch", "RunData", "SeededCollate", "TrainBatches", "build_data", "main",
+           "train"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -66,6 +67,8 @@ class RunData:
     knn_train: Any = None
     knn_test: Any = None
     gt_boxes: torch.Tensor | None = None  # [num_rows, 4] when the data has ground-truth boxes
+    # data.device_resident: the splits' images decoded once onto the device ("pretrain", "knn_train", ...)
+    resident: dict[str, DeviceResidentImages] = field(default_factory=dict)
 
 
 @dataclass
@@ -120,9 +123,9 @@ class SeededCollate:
     def views(self, batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The two views of a batch on ``device`` (a :class:`RawBatch` is augmented there)."""
         if isinstance(batch, RawBatch):
-            batch = batch.to(device, non_blocking=True)
-            g = torch.Generator(device=device).manual_seed(self.batch_seed(batch.ids.cpu()))
-            return self.collate.augment(batch, g)
+            seed = self.batch_seed(batch.ids)  # host ids (RawBatch keeps them there): no device sync
+            g = torch.Generator(device=device).manual_seed(seed)
+            return self.collate.augment(batch.to(device, non_blocking=True), g)
         view1, view2, _, _ = batch
         return view1.to(device, non_blocking=True), view2.to(device, non_blocking=True)
 
@@ -165,7 +168,7 @@ class TrainBatches:
         self.batch_size, world = d.batch_size, accelerator.num_processes
         self.resident = self.loader = self.stream = None
         if d.device_resident:
-            self.resident = DeviceResidentImages(run_data.pretrain, accelerator.device)
+            self.resident = run_data.resident["pretrain"] = DeviceResidentImages(run_data.pretrain, accelerator.device)
             self.steps = self.resident.num_batches(d.batch_size, world_size=world)
         elif d.streaming:
             shard = split_dataset_by_node(run_data.pretrain, rank=accelerator.process_index, world_size=world)
@@ -186,6 +189,11 @@ class TrainBatches:
 
     def __len__(self) -> int:
         return self.steps
+
+    @property
+    def skipped(self) -> int:
+        """Undecodable training images skipped so far (at the collate stage or when made resident)."""
+        return int(self.collate.collate.skipped) + (self.resident.skipped.value if self.resident is not None else 0)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(view1, view2)`` on the training device for batches ``start .. steps - 1`` of ``epoch``."""
@@ -208,6 +216,36 @@ class TrainBatches:
             view1, view2 = self.collate.views(batch, device)
             if len(view1):  # a batch of only undecodable images (each skipped with a warning) is empty
                 yield view1, view2
+
+
+class NonFiniteWatch:
+    """Notices a NaN/inf loss without a host sync per step: the first bad step is recorded on the device
+    and read back only by :meth:`check`, which the loop calls before logging, checkpointing or a pass."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.first = torch.zeros(3, device=device, dtype=torch.float64)  # [seen, epoch, step]
+        self.value = torch.zeros((), device=device)
+
+    def update(self, loss: torch.Tensor, epoch: int, step: int) -> None:
+        new = ~torch.isfinite(loss.detach()) & (self.first[0] == 0)
+        where = torch.tensor([1.0, epoch, step], dtype=torch.float64).to(self.first.device, non_blocking=True)
+        self.first = torch.where(new, where, self.first)
+        self.value = torch.where(new, loss.detach().float(), self.value)
+
+    def check(self, last_checkpoint: Path | None) -> None:
+        seen, epoch, step = (int(v) for v in self.first.tolist())
+        if seen:
+            raise NonFiniteLossError(
+                f"loss is {float(self.value)} at epoch {epoch}, step {step}: training stopped. Last good "
+                f"checkpoint: {last_checkpoint or 'none yet'} (lower optim.lr or set train.mixed_precision=no, "
+                f"then --resume)")
+
+
+def _floats(logs: dict[str, torch.Tensor]) -> dict[str, float]:
+    """A step's logs as floats, with one device synchronization."""
+    if not logs:
+        return {}
+    return dict(zip(logs, torch.stack([v.float() for v in logs.values()]).tolist(), strict=True))
 
 
 def _latest_checkpoint(out: Path) -> Path | None:
@@ -247,9 +285,25 @@ def _loader(dataset, collate, *, batch_size: int, num_workers: int, shuffle: boo
     )
 
 
+def _eval_source(accelerator: Accelerator, run_data: RunData, name: str) -> Any:
+    """``run_data.<name>`` for a pass or the kNN monitor; in device-resident mode its images decoded once
+    onto the device (for the pretraining rows, the training images themselves): no JPEG decoding."""
+    dataset = getattr(run_data, name)
+    if not run_data.resident:
+        return dataset
+    if name == "knn_train" and (run_data.spec.train_split,) == tuple(run_data.spec.pretrain_splits):
+        name = "pretrain"
+    if name not in run_data.resident:
+        run_data.resident[name] = DeviceResidentImages(dataset, accelerator.device)
+    return run_data.resident[name]
+
+
 def _eval_loader(accelerator: Accelerator, dataset, collate, recipe: Recipe):
     """Un-augmented batches of this process's share of ``dataset`` (results are gathered by id)."""
     batch_size = recipe.crop.loc_batch_size or 2 * recipe.data.batch_size
+    if isinstance(dataset, DeviceResidentImages):
+        return dataset.iter_eval(batch_size, collate.prepare, rank=accelerator.process_index,
+                                 world_size=accelerator.num_processes)
     if _is_streaming(dataset):
         shard = split_dataset_by_node(dataset, rank=accelerator.process_index, world_size=accelerator.num_processes)
         return _loader(shard, collate, batch_size=batch_size, num_workers=recipe.data.num_workers)
@@ -261,9 +315,10 @@ def _knn(accelerator: Accelerator, backbone, run_data: RunData, recipe: Recipe) 
     """The kNN monitor: features of the labeled train split vs the test split (k, T from the recipe)."""
     collate = EvalCollate(run_data.spec, purpose="classify")
     dtype = default_autocast_dtype(accelerator.device)
-    feats = [extract_features(backbone, _eval_loader(accelerator, ds, collate, recipe), accelerator=accelerator,
+    feats = [extract_features(backbone, _eval_loader(accelerator, _eval_source(accelerator, run_data, name), collate,
+                                                     recipe), accelerator=accelerator,
                               autocast_dtype=dtype, channels_last=recipe.model.channels_last)
-             for ds in (run_data.knn_train, run_data.knn_test)]
+             for name in ("knn_train", "knn_test")]
     (_, train_feats, train_labels), (_, test_feats, test_labels) = feats
     return knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes=run_data.spec.num_classes,
                         k=recipe.train.knn_k, temperature=recipe.train.knn_temperature)
@@ -274,7 +329,8 @@ def _localization_pass(accelerator: Accelerator, encoder, run_data: RunData, sta
     """Localize every pretraining image, gather by id, write the shared table, save it and a picture."""
     collate = EvalCollate(run_data.spec, purpose="localize")
     start = time.perf_counter()
-    ids, boxes = localize_boxes(encoder, _eval_loader(accelerator, run_data.pretrain, collate, recipe),
+    source = _eval_source(accelerator, run_data, "pretrain")
+    ids, boxes = localize_boxes(encoder, _eval_loader(accelerator, source, collate, recipe),
                                 k=recipe.crop.k, autocast_dtype=default_autocast_dtype(accelerator.device),
                                 channels_last=recipe.model.channels_last, accelerator=accelerator)
     seconds = time.perf_counter() - start
@@ -434,7 +490,11 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool) -> dict[
                       f"{accelerator.num_processes} process(es) on {accelerator.device.type}; run folder {out}")
 
     # -- epochs ---------------------------------------------------------------------------------
-    logs: dict[str, float] = {}
+    logs: dict[str, torch.Tensor] = {}  # the latest step's, kept on the device until they are logged
+    watch = NonFiniteWatch(accelerator.device)
+
+    def check_finite() -> None:  # before anything that would keep or use weights trained on a bad loss
+        watch.check(_latest_checkpoint(out))
     while state.epoch < t.epochs:
         epoch = state.epoch
         mode = recipe.crop_mode(epoch)
@@ -447,11 +507,7 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool) -> dict[
         for view1, view2 in bar:
             with accelerator.accumulate(method):
                 loss, logs = method(view1, view2)
-                if not torch.isfinite(loss.detach()).all():
-                    raise NonFiniteLossError(
-                        f"loss is {loss.item()} at epoch {epoch + 1}, step {state.step_in_epoch + 1}: training "
-                        f"stopped. Last good checkpoint: {_latest_checkpoint(out) or 'none yet'} (lower optim.lr "
-                        f"or set train.mixed_precision=no, then --resume)")
+                watch.update(loss, epoch + 1, state.step_in_epoch + 1)
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -461,20 +517,26 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool) -> dict[
             state.global_step += 1
             images_seen += view1.shape[0] * accelerator.num_processes
             if state.global_step % t.log_every == 0 or state.step_in_epoch == len(batches):
+                check_finite()
+                numbers = _floats(logs)
                 rate = images_seen / max(train_seconds + time.perf_counter() - tic, 1e-9)
-                bar.set_postfix(loss=f"{logs['loss']:.3f}", img_s=f"{rate:.0f}", lr=f"{lr:.3g}")
-                accelerator.log({f"train/{k}": v for k, v in logs.items()} | {"train/lr": lr, "train/images_per_s": rate},
+                bar.set_postfix(loss=f"{numbers['loss']:.3f}", img_s=f"{rate:.0f}", lr=f"{lr:.3g}")
+                accelerator.log({f"train/{k}": v for k, v in numbers.items()} | {"train/lr": lr, "train/images_per_s": rate},
                                 step=state.global_step)
             if t.checkpoint_every_steps and state.global_step % t.checkpoint_every_steps == 0:
+                check_finite()
                 _save_checkpoint(accelerator, out, state, t.keep_checkpoints)
             if t.max_steps is not None and state.global_step >= t.max_steps:
+                check_finite()
                 accelerator.print(f"stopped at train.max_steps={t.max_steps}; continue with --resume")
                 accelerator.end_training()
                 return {"stopped_at_step": state.global_step}
         bar.close()
+        check_finite()
         epoch_seconds = time.perf_counter() - tic
         train_seconds += epoch_seconds
-        record: dict[str, Any] = {"epoch": epoch + 1, "loss": logs.get("loss"), "pos_cosine": logs.get("pos_cosine"),
+        numbers = _floats(logs)
+        record: dict[str, Any] = {"epoch": epoch + 1, "loss": numbers.get("loss"), "pos_cosine": numbers.get("pos_cosine"),
                                   "lr": lr, "crop": mode, "epoch_seconds": epoch_seconds,
                                   "images_per_s": (state.step_in_epoch * world_batch / t.grad_accum) / epoch_seconds}
         state.epoch += 1
@@ -496,7 +558,7 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool) -> dict[
 
     # -- the end --------------------------------------------------------------------------------
     metrics = _final_metrics(recipe, run_data, state, images_seen / max(train_seconds, 1e-9),
-                             time.perf_counter() - run_start, int(collate.collate.skipped))
+                             time.perf_counter() - run_start, batches.skipped)
     if is_main:
         backbone = online.localization_encoder
         weights = {k: v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()}

@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -159,8 +159,8 @@ class RawBatch(NamedTuple):
 
     ``images`` uint8 ``[B, 3, H, W]`` (smaller images are edge-padded to the largest; ``sizes`` holds
     each real ``(H, W)``), ``crops`` int64 ``[2, B, 4]`` ``(i, j, h, w)``, ``ids``/``labels`` int64 ``[B]``.
-    ``.to(device)`` moves the pixels, ids and labels; ``sizes`` and ``crops`` stay on the host, where
-    the augmentation reads them (reading them from a device would stall it every batch).
+    ``.to(device)`` moves the pixels and labels; ``sizes``, ``crops`` and ``ids`` stay on the host, where
+    the augmentation and the batch seed read them (reading them from a device would stall it every batch).
     """
 
     images: Tensor
@@ -170,12 +170,11 @@ class RawBatch(NamedTuple):
     labels: Tensor
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> RawBatch:
-        images, ids, labels = (t.to(device, non_blocking=non_blocking) for t in (self.images, self.ids, self.labels))
-        return RawBatch(images, self.sizes, self.crops, ids, labels)
+        images, labels = (t.to(device, non_blocking=non_blocking) for t in (self.images, self.labels))
+        return RawBatch(images, self.sizes, self.crops, self.ids, labels)
 
     def pin_memory(self) -> RawBatch:
-        return RawBatch(self.images.pin_memory(), self.sizes, self.crops, self.ids.pin_memory(),
-                        self.labels.pin_memory())
+        return RawBatch(self.images.pin_memory(), self.sizes, self.crops, self.ids, self.labels.pin_memory())
 
 
 def _columns(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]) -> tuple[list, list, list]:
@@ -634,14 +633,20 @@ class EvalCollate:
         return self.spec.image_size if self.spec.eval_resize is None else self.spec.eval_resize[1]
 
     def transform(self, img: Tensor) -> Tensor:
-        """One uint8 ``[3, H, W]`` image -> uint8 ``[3, S, S]``."""
+        """One uint8 ``[3, H, W]`` image (or a ``[B, 3, H, W]`` batch) -> uint8 ``[3, S, S]`` (``[B, 3, S, S]``)."""
         s = self.output_size
         if self.spec.eval_resize is not None and self.purpose == "classify":
             img = TF.resize(img, self.spec.eval_resize[0], antialias=True)
             return TF.center_crop(img, [s, s])
-        if tuple(img.shape[1:]) != (s, s):
+        if tuple(img.shape[-2:]) != (s, s):
             img = TF.resize(img, [s, s], antialias=True)
         return img
+
+    def prepare(self, images: Tensor) -> Tensor:
+        """A uint8 ``[B, 3, H, W]`` batch of same-size images, on any device -> the normalized eval batch
+        (what ``__call__`` makes from rows; used on device-resident images)."""
+        x = self.transform(images).to(torch.float32).div_(255.0)
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
     def __call__(self, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]) -> tuple[Tensor, Tensor, Tensor]:
         images, ids, labels = _decode_all(
@@ -672,7 +677,7 @@ class DeviceResidentImages:
                                              rank=rank, world_size=world_size):
                 view1, view2 = augment(raw)
                 ...
-        for images, ids, labels in resident.iter_eval(1024, spec.mean, spec.std):  # localization / kNN
+        for images, ids, labels in resident.iter_eval(1024, EvalCollate(spec).prepare):  # passes, kNN
             ...
 
     Every rank holds the whole dataset and takes its own slice of one seeded permutation per epoch
@@ -741,7 +746,8 @@ class DeviceResidentImages:
         start_batch: int = 0,
         generator: torch.Generator | None = None,
     ) -> Iterator[RawBatch]:
-        """:class:`RawBatch` es on the device (crop rectangles drawn on CPU from the box table)."""
+        """:class:`RawBatch` es: images and labels on the device; crop rectangles (drawn from the box
+        table), sizes and ids on the host, like ``RawBatch.to`` leaves them."""
         pos = self.positions(epoch=epoch, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size)
         stop = len(pos) - len(pos) % batch_size if drop_last else len(pos)
         for begin in range(start_batch * batch_size, stop, batch_size):
@@ -750,25 +756,19 @@ class DeviceResidentImages:
             sizes = self._size.expand(len(p), 2)
             rect = crops(ids, sizes, generator=generator)
             p_dev = p.to(self.device, non_blocking=True)
-            yield RawBatch(
-                self.images[p_dev],
-                sizes.to(self.device),
-                rect.to(self.device, non_blocking=True),
-                self.ids[p_dev],
-                self.labels[p_dev],
-            )
+            yield RawBatch(self.images[p_dev], sizes, rect, ids, self.labels[p_dev])
 
     def iter_eval(
-        self, batch_size: int, mean: Sequence[float], std: Sequence[float], *, rank: int = 0, world_size: int = 1
+        self, batch_size: int, prepare: Callable[[Tensor], Tensor], *, rank: int = 0, world_size: int = 1
     ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        """Un-augmented, normalized ``(images, ids, labels)`` of this rank's share (every row exactly once)."""
-        m = torch.tensor(mean, device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
-        s = torch.tensor(std, device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
+        """``(prepare(images), ids, labels)`` of this rank's share, every row exactly once, on the device.
+
+        ``prepare`` maps a uint8 batch to the model's input, e.g. :meth:`EvalCollate.prepare`.
+        """
         pos = torch.arange(rank, len(self), world_size, device=self.device)
         for begin in range(0, len(pos), batch_size):
             p = pos[begin : begin + batch_size]
-            x = self.images[p].to(torch.float32).div_(255.0)
-            yield (x - m) / s, self.ids[p], self.labels[p]
+            yield prepare(self.images[p]), self.ids[p], self.labels[p]
 
 
 def _iter_chunks(rows: Any, chunk_size: int) -> Iterable[Any]:

@@ -409,8 +409,12 @@ def test_device_resident_batches_cover_every_id(small_objects):
     assert order0 != order1 and len(order0) == 6
     resumed = [r.ids.tolist() for r in resident.iter_batches(8, crops, epoch=0, seed=3, start_batch=4)]
     assert resumed == order0[4:]
-    evaluated = [i for rank in range(2) for _, ids, _ in resident.iter_eval(10, (0.5,) * 3, (0.25,) * 3, rank=rank, world_size=2) for i in ids.tolist()]  # noqa: E501
-    assert sorted(evaluated) == list(range(48))
+    prepare = EvalCollate(small_objects).prepare  # 32 px images -> the 16 px eval input
+    evaluated = [(x, ids) for rank in range(2) for x, ids, _ in resident.iter_eval(10, prepare, rank=rank, world_size=2)]
+    assert sorted(i for _, ids in evaluated for i in ids.tolist()) == list(range(48))
+    x, ids = evaluated[0]
+    decoded, _, _ = EvalCollate(small_objects)([ds[i] for i in ids.tolist()])  # the rows' own eval batch
+    assert x.shape == (10, 3, 16, 16) and torch.allclose(x, decoded, atol=1e-5)
     crops.mode = "ccrop"
     raw = next(resident.iter_batches(8, crops, seed=3))
     assert raw.crops.shape == (2, 8, 4)
