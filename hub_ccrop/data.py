@@ -48,7 +48,9 @@ __all__ = [
     "clear_cache",
     "dataset_fingerprint",
     "decode_image",
+    "decode_on_device",
     "decode_to_tensor",
+    "image_size",
     "get_spec",
     "list_specs",
     "load_images",
@@ -919,3 +921,84 @@ def decode_to_tensor(value: Any, sample_id: Any = None, *, max_side: int | None 
             raise BadImageError(sample_id, f"{type(err).__name__}: {err}", path) from err
     img = decode_image(value, sample_id, max_side=max_side)
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)
+
+
+def image_size(value: Any, sample_id: Any = None, *, max_side: int | None = None) -> tuple[int, int]:
+    """``(H, W)`` of an image as :func:`decode_to_tensor` would return it, from its header only (no decoding)."""
+    path = value.get("path") if isinstance(value, dict) else None
+    try:
+        img, path = _open_image(value)
+        width, height = _limited_size(img.size, max_side)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:  # noqa: BLE001 - reported with the sample id, like a decoding failure
+        raise BadImageError(sample_id, f"{type(err).__name__}: {err}", path) from err
+    if width < 1 or height < 1:
+        raise BadImageError(sample_id, f"empty image {(width, height)}", path)
+    return height, width
+
+
+def _jpeg_bytes(value: Any) -> bytes | None:
+    data = value.get("bytes") if isinstance(value, dict) else value
+    return bytes(data) if isinstance(data, bytes | bytearray) and data[:3] == _JPEG_MAGIC else None
+
+
+def decode_on_device(
+    values: Sequence[Any],
+    ids: Sequence[Any],
+    device: torch.device | str,
+    *,
+    max_side: int | None = None,
+    decoder: Callable[..., Any] | None = None,
+) -> list[Tensor | BadImageError]:
+    """Decode a batch into uint8 ``[3, H, W]`` tensors on ``device``: the JPEGs in one batched call of
+    ``decoder`` (default torchvision's ``decode_jpeg``, nvJPEG on CUDA), then, if that call fails, each
+    JPEG alone, and any image the device cannot decode (not a JPEG, CMYK, corrupt) on the CPU with
+    :func:`decode_to_tensor` (reduced-size JPEG decoding included). Images larger than ``max_side``
+    are shrunk like the CPU path's. An image nothing decodes is returned as its :class:`BadImageError`.
+    """
+    if decoder is None:
+        from torchvision.io import decode_jpeg as decoder
+    from torchvision.io import ImageReadMode
+
+    device = torch.device(device)
+    out: list[Tensor | BadImageError | None] = [None] * len(values)
+    jpegs = [k for k, v in enumerate(values) if _jpeg_bytes(v) is not None]
+    if jpegs:
+        data = [torch.frombuffer(bytearray(_jpeg_bytes(values[k])), dtype=torch.uint8) for k in jpegs]
+
+        def device_decode(items: list[Tensor]) -> list[Tensor]:
+            with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders for torchcodec
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return decoder(items, mode=ImageReadMode.RGB, device=device)
+
+        try:
+            decoded: list[Tensor | None] = list(device_decode(data))
+        except RuntimeError:  # one bad image fails the whole batch: retry one by one
+            decoded = []
+            for item in data:
+                try:
+                    decoded.append(device_decode([item])[0])
+                except RuntimeError:
+                    decoded.append(None)  # the CPU gets its turn below
+        for k, img in zip(jpegs, decoded, strict=True):
+            if img is not None:
+                out[k] = _shrink(img, max_side)
+    for k, value in enumerate(values):
+        if out[k] is None:
+            try:
+                out[k] = decode_to_tensor(value, ids[k], max_side=max_side).to(device, non_blocking=True)
+            except BadImageError as err:
+                out[k] = err
+    return out
+
+
+def _shrink(img: Tensor, max_side: int | None) -> Tensor:
+    """``img`` resized (antialiased) so its longer side is at most ``max_side``."""
+    height, width = img.shape[-2:]
+    new_w, new_h = _limited_size((width, height), max_side)
+    if (new_h, new_w) == (height, width):
+        return img
+    from torchvision.transforms import functional as TF
+
+    return TF.resize(img, [new_h, new_w], antialias=True)

@@ -45,7 +45,7 @@ from hub_ccrop.methods import METHOD_DEFAULTS, build_method
 from hub_ccrop.models import create_backbone, prepare_model
 from hub_ccrop.optim import build_optimizer, set_epoch_lr
 from hub_ccrop.recipe import Recipe, RecipeError, load_recipe
-from hub_ccrop.views import DeviceResidentImages, EvalCollate, RawBatch, TwoViewCollate
+from hub_ccrop.views import DeviceResidentImages, EncodedBatch, EvalCollate, RawBatch, TwoViewCollate
 from hub_ccrop.viz import draw_localization_grid, to_uint8
 
 __all__ = ["NonFiniteLossError", "NonFiniteWatch", "RunData", "SeededCollate", "TrainBatches", "build_data", "main",
@@ -122,9 +122,11 @@ class SeededCollate:
 
     def views(self, batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The two views of a batch on ``device`` (a :class:`RawBatch` is augmented there)."""
-        if isinstance(batch, RawBatch):
-            seed = self.batch_seed(batch.ids)  # host ids (RawBatch keeps them there): no device sync
+        if isinstance(batch, RawBatch | EncodedBatch):
+            seed = self.batch_seed(batch.ids)  # host ids (both batch types keep them there): no device sync
             g = torch.Generator(device=device).manual_seed(seed)
+            if isinstance(batch, EncodedBatch):
+                batch = self.collate.decode_on(batch, device)
             return self.collate.augment(batch.to(device, non_blocking=True), g)
         view1, view2, _, _ = batch
         return view1.to(device, non_blocking=True), view2.to(device, non_blocking=True)
@@ -454,7 +456,8 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool) -> dict[
     collate = SeededCollate(
         TwoViewCollate.from_spec(spec, table, scale=c.scale, ratio=c.ratio, alpha=c.alpha, blur=c.blur or spec.blur,
                                  mode=recipe.crop_mode(0), batched=recipe.data.batched_views,
-                                 raw=recipe.data.batched_views and accelerator.device.type == "cuda"),
+                                 raw=recipe.data.batched_views and accelerator.device.type == "cuda",
+                                 device_decode=recipe.data.batched_views and accelerator.device.type == "cuda"),
         seed=t.seed,
     )
     batches = TrainBatches(recipe, run_data, collate, accelerator)

@@ -39,13 +39,22 @@ from torchvision.transforms import functional as TF
 
 from hub_ccrop.boxes import BoxTable
 from hub_ccrop.crop import sample_crop_params
-from hub_ccrop.data import BadImageError, BadImageWarning, DatasetSpec, decode_image, decode_to_tensor
+from hub_ccrop.data import (
+    BadImageError,
+    BadImageWarning,
+    DatasetSpec,
+    decode_image,
+    decode_on_device,
+    decode_to_tensor,
+    image_size,
+)
 
 __all__ = [
     "MODES",
     "BatchedViewAugment",
     "CropSampler",
     "DeviceResidentImages",
+    "EncodedBatch",
     "EvalCollate",
     "RawBatch",
     "SkipCounter",
@@ -177,6 +186,21 @@ class RawBatch(NamedTuple):
         return RawBatch(self.images.pin_memory(), self.sizes, self.crops, self.ids, self.labels.pin_memory())
 
 
+class EncodedBatch(NamedTuple):
+    """A batch whose images are still encoded (JPEG bytes), for decoding on the training device
+    (:meth:`TwoViewCollate.decode_on`). ``sizes`` come from the image headers and ``crops`` are drawn
+    from them, exactly as for a :class:`RawBatch`."""
+
+    values: list[Any]
+    sizes: Tensor
+    crops: Tensor
+    ids: Tensor
+    labels: Tensor
+
+    def pin_memory(self) -> EncodedBatch:
+        return self  # bytes: nothing to pin
+
+
 def _columns(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]) -> tuple[list, list, list]:
     """images, ids, labels from a list of rows or a dict of columns."""
     if isinstance(rows, Mapping):
@@ -198,19 +222,28 @@ def _decode_all(
     max_side: int | None,
 ) -> tuple[list[Any], Tensor, Tensor]:
     """Decode a batch; an undecodable image is skipped with a warning naming its id (or raises if strict)."""
+    decode = decode_to_tensor if as_tensor else decode_image
+    return _keep_good(rows, lambda value, sid: decode(value, sid, max_side=max_side), strict=strict, counter=counter)
+
+
+def _keep_good(
+    rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]],
+    read: Callable[[Any, Any], Any],
+    *,
+    strict: bool,
+    counter: SkipCounter,
+) -> tuple[list[Any], Tensor, Tensor]:
+    """``read(image, id)`` of each row; a row it fails on (:class:`BadImageError`) is skipped with a warning
+    naming its id and counted, or raises if strict. Returns the results, ids and labels of the others."""
     images, ids, labels = _columns(rows)
     out, keep = [], []
     for k, (value, sid) in enumerate(zip(images, ids, strict=True)):
         try:
-            if as_tensor:
-                out.append(decode_to_tensor(value, sid, max_side=max_side))
-            else:
-                out.append(decode_image(value, sid, max_side=max_side))
+            out.append(read(value, sid))
         except BadImageError as err:
             if strict:
                 raise
-            counter.add()
-            warnings.warn(f"skipping {err}", BadImageWarning, stacklevel=3)
+            _skip(err, counter)
             continue
         keep.append(k)
     id_t = torch.as_tensor([int(ids[k]) for k in keep], dtype=torch.int64)
@@ -218,15 +251,21 @@ def _decode_all(
     return out, id_t, label_t
 
 
+def _skip(err: BadImageError, counter: SkipCounter) -> None:
+    counter.add()
+    warnings.warn(f"skipping {err}", BadImageWarning, stacklevel=4)
+
+
 def stack_padded(images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """uint8 ``[3, h, w]`` images -> ``[B, 3, H, W]`` edge-replicated to the largest size, and sizes ``[B, 2]``."""
+    """uint8 ``[3, h, w]`` images (on one device) -> ``[B, 3, H, W]`` edge-replicated to the largest size,
+    and sizes ``[B, 2]`` (on the host)."""
     sizes = torch.tensor([[im.shape[1], im.shape[2]] for im in images], dtype=torch.int64).reshape(-1, 2)
     if not images:
         return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), sizes
     height, width = (int(v) for v in sizes.max(0).values)
     if bool((sizes == sizes[0]).all()):
         return torch.stack(list(images)), sizes
-    out = torch.empty(len(images), 3, height, width, dtype=torch.uint8)
+    out = torch.empty(len(images), 3, height, width, dtype=torch.uint8, device=images[0].device)
     for b, im in enumerate(images):
         h, w = im.shape[1:]
         out[b, :, :h, :w] = im
@@ -514,7 +553,9 @@ class TwoViewCollate:
     """DataLoader ``collate_fn``: rows -> ``(view1, view2, ids, labels)`` (or a :class:`RawBatch`).
 
     ``batched=False``: per-image PIL path; ``batched=True``: :class:`BatchedViewAugment` runs here (in
-    the workers); ``raw=True``: return the :class:`RawBatch` and run ``self.augment`` on the device.
+    the workers); ``raw=True``: return the :class:`RawBatch` and run ``self.augment`` on the device;
+    ``device_decode=True`` (with raw, on CUDA): return an :class:`EncodedBatch` (image headers read,
+    nothing decoded) and decode it on the device with :meth:`decode_on` (nvJPEG, CPU fallback per image).
     ``mode`` (``"rcrop"``/``"ccrop"``) can be set any time, also while persistent workers run.
     Undecodable images are skipped with a :class:`~hub_ccrop.data.BadImageWarning` naming the id and
     counted in ``self.skipped`` (shared across workers); ``strict=True`` raises instead. A batch can
@@ -535,6 +576,7 @@ class TwoViewCollate:
         mode: str = "rcrop",
         batched: bool = False,
         raw: bool = False,
+        device_decode: bool = False,
         strict: bool = False,
         max_side: int | None = None,
         **pipeline: Any,
@@ -544,8 +586,9 @@ class TwoViewCollate:
         # The one description of the paper's pipeline (flip_p, jitter, jitter_p, gray_p, blur_p,
         # blur_sigma); the per-image PIL transforms below are built from it too.
         self.augment = a = BatchedViewAugment(size, mean, std, blur=blur, **pipeline)
-        self.batched = batched or raw
-        self.raw = raw
+        self.batched = batched or raw or device_decode
+        self.raw = raw or device_decode
+        self.device_decode = device_decode
         self.strict = strict
         self.max_side = max_side
         self.skipped = SkipCounter()
@@ -577,7 +620,12 @@ class TwoViewCollate:
 
     def __call__(
         self, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor] | RawBatch:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor] | RawBatch | EncodedBatch:
+        if self.device_decode:
+            read = lambda value, sid: (value, image_size(value, sid, max_side=self.max_side))  # noqa: E731
+            pairs, ids, labels = _keep_good(rows, read, strict=self.strict, counter=self.skipped)
+            sizes = torch.tensor([size for _, size in pairs], dtype=torch.int64).reshape(-1, 2)
+            return EncodedBatch([value for value, _ in pairs], sizes, self.crops(ids, sizes), ids, labels)
         images, ids, labels = _decode_all(
             rows, as_tensor=self.batched, strict=self.strict, counter=self.skipped, max_side=self.max_side
         )
@@ -590,6 +638,29 @@ class TwoViewCollate:
                 view1, view2 = self.augment(raw)
             return view1, view2, ids, labels
         return (*self._per_image(images, ids), ids, labels)
+
+    def decode_on(self, batch: EncodedBatch, device: torch.device | str, decoder: Callable[..., Any] | None = None
+                  ) -> RawBatch:  # fmt: skip
+        """The :class:`RawBatch` of an :class:`EncodedBatch`, decoded on ``device`` (see
+        :func:`~hub_ccrop.data.decode_on_device`); images nothing decodes are skipped and counted."""
+        decoded = decode_on_device(batch.values, batch.ids.tolist(), device, max_side=self.max_side, decoder=decoder)
+        keep = []
+        for k, img in enumerate(decoded):
+            if not isinstance(img, BadImageError) and tuple(img.shape[1:]) != tuple(batch.sizes[k].tolist()):
+                img = BadImageError(int(batch.ids[k]), f"decoded size {tuple(img.shape[1:])} differs from its header")
+            if isinstance(img, BadImageError):
+                if self.strict:
+                    raise img
+                _skip(img, self.skipped)
+            else:
+                keep.append(k)
+        index = torch.tensor(keep, dtype=torch.int64)
+        if keep:
+            images, _ = stack_padded([decoded[k] for k in keep])
+        else:
+            images = torch.zeros(0, 3, 1, 1, dtype=torch.uint8, device=device)
+        return RawBatch(images, batch.sizes[index], batch.crops[:, index], batch.ids[index],
+                        batch.labels[index].to(device))
 
     def _per_image(self, images: list[Image.Image], ids: Tensor) -> tuple[Tensor, Tensor]:
         """The classic CPU path: PIL crop+resize and torchvision transforms per view."""

@@ -19,6 +19,7 @@ from hub_ccrop.views import (
     BatchedViewAugment,
     CropSampler,
     DeviceResidentImages,
+    EncodedBatch,
     EvalCollate,
     RawBatch,
     TwoViewCollate,
@@ -459,3 +460,69 @@ def test_crop_resize_matches_its_reference_on_both_strategies(size):
     expected = expected / 255
     assert torch.allclose(aug.crop_resize(padded, crops), expected, atol=1e-5)
     assert torch.allclose(aug.crop_resize(padded, crops, order), expected[order], atol=1e-5)
+
+
+# -- decoding on the device (nvJPEG on CUDA; here a CPU stand-in decoder is injected) -----------------
+
+
+class FlakyDeviceDecoder:
+    """Stands in for nvJPEG: torchvision's CPU decode_jpeg, except that it refuses ``refused`` images
+    and, like nvJPEG, fails the whole batched call when one image fails."""
+
+    def __init__(self, refused: set[bytes]) -> None:
+        self.refused, self.calls = refused, []
+
+    def __call__(self, items, mode, device):
+        from torchvision.io import decode_jpeg
+
+        self.calls.append(len(items))
+        if any(bytes(t.numpy()) in self.refused for t in items):
+            raise RuntimeError("nvjpeg: unsupported")
+        return [decode_jpeg(t, mode=mode).to(device) for t in items]
+
+
+def test_decode_on_device_falls_back_to_the_cpu_per_image():
+    from hub_ccrop.data import decode_on_device, decode_to_tensor
+
+    good, refused = random_jpeg(0, (40, 30)), random_jpeg(1, (20, 24))
+    big = random_jpeg(2, (96, 64))
+    png = encode(Image.new("RGB", (7, 5), (1, 2, 3)))
+    values = [good, {"bytes": refused, "path": "r.jpg"}, png, good[: len(good) // 2], b"junk", big]
+    decoder = FlakyDeviceDecoder({refused})
+    out = decode_on_device(values, list(range(10, 16)), "cpu", max_side=48, decoder=decoder)
+    assert decoder.calls == [4, 1, 1, 1, 1]  # the batch of 4 JPEGs fails, then each alone
+    assert torch.equal(out[0], decode_to_tensor(good))
+    assert torch.equal(out[1], decode_to_tensor(refused))  # the device refused it: decoded on the CPU
+    assert out[2].shape == (3, 5, 7) and out[2][:, 0, 0].tolist() == [1, 2, 3]  # not a JPEG: the CPU
+    assert isinstance(out[3], BadImageError) and out[3].sample_id == 13  # truncated: neither decodes it
+    assert isinstance(out[4], BadImageError) and "sample id 14" in str(out[4])
+    assert out[5].shape == decode_to_tensor(big, max_side=48).shape == (3, 32, 48)  # shrunk to max_side
+    decoder.calls.clear()
+    assert all(isinstance(t, torch.Tensor) for t in decode_on_device([good, big], [0, 1], "cpu", decoder=decoder))
+    assert decoder.calls == [2]  # a clean batch: one batched call
+
+
+def test_device_decode_batches_equal_the_raw_path():
+    rows = [{"id": k, "image": {"bytes": random_jpeg(k, (32 + 4 * k, 40)), "path": None}, "label": k} for k in range(6)]
+    rows.append({"id": 6, "image": {"bytes": b"\xff\xd8\xff broken", "path": "bad.jpg"}, "label": 0})
+    raw_collate = TwoViewCollate(None, size=16, raw=True, **NO_NORM)
+    encoded_collate = TwoViewCollate(None, size=16, device_decode=True, **NO_NORM)
+    torch.manual_seed(0)
+    with pytest.warns(BadImageWarning, match="sample id 6"):
+        raw = raw_collate(rows)
+    torch.manual_seed(0)
+    with pytest.warns(BadImageWarning, match="sample id 6"):  # the header is already unreadable
+        encoded = encoded_collate(rows)
+    assert isinstance(encoded, EncodedBatch) and encoded.ids.tolist() == list(range(6))
+    decoded = encoded_collate.decode_on(encoded, "cpu", decoder=FlakyDeviceDecoder(set()))
+    for a, b in zip(raw, decoded, strict=True):
+        assert torch.equal(a, b)
+    views = [c.augment(batch, torch.Generator().manual_seed(1)) for c, batch in ((raw_collate, raw), (encoded_collate, decoded))]
+    assert all(torch.equal(a, b) for a, b in zip(*views, strict=True))
+    # an image whose header reads but whose data the device and the CPU both reject: skipped there
+    truncated = random_jpeg(9, (128, 128))
+    truncated = truncated[: len(truncated) // 2]
+    late = encoded_collate([{"id": 9, "image": truncated, "label": 0}, *rows[:2]])
+    with pytest.warns(BadImageWarning, match="sample id 9"):
+        out = encoded_collate.decode_on(late, "cpu", decoder=FlakyDeviceDecoder(set()))
+    assert out.ids.tolist() == [0, 1] and out.crops.shape == (2, 2, 4) and encoded_collate.skipped.value == 2
