@@ -401,7 +401,8 @@ class BatchedViewAugment(nn.Module):
         in ``order`` (a permutation of the views) when given.
 
         Small images (up to 2S x 2S): one ``roi_align`` over the batch, antialiased by averaging
-        ``ceil(h / S)`` x ``ceil(w / S)`` bilinear samples per output pixel. Larger ones: each image is
+        ``ceil(h / S)`` x ``ceil(w / S)`` bilinear samples per output pixel (computed with ``grid_sample``
+        when that is one sample, e.g. CIFAR). Larger ones: each image is
         converted to float only over the union of its two views (an ImageNet batch padded to 640 px
         would otherwise be a ~1.2 GB float copy) and each view resized with torchvision's antialiased
         bilinear resize (``F.interpolate(antialias=True)``, what its tensor ``RandomResizedCrop`` does;
@@ -413,12 +414,23 @@ class BatchedViewAugment(nn.Module):
         height, width = images.shape[-2:]
         if height * width <= 4 * self.size * self.size:
             i, j, h, w = rect.reshape(-1, 4).to(torch.float32).unbind(1)
-            index = torch.arange(batch, dtype=torch.float32).repeat(n_views)
-            rois = torch.stack([index, j, i, j + w, i + h], dim=1)
+            index = torch.arange(batch).repeat(n_views)
             if order is not None:
-                rois = rois[order.cpu()]
+                view_order = order.cpu()
+                i, j, h, w, index = i[view_order], j[view_order], h[view_order], w[view_order], index[view_order]
             x = images.to(torch.float32)
-            out = roi_align(x, rois.to(images.device), output_size=size, sampling_ratio=-1, aligned=True)
+            if int(rect[..., 2:].max()) <= self.size:
+                # No crop larger than the view: roi_align takes one bilinear sample per output pixel, at the
+                # bin centers; grid_sample at the same points gives the same numbers, twice as fast on a CPU.
+                steps = (torch.arange(self.size, dtype=torch.float32) + 0.5) / self.size
+                gx = (j[:, None] + steps * w[:, None]) * (2 / width) - 1
+                gy = (i[:, None] + steps * h[:, None]) * (2 / height) - 1
+                grid = torch.stack([gx[:, None, :].expand(-1, self.size, -1), gy[:, :, None].expand(-1, -1, self.size)], -1)
+                source = x.index_select(0, index.to(x.device))
+                out = F.grid_sample(source, grid.to(x.device), mode="bilinear", padding_mode="border", align_corners=False)
+            else:
+                rois = torch.stack([index.to(torch.float32), j, i, j + w, i + h], dim=1)
+                out = roi_align(x, rois.to(images.device), output_size=size, sampling_ratio=-1, aligned=True)
             return out.div_(255.0)
         top, left = rect[..., 0].amin(0).tolist(), rect[..., 1].amin(0).tolist()
         bottom = (rect[..., 0] + rect[..., 2]).amax(0).tolist()

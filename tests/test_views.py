@@ -433,10 +433,11 @@ def test_device_resident_rejects_mixed_sizes_and_skips_bad_images():
             DeviceResidentImages(rows)
 
 
-@pytest.mark.parametrize("size", [16, 40])
-def test_crop_resize_matches_its_reference_on_both_strategies(size):
-    """size 40 (images up to 2x the view): one roi_align over the whole float batch; size 16: each image
-    converted over the union of its views, each view torchvision's antialiased resized_crop."""
+@pytest.mark.parametrize("size", [16, 40, 72])
+def test_crop_resize_matches_its_reference_on_every_strategy(size):
+    """size 40/72 (images up to 2x the view): roi_align over the whole float batch (72: every crop fits
+    the view, computed by grid_sample); size 16: each image converted over the union of its views, each
+    view torchvision's antialiased resized_crop."""
     from torchvision.ops import roi_align
     from torchvision.transforms import functional as TF
 
@@ -450,7 +451,7 @@ def test_crop_resize_matches_its_reference_on_both_strategies(size):
     crops[0, 0] = torch.tensor([0, 0, 40, 64])  # a whole image: the union touches every border
     order = torch.randperm(2 * len(shapes), generator=g)
     aug = BatchedViewAugment(size, **NO_NORM)
-    if size == 40:
+    if size > 16:
         i, j, h, w = crops.reshape(-1, 4).float().unbind(1)
         rois = torch.stack([torch.arange(len(shapes)).repeat(2).float(), j, i, j + w, i + h], dim=1)
         expected = roi_align(padded.float(), rois, output_size=(size, size), sampling_ratio=-1, aligned=True)
