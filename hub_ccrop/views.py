@@ -419,7 +419,7 @@ class BatchedViewAugment(nn.Module):
                 view_order = order.cpu()
                 i, j, h, w, index = i[view_order], j[view_order], h[view_order], w[view_order], index[view_order]
             x = images.to(torch.float32)
-            if int(rect[..., 2:].max()) <= self.size:
+            if rect.numel() and int(rect[..., 2:].max()) <= self.size:
                 # No crop larger than the view: roi_align takes one bilinear sample per output pixel, at the
                 # bin centers; grid_sample at the same points gives the same numbers, twice as fast on a CPU.
                 steps = (torch.arange(self.size, dtype=torch.float32) + 0.5) / self.size
