@@ -541,3 +541,38 @@ def test_hub_streaming_epoch_reads_each_image_byte_once(tmp_path):
     assert all("/resolve/" in r.path and r.method == "GET" for r in api), [r.path for r in api]  # no listing
     served = sum(r.body_bytes for r in epoch)
     assert image_bytes <= served <= 1.05 * image_bytes, (served, image_bytes)
+
+
+@pytest.mark.slow
+def test_hub_streaming_training_run_end_to_end(tmp_path):
+    """``hub-ccrop train`` with ``data.dataset: ORG/NAME`` and ``data.streaming: true`` against the loopback
+    Hub: one warm-up epoch, a localization pass over the streamed rows, one ContrastiveCrop epoch."""
+    import json
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from hub_server import FakeHub
+
+    from hub_ccrop.synthetic import small_objects_dir
+
+    folder = small_objects_dir(tmp_path / "objects", train=96, test=32, size=32)
+    files = {f"data/{p.name}": p.read_bytes() for p in sorted(folder.glob("*.parquet"))}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "name: hub_stream\nmodel: {name: resnet_tiny_cifar}\nmethod: {name: simclr}\n"
+        "data: {dataset: test-user/objects, streaming: true, image_size: 32, batch_size: 32, num_workers: 2}\n"
+        "crop: {alpha: 0.6, warmup_epochs: 1, loc_epochs: [1]}\noptim: {lr: 0.1}\n"
+        "train: {epochs: 2, knn_every: 0, show_images: 2}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    with FakeHub() as hub:
+        hub.add_files("test-user/objects", files)
+        env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"),
+                   HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1", OMP_NUM_THREADS="1")
+        result = subprocess.run([sys.executable, "-m", "hub_ccrop.train", str(recipe), "--output-dir", str(tmp_path / "run")],
+                                env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
+    assert [h["crop"] for h in history] == ["rcrop", "ccrop"] and history[0]["loc_images"] == 96
+    assert not hub.unhandled
