@@ -54,6 +54,7 @@ __all__ = [
     "get_spec",
     "list_specs",
     "load_images",
+    "min_rows_per_process",
     "num_ids",
     "num_rows",
     "register_spec",
@@ -664,7 +665,7 @@ def _parquet_shards(
             if count and first < hi and first + count > lo:
                 shards.append({
                     "url": f.url, "size": f.size, "metadata": f.metadata, "row_group": g, "first_id": first,
-                    "offset": offset, "lo": lo, "hi": hi,
+                    "offset": offset, "lo": lo, "hi": hi, "rows": min(first + count, hi) - max(first, lo),
                 })  # fmt: skip
             row_id += rows
             file_row += rows
@@ -783,6 +784,38 @@ def load_images(
     if streaming:  # imagefolder trees: stream the (path-only) map-style rows, ids already fixed
         return ds.to_iterable_dataset(num_shards=max(1, min(num_shards, len(ds))))
     return ds
+
+
+def min_rows_per_process(
+    spec: DatasetSpec,
+    world_size: int,
+    splits: str | Sequence[str] | None = None,
+    *,
+    data_dir: str | None = None,
+    num_shards: int = STREAMING_SHARDS,
+) -> int:
+    """The fewest rows any of ``world_size`` processes can get from ``split_dataset_by_node`` of the
+    stream :func:`load_images` makes, in any epoch: the steps every process can safely take.
+
+    ``datasets`` gives each process whole shards (reshuffled every epoch) when the shard count is a
+    multiple of ``world_size``, else every ``world_size``-th row; row groups can differ in size.
+    """
+    splits = _as_splits(splits or spec.pretrain_splits)
+    total = num_rows(spec, splits, data_dir=data_dir)
+    offsets = _id_offsets(spec, splits, data_dir)
+    rows: list[int] = []
+    for s in splits:
+        base, sl = parse_split(s)
+        resolved = _resolve_split(spec, base, data_dir)
+        if resolved.kind != "parquet":  # imagefolder: to_iterable_dataset's near-equal row ranges
+            shards = max(1, min(num_shards, total))
+            rows = [total // shards + (k < total % shards) for k in range(shards)]
+            break
+        start, stop = _slice_range(sl, _base_rows(spec, base, data_dir))
+        rows += [sh["rows"] for sh in _parquet_shards(spec, base, resolved, data_dir, offsets[base], start, stop)]
+    if len(rows) % world_size:
+        return total // world_size
+    return sum(sorted(rows)[: len(rows) // world_size])
 
 
 # -- decoding ------------------------------------------------------------------------------------

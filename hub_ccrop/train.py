@@ -177,9 +177,9 @@ class TrainBatches:
             self.stream = shard.shuffle(seed=self.seed, buffer_size=10 * d.batch_size)
             self.loader = _loader(self.stream, collate, batch_size=d.batch_size, num_workers=d.num_workers,
                                   drop_last=True, seed=self.seed, persistent=True)
-            # Shards differ by a few rows: every process stops after the same, safe number of steps.
-            shards = getattr(run_data.pretrain, "num_shards", 1)
-            self.steps = (run_data.num_rows // world - shards) // d.batch_size
+            # Processes get different rows (whole row groups): all stop after the same, safe number of steps.
+            # Each DataLoader worker also drops its own last partial batch.
+            self.steps = data_lib.min_rows_per_process(run_data.spec, world) // d.batch_size - max(0, d.num_workers - 1)
         else:
             loader = _loader(run_data.pretrain, collate, batch_size=d.batch_size, num_workers=d.num_workers,
                              shuffle=True, drop_last=True, seed=self.seed, persistent=True)

@@ -248,6 +248,23 @@ def test_shuffled_streaming_epoch_reads_each_row_group_once(tmp_path, monkeypatc
         assert per_file == chunk_bytes  # each row group's column chunks, once; nothing else
 
 
+def test_min_rows_per_process_bounds_every_epoch_and_rank(toy_parquet):
+    """Row groups of 5, 5, 5, 5, 3 and 5, 5, 5, 2 rows: 3 processes get 3 whole groups each, reshuffled
+    every epoch, at least the 3 smallest (2 + 3 + 5); 2 processes split by rows (9 shards), 20 each."""
+    from hub_ccrop.data import min_rows_per_process
+
+    spec = toy_spec(toy_parquet)
+    assert min_rows_per_process(spec, 1) == 40 and min_rows_per_process(spec, 2) == 20
+    assert min_rows_per_process(spec, 3) == 10
+    stream = load_images(spec, streaming=True).shuffle(seed=0, buffer_size=4)
+    for world in (2, 3):
+        counts = []
+        for epoch in range(4):
+            stream.set_epoch(epoch)
+            counts += [sum(1 for _ in split_dataset_by_node(stream, rank=r, world_size=world)) for r in range(world)]
+        assert min(counts) >= min_rows_per_process(spec, world), (world, counts)
+
+
 def test_streaming_with_few_shards_splits_by_examples(toy_parquet):
     stream = load_images(toy_spec(toy_parquet), "test[:5]", streaming=True)
     assert stream.num_shards == 1
