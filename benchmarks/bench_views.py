@@ -6,38 +6,45 @@ Pipelines, each over the same in-memory rows (image bytes), batch by batch like 
 * ``torchvision_rrc``: the reference, torchvision's per-image pipeline (PIL decode,
   ``RandomResizedCrop``, flip, ColorJitter p=0.8, grayscale p=0.2, [blur], ``ToTensor``, ``Normalize``);
 * ``per_image_rcrop`` / ``per_image_ccrop``: ``TwoViewCollate(batched=False)`` in each mode;
-* ``batched_rcrop`` / ``batched_ccrop``: ``TwoViewCollate(batched=True)`` (roi_align + batched ops, CPU).
+* ``batched_rcrop`` / ``batched_ccrop``: ``TwoViewCollate(batched=True)`` (roi_align + batched ops, CPU);
+* ``kornia_batched``: torchvision's libjpeg-turbo decode, then kornia's batched augmentation
+  (``kornia.augmentation``, same-size images batched together), when kornia is installed;
+* ``before_batched_rcrop``: with ``--before REV``, the batched path of ``hub_ccrop/views.py`` at git
+  revision REV (side by side with today's, in the same process).
 
 ContrastiveCrop runs with random boxes (5-60% of the image) in the box table.
-Datasets: the CIFAR-10 parquet in ``../shared/data/cifar10`` (32 px JPEG) and a synthetic 224 px set
-(small-objects images rendered at 224 px, JPEG quality 90, ImageNet pipeline with blur).
+Datasets: the CIFAR-10 parquet in ``../shared/data/cifar10`` (32 px JPEG) and ImageNet-like JPEGs made
+here (375x500 and 500x375, quality 90, smooth random content with blur; ImageNet pipeline with blur).
 
-    python benchmarks/bench_views.py --rows 4096 --threads 1
+    python benchmarks/bench_views.py --rows 4096 --threads 1 --before f2f22bb
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import io
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hub_ccrop.boxes import BoxTable  # noqa: E402
-from hub_ccrop.data import get_spec, load_images  # noqa: E402
-from hub_ccrop.synthetic import render_small_object  # noqa: E402
+from hub_ccrop.data import decode_to_tensor, get_spec, load_images  # noqa: E402
 from hub_ccrop.views import TwoViewCollate, blur_kernel_size  # noqa: E402
 
 
@@ -52,15 +59,21 @@ def cifar_rows(n: int) -> tuple[list[dict], dict]:
     return [dict(r) for r in ds], {"spec": spec, "alpha": 0.1}
 
 
-def synthetic_rows(n: int, size: int) -> tuple[list[dict], dict]:
+def imagenet_like_rows(n: int) -> tuple[list[dict], dict]:
+    """ImageNet-sized JPEGs (half 500x375, half 375x500, quality 90): smooth random colour fields with
+    detail, blurred like photos, so they compress and decode like real ones."""
+    rng = np.random.default_rng(0)
     rows = []
     for k in range(n):
-        img, label, _ = render_small_object(7, k, size)
+        width, height = (500, 375) if k % 2 == 0 else (375, 500)
+        coarse = Image.fromarray(rng.integers(0, 256, (height // 25, width // 25, 3), dtype=np.uint8))
+        img = np.asarray(coarse.resize((width, height), Image.BICUBIC), dtype=np.int16)
+        img = img + rng.integers(-24, 25, (height, width, 3), dtype=np.int16)  # texture
+        img = Image.fromarray(img.clip(0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.2))
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=90)
-        rows.append({"id": k, "image": {"bytes": buf.getvalue(), "path": None}, "label": label})
-    spec = get_spec("imagenet1k").replace(name=f"synthetic{size}", image_size=size)
-    return rows, {"spec": spec, "alpha": 0.6}
+        rows.append({"id": k, "image": {"bytes": buf.getvalue(), "path": None}, "label": k % 10})
+    return rows, {"spec": get_spec("imagenet1k"), "alpha": 0.6}
 
 
 class TorchvisionReference:
@@ -88,7 +101,50 @@ class TorchvisionReference:
         return torch.stack(v1), torch.stack(v2), ids, labels
 
 
-def pipelines(info: dict, num_ids: int) -> dict:
+class KorniaBatched:
+    """torchvision's JPEG decode, then kornia's batched augmentation over each group of same-size images."""
+
+    def __init__(self, size: int, mean, std, blur: bool) -> None:
+        import kornia.augmentation as K
+
+        steps = [
+            K.RandomResizedCrop((size, size), scale=(0.2, 1.0)),
+            K.RandomHorizontalFlip(),
+            K.ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8),
+            K.RandomGrayscale(p=0.2),
+        ]
+        if blur:
+            steps.append(K.RandomGaussianBlur((blur_kernel_size(size),) * 2, (0.1, 2.0), p=0.5))
+        steps.append(K.Normalize(torch.tensor(mean), torch.tensor(std)))
+        self.augment = K.AugmentationSequential(*steps)
+
+    @torch.no_grad()
+    def __call__(self, rows: list[dict]):
+        images = [decode_to_tensor(r["image"], r["id"]) for r in rows]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for k, im in enumerate(images):
+            groups.setdefault(tuple(im.shape), []).append(k)
+        views = []
+        for members in groups.values():
+            x = torch.stack([images[k] for k in members]).float().div_(255)
+            views.append((self.augment(x), self.augment(x)))
+        ids = torch.tensor([r["id"] for r in rows])
+        return torch.cat([v for v, _ in views]), torch.cat([v for _, v in views]), ids
+
+
+def views_at(rev: str):
+    """``hub_ccrop.views`` as it was at git revision ``rev`` (imported under another name)."""
+    source = subprocess.run(["git", "show", f"{rev}:hub_ccrop/views.py"], cwd=REPO, check=True,
+                            capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "views_before.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("views_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def pipelines(info: dict, num_ids: int, before=None) -> dict:
     spec, alpha = info["spec"], info["alpha"]
     table = BoxTable(num_ids)
     g = torch.Generator().manual_seed(0)
@@ -100,6 +156,12 @@ def pipelines(info: dict, num_ids: int) -> dict:
         for mode in ("rcrop", "ccrop"):
             name = f"{'batched' if batched else 'per_image'}_{mode}"
             out[name] = TwoViewCollate.from_spec(spec, table, alpha=alpha, mode=mode, batched=batched)
+    if before is not None:
+        out["before_batched_rcrop"] = before.TwoViewCollate.from_spec(spec, table, alpha=alpha, mode="rcrop", batched=True)
+    try:
+        out["kornia_batched"] = KorniaBatched(spec.image_size, spec.mean, spec.std, spec.blur)
+    except ImportError:
+        print("kornia is not installed: no kornia_batched row (pip install kornia)")
     return out
 
 
@@ -153,30 +215,33 @@ def crop_sampling_cost(fns: dict, rows: list[dict], batch_size: int, reps: int =
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=4096, help="images per dataset (32 px set)")
-    parser.add_argument("--rows-224", type=int, default=256, help="images of the 224 px synthetic set")
+    parser.add_argument("--rows-224", type=int, default=256, help="images of the 224 px ImageNet-like set")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--batch-size", type=int, default=256, help="images per batch (32 px set)")
     parser.add_argument("--batch-size-224", type=int, default=64, help="images per batch (224 px set)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--datasets", default="cifar10,synthetic224")
+    parser.add_argument("--datasets", default="cifar10,imagenet_like")
+    parser.add_argument("--before", default=None, help="also time the batched path of this git revision")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("bench_views.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     results = {}
+    if args.before:
+        print(f"before = the batched path of hub_ccrop/views.py at {args.before}")
     for name in args.datasets.split(","):
         if name == "cifar10":
             if not shared_cifar().exists():
                 print(f"skipping cifar10: {shared_cifar()} not found")
                 continue
             rows, info = cifar_rows(args.rows)
-        elif name.startswith("synthetic"):
-            rows, info = synthetic_rows(args.rows_224, int(name.removeprefix("synthetic") or 224))
+        elif name == "imagenet_like":
+            rows, info = imagenet_like_rows(args.rows_224)
         else:
             raise SystemExit(f"unknown dataset {name}")
         num_ids = max(r["id"] for r in rows) + 1
         batch_size = args.batch_size if info["spec"].image_size < 224 else args.batch_size_224
-        fns = pipelines(info, num_ids)
+        fns = pipelines(info, num_ids, views_at(args.before) if args.before else None)
         res = run(rows, fns, batch_size, args.repeats)
         sampling = crop_sampling_cost(fns, rows, batch_size)
         ref = res["torchvision_rrc"]["views_per_s"]
@@ -192,11 +257,11 @@ def main() -> None:
                          "crop_sampling_s_per_batch": sampling, "pipelines": res}  # fmt: skip
 
         print(f"\n{name}: {len(rows)} images, {info['spec'].image_size} px views, batch {batch_size}, {args.threads} thread(s)")
-        print(f"{'pipeline':<18}{'views/s':>10}{'median':>10}{'x torchvision':>15}{'ccrop/rcrop':>13}{'(sampling)':>12}")
+        print(f"{'pipeline':<22}{'views/s':>10}{'median':>10}{'x torchvision':>15}{'ccrop/rcrop':>13}{'(sampling)':>12}")
         for key, r in res.items():
             ratio = f"{r['ccrop_over_rcrop']:.3f}" if "ccrop_over_rcrop" in r else ""
             derived = f"{r['ccrop_over_rcrop_from_sampling_cost']:.3f}" if "ccrop_over_rcrop" in r else ""
-            print(f"{key:<18}{r['views_per_s']:>10.0f}{r['views_per_s_median']:>10.0f}{r['vs_torchvision_rrc']:>15.2f}"
+            print(f"{key:<22}{r['views_per_s']:>10.0f}{r['views_per_s_median']:>10.0f}{r['vs_torchvision_rrc']:>15.2f}"
                   f"{ratio:>13}{derived:>12}")  # fmt: skip
         print(f"crop rectangles per batch: rcrop {sampling['rcrop'] * 1e3:.2f} ms, ccrop {sampling['ccrop'] * 1e3:.2f} ms")
 

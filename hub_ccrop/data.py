@@ -20,15 +20,15 @@ import hashlib
 import importlib
 import io
 import json
-import math
 import os
 import re
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 import pyarrow as pa
@@ -48,13 +48,17 @@ __all__ = [
     "clear_cache",
     "dataset_fingerprint",
     "decode_image",
+    "decode_on_device",
     "decode_to_tensor",
+    "image_size",
     "get_spec",
     "list_specs",
     "load_images",
+    "min_rows_per_process",
     "num_ids",
     "num_rows",
     "register_spec",
+    "share_listings",
 ]
 
 # The normalization of the paper's official code for CIFAR-10 (also the CIFAR-stem models' pretrained_cfg).
@@ -78,8 +82,7 @@ IMAGENET200_CLASSES: tuple[int, ...] = (
     928, 929, 940, 941, 945, 947, 948, 950, 955, 958, 963, 975, 986, 988, 999,
 )  # fmt: skip
 
-# Shards per streaming dataset when files have few row groups (CIFAR's parquet has one): row groups
-# are cut into row ranges so DataLoader workers and processes all get work.
+# Shards of a streamed imagefolder tree (parquet sources are sharded by row group, see _parquet_shards).
 STREAMING_SHARDS = 64
 
 
@@ -259,6 +262,8 @@ class _File:
     name: str  # path relative to the dataset root: stable across copies of the data
     size: int
     row_groups: tuple[int, ...]  # rows per parquet row group; (1,) for an image file
+    # The parquet footer, read once when listing: readers never fetch it again (pq.FileMetaData pickles).
+    metadata: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -295,6 +300,67 @@ def _open(url: str):  # noqa: ANN202 - a binary file object
     return fsspec.open(url, "rb").open()
 
 
+_HF_URL = re.compile(r"^hf://datasets/(?P<repo>[^/@]+/[^/@]+)(?:@(?P<rev>[^/]+))?/(?P<path>.+)$")
+
+
+class _HubRangeFile(io.RawIOBase):
+    """A Hub dataset file of known size read by HTTP ``Range`` requests on its resolve URL, nothing else.
+
+    ``HfFileSystem`` re-resolves the revision and asks for the file's info in every new process (its
+    instance cache is cleared on fork), so each DataLoader worker of each process would call the
+    repo API; this reader only downloads the byte ranges parquet asks for.
+    """
+
+    def __init__(self, url: str, size: int) -> None:
+        from huggingface_hub import hf_hub_url
+
+        m = _HF_URL.match(url)
+        if m is None:
+            raise ValueError(f"not a Hub dataset file URL: {url}")
+        self.name, self.size, self._pos = url, size, 0
+        rev = unquote(m["rev"]) if m["rev"] else None
+        self._url = hf_hub_url(m["repo"], unquote(m["path"]), repo_type="dataset", revision=rev)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_backoff
+
+        n = min(len(buffer), self.size - self._pos)
+        if n <= 0:
+            return 0
+        headers = {"Range": f"bytes={self._pos}-{self._pos + n - 1}", **build_hf_headers()}
+        response = http_backoff("GET", self._url, headers=headers)
+        hf_raise_for_status(response)
+        data = response.content
+        if response.status_code == 200:  # a server that ignores Range sends the whole file
+            data = data[self._pos : self._pos + n]
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+def _open_sized(url: str, size: int):  # noqa: ANN202 - a binary file object
+    """Open a listed file for reading byte ranges: Hub files without any API call, others as usual."""
+    if "://" not in url:
+        return open(url, "rb")  # noqa: SIM115 - the caller closes it
+    if _HF_URL.match(url):
+        return _HubRangeFile(url, size)
+    return _open(url)
+
+
 def _file_size(url: str) -> int:
     if "://" not in url:
         return os.path.getsize(url)
@@ -314,9 +380,8 @@ def _relative_name(url: str, root: str) -> str:
 
 def clear_cache() -> None:
     """Forget cached file listings and parquet footers (they are cached per process)."""
-    _resolve_files.cache_clear()
+    _LISTINGS.clear()
     _subset_labels.cache_clear()
-    _ROW_GROUP_CACHE.clear()
 
 
 def _resolve_split(spec: DatasetSpec, split: str, data_dir: str | None) -> _Split:
@@ -324,8 +389,38 @@ def _resolve_split(spec: DatasetSpec, split: str, data_dir: str | None) -> _Spli
     return _resolve_files(spec, split, _local_root(spec, data_dir))
 
 
-@lru_cache(maxsize=64)
+_LISTINGS: dict[tuple[DatasetSpec, str, str | None], _Split] = {}
+
+
 def _resolve_files(spec: DatasetSpec, split: str, root: str | None) -> _Split:
+    key = (spec, split, root)
+    if key not in _LISTINGS:
+        _LISTINGS[key] = _list_files(spec, split, root)
+    return _LISTINGS[key]
+
+
+def share_listings(
+    spec: DatasetSpec,
+    splits: Sequence[str],
+    *,
+    is_main: bool,
+    broadcast: Callable[[list[Any]], list[Any]],
+    data_dir: str | None = None,
+) -> None:
+    """List ``splits`` (files, row groups, footers) on the main process only and give the listing to
+    the others through ``broadcast`` (e.g. ``accelerate.utils.broadcast_object_list``).
+
+    Call it on every process before :func:`load_images`: N processes then query the Hub repo once,
+    not N times (the Hub rate-limits repeated listings). DataLoader workers inherit the listing.
+    """
+    root = _local_root(spec, data_dir)
+    keys = list(dict.fromkeys((spec, parse_split(s)[0], root) for s in splits))
+    payload = [[_resolve_files(*key) for key in keys] if is_main else None]
+    listings = broadcast(payload)[0]
+    _LISTINGS.update(zip(keys, listings, strict=True))
+
+
+def _list_files(spec: DatasetSpec, split: str, root: str | None) -> _Split:
     import datasets
 
     if spec.data_files is not None:
@@ -360,7 +455,7 @@ def _resolve_files(spec: DatasetSpec, split: str, root: str | None) -> _Split:
             with _open(url) as f:
                 meta = pq.ParquetFile(f).metadata
             groups = tuple(meta.row_group(k).num_rows for k in range(meta.num_row_groups))
-            return _File(url, _relative_name(url, root), _file_size(url), groups)
+            return _File(url, _relative_name(url, root), _file_size(url), groups, meta)
 
         return _Split("parquet", tuple(_map_io(describe, urls)), root)
     images = [u for u in urls if os.path.splitext(u)[1].lower() in IMAGE_EXTENSIONS]
@@ -547,12 +642,13 @@ def _load_map_split(spec: DatasetSpec, base: str, resolved: _Split, offset: int,
 
 
 def _parquet_shards(
-    spec: DatasetSpec, base: str, resolved: _Split, data_dir: str | None, offset: int, lo: int, hi: int,
-    target: int,
-) -> list[dict[str, Any]]:  # fmt: skip
-    """Row ranges of row groups covering ids ``[lo, hi)`` of one split, with their id offsets."""
-    n_groups = sum(len(f.row_groups) for f in resolved.files)
-    pieces = max(1, math.ceil(target / max(n_groups, 1)))
+    spec: DatasetSpec, base: str, resolved: _Split, data_dir: str | None, offset: int, lo: int, hi: int
+) -> list[dict[str, Any]]:
+    """One shard per parquet row group holding ids in ``[lo, hi)`` of one split, with its id offsets.
+
+    Shards end on row-group boundaries: a shuffled stream (shard order, then a buffer) reads each row
+    group once per epoch per process. Cutting groups into row ranges would read a group once per range.
+    """
     labels = _subset_labels(spec, base, data_dir) if spec.class_subset is not None else None
     table = _subset_map(spec)
     shards = []
@@ -560,38 +656,26 @@ def _parquet_shards(
     for k, f in enumerate(resolved.files):
         file_row = 0
         for g, rows in enumerate(f.row_groups):
-            step = math.ceil(rows / pieces)
-            for start in range(0, rows, step):
-                stop = min(rows, start + step)
-                if labels is not None:
-                    kept = int((_remap(labels[k][file_row + start : file_row + stop], table) >= 0).sum())
-                    first, count = kept_id, kept
-                else:
-                    first, count = row_id + start, stop - start
-                if count and first < hi and first + count > lo:
-                    shards.append({
-                        "url": f.url, "row_group": g, "start": start, "stop": stop, "first_id": first,
-                        "offset": offset, "lo": lo, "hi": hi,
-                    })  # fmt: skip
-                kept_id += count if labels is not None else 0
+            if labels is not None:
+                count = int((_remap(labels[k][file_row : file_row + rows], table) >= 0).sum())
+                first = kept_id
+                kept_id += count
+            else:
+                first, count = row_id, rows
+            if count and first < hi and first + count > lo:
+                shards.append({
+                    "url": f.url, "size": f.size, "metadata": f.metadata, "row_group": g, "first_id": first,
+                    "offset": offset, "lo": lo, "hi": hi, "rows": min(first + count, hi) - max(first, lo),
+                })  # fmt: skip
             row_id += rows
             file_row += rows
     return shards
 
 
-_ROW_GROUP_CACHE: dict[tuple[str, int, tuple[str, ...]], pa.Table] = {}
-
-
-def _read_row_group(url: str, row_group: int, columns: list[str]) -> pa.Table:
-    """One row group, cached (one per process) because consecutive shards often share it."""
-    key = (url, row_group, tuple(columns))
-    table = _ROW_GROUP_CACHE.get(key)
-    if table is None:
-        with _open(url) as f:
-            table = pq.ParquetFile(f).read_row_group(row_group, columns=columns)
-        _ROW_GROUP_CACHE.clear()  # thread-safe enough: readers keep their own reference
-        _ROW_GROUP_CACHE[key] = table
-    return table
+def _read_row_group(shard: dict[str, Any], columns: list[str]) -> pa.Table:
+    """One row group, with the footer from the listing: the only bytes read are its column chunks."""
+    with _open_sized(shard["url"], shard["size"]) as f:
+        return pq.ParquetFile(f, metadata=shard["metadata"]).read_row_group(shard["row_group"], columns=columns)
 
 
 def _generate_rows(
@@ -608,7 +692,7 @@ def _generate_rows(
         table_map[np.asarray(subset)] = np.arange(len(subset))
     columns = [c for c in (image_column, label_column, *extra_columns) if c is not None]
     for sh in shards:
-        part = _read_row_group(sh["url"], sh["row_group"], columns).slice(sh["start"], sh["stop"] - sh["start"])
+        part = _read_row_group(sh, columns)
         n = part.num_rows
         if label_column is not None:
             labels = part.column(label_column).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -637,9 +721,7 @@ def _generate_rows(
 def _source_features(resolved: _Split) -> Any:
     from datasets import Features
 
-    with _open(resolved.files[0].url) as f:
-        schema = pq.ParquetFile(f).schema_arrow
-    return Features.from_arrow_schema(schema)
+    return Features.from_arrow_schema(resolved.files[0].metadata.schema.to_arrow_schema())
 
 
 def load_images(
@@ -657,6 +739,10 @@ def load_images(
     ``datasets.IterableDataset`` whose ids do not depend on shuffling, DataLoader workers or
     ``split_dataset_by_node``. Images are left undecoded (``{"bytes", "path"}``): decode with
     :func:`decode_image` (the collate stage does, skipping bad images by id).
+
+    Streamed parquet has one shard per row group (each read once per epoch per process; write
+    files with at least workers x processes row groups to keep every worker busy); streamed
+    imagefolder trees have ``num_shards`` shards.
     """
     import datasets
 
@@ -672,8 +758,7 @@ def load_images(
         start, stop = _slice_range(sl, _base_rows(spec, base, data_dir))
         if streaming and resolved.kind == "parquet":
             first_parquet = first_parquet or resolved
-            share = max(1, round(num_shards * (stop - start) / max(num_rows(spec, splits, data_dir=data_dir), 1)))
-            shards += _parquet_shards(spec, base, resolved, data_dir, offsets[base], start, stop, share)
+            shards += _parquet_shards(spec, base, resolved, data_dir, offsets[base], start, stop)
             continue
         if base not in loaded:
             loaded[base] = _load_map_split(spec, base, resolved, offsets[base], cache_dir)
@@ -699,6 +784,38 @@ def load_images(
     if streaming:  # imagefolder trees: stream the (path-only) map-style rows, ids already fixed
         return ds.to_iterable_dataset(num_shards=max(1, min(num_shards, len(ds))))
     return ds
+
+
+def min_rows_per_process(
+    spec: DatasetSpec,
+    world_size: int,
+    splits: str | Sequence[str] | None = None,
+    *,
+    data_dir: str | None = None,
+    num_shards: int = STREAMING_SHARDS,
+) -> int:
+    """The fewest rows any of ``world_size`` processes can get from ``split_dataset_by_node`` of the
+    stream :func:`load_images` makes, in any epoch: the steps every process can safely take.
+
+    ``datasets`` gives each process whole shards (reshuffled every epoch) when the shard count is a
+    multiple of ``world_size``, else every ``world_size``-th row; row groups can differ in size.
+    """
+    splits = _as_splits(splits or spec.pretrain_splits)
+    total = num_rows(spec, splits, data_dir=data_dir)
+    offsets = _id_offsets(spec, splits, data_dir)
+    rows: list[int] = []
+    for s in splits:
+        base, sl = parse_split(s)
+        resolved = _resolve_split(spec, base, data_dir)
+        if resolved.kind != "parquet":  # imagefolder: to_iterable_dataset's near-equal row ranges
+            shards = max(1, min(num_shards, total))
+            rows = [total // shards + (k < total % shards) for k in range(shards)]
+            break
+        start, stop = _slice_range(sl, _base_rows(spec, base, data_dir))
+        rows += [sh["rows"] for sh in _parquet_shards(spec, base, resolved, data_dir, offsets[base], start, stop)]
+    if len(rows) % world_size:
+        return total // world_size
+    return sum(sorted(rows)[: len(rows) // world_size])
 
 
 # -- decoding ------------------------------------------------------------------------------------
@@ -837,3 +954,84 @@ def decode_to_tensor(value: Any, sample_id: Any = None, *, max_side: int | None 
             raise BadImageError(sample_id, f"{type(err).__name__}: {err}", path) from err
     img = decode_image(value, sample_id, max_side=max_side)
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)
+
+
+def image_size(value: Any, sample_id: Any = None, *, max_side: int | None = None) -> tuple[int, int]:
+    """``(H, W)`` of an image as :func:`decode_to_tensor` would return it, from its header only (no decoding)."""
+    path = value.get("path") if isinstance(value, dict) else None
+    try:
+        img, path = _open_image(value)
+        width, height = _limited_size(img.size, max_side)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:  # noqa: BLE001 - reported with the sample id, like a decoding failure
+        raise BadImageError(sample_id, f"{type(err).__name__}: {err}", path) from err
+    if width < 1 or height < 1:
+        raise BadImageError(sample_id, f"empty image {(width, height)}", path)
+    return height, width
+
+
+def _jpeg_bytes(value: Any) -> bytes | None:
+    data = value.get("bytes") if isinstance(value, dict) else value
+    return bytes(data) if isinstance(data, bytes | bytearray) and data[:3] == _JPEG_MAGIC else None
+
+
+def decode_on_device(
+    values: Sequence[Any],
+    ids: Sequence[Any],
+    device: torch.device | str,
+    *,
+    max_side: int | None = None,
+    decoder: Callable[..., Any] | None = None,
+) -> list[Tensor | BadImageError]:
+    """Decode a batch into uint8 ``[3, H, W]`` tensors on ``device``: the JPEGs in one batched call of
+    ``decoder`` (default torchvision's ``decode_jpeg``, nvJPEG on CUDA), then, if that call fails, each
+    JPEG alone, and any image the device cannot decode (not a JPEG, CMYK, corrupt) on the CPU with
+    :func:`decode_to_tensor` (reduced-size JPEG decoding included). Images larger than ``max_side``
+    are shrunk like the CPU path's. An image nothing decodes is returned as its :class:`BadImageError`.
+    """
+    if decoder is None:
+        from torchvision.io import decode_jpeg as decoder
+    from torchvision.io import ImageReadMode
+
+    device = torch.device(device)
+    out: list[Tensor | BadImageError | None] = [None] * len(values)
+    jpegs = [k for k, v in enumerate(values) if _jpeg_bytes(v) is not None]
+    if jpegs:
+        data = [torch.frombuffer(bytearray(_jpeg_bytes(values[k])), dtype=torch.uint8) for k in jpegs]
+
+        def device_decode(items: list[Tensor]) -> list[Tensor]:
+            with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders for torchcodec
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return decoder(items, mode=ImageReadMode.RGB, device=device)
+
+        try:
+            decoded: list[Tensor | None] = list(device_decode(data))
+        except RuntimeError:  # one bad image fails the whole batch: retry one by one
+            decoded = []
+            for item in data:
+                try:
+                    decoded.append(device_decode([item])[0])
+                except RuntimeError:
+                    decoded.append(None)  # the CPU gets its turn below
+        for k, img in zip(jpegs, decoded, strict=True):
+            if img is not None:
+                out[k] = _shrink(img, max_side)
+    for k, value in enumerate(values):
+        if out[k] is None:
+            try:
+                out[k] = decode_to_tensor(value, ids[k], max_side=max_side).to(device, non_blocking=True)
+            except BadImageError as err:
+                out[k] = err
+    return out
+
+
+def _shrink(img: Tensor, max_side: int | None) -> Tensor:
+    """``img`` resized (antialiased) so its longer side is at most ``max_side``."""
+    height, width = img.shape[-2:]
+    new_w, new_h = _limited_size((width, height), max_side)
+    if (new_h, new_w) == (height, width):
+        return img
+    from torchvision.transforms import functional as TF
+
+    return TF.resize(img, [new_h, new_w], antialias=True)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
 from datasets import IterableDataset
 from datasets.distributed import split_dataset_by_node
 from safetensors.torch import save_file
@@ -50,10 +50,18 @@ from hub_ccrop.methods import METHOD_DEFAULTS, build_method
 from hub_ccrop.models import create_backbone, prepare_model
 from hub_ccrop.optim import build_optimizer, set_epoch_lr
 from hub_ccrop.recipe import Recipe, RecipeError, batch_split, load_recipe
-from hub_ccrop.views import DeviceResidentImages, EvalCollate, RawBatch, SkipCounter, TwoViewCollate
+from hub_ccrop.views import (
+    DeviceResidentImages,
+    EncodedBatch,
+    EvalCollate,
+    RawBatch,
+    SkipCounter,
+    TwoViewCollate,
+)
 from hub_ccrop.viz import draw_localization_grid, to_uint8
 
-__all__ = ["NonFiniteLossError", "RunData", "SeededCollate", "TrainBatches", "build_data", "main", "train"]
+__all__ = ["NonFiniteLossError", "NonFiniteWatch", "RunData", "SeededCollate", "TrainBatches", "build_data", "main",
+           "train"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -71,6 +79,8 @@ class RunData:
     knn_train: Any = None
     knn_test: Any = None
     gt_boxes: torch.Tensor | None = None  # [num_rows, 4] when the data has ground-truth boxes
+    # data.device_resident: the splits' images decoded once onto the device ("pretrain", "knn_train", ...)
+    resident: dict[str, DeviceResidentImages] = field(default_factory=dict)
 
 
 @dataclass
@@ -131,10 +141,16 @@ class StopRequest:
         # A second signal (a launcher forwards the terminal's Ctrl-C again) must not cut the checkpoint short.
         self.signum = self.signum or signum
 
-    def agreed(self, accelerator: Accelerator) -> int:
-        """The signal any process received (0 for none), the same number on every process."""
+    def agreed(self, accelerator: Accelerator, step: int = 0, every: int = 1) -> int:
+        """The signal any process received (0 for none), the same number on every process.
+
+        With several processes the flags are reduced only on steps divisible by ``every``: reading the
+        reduced flag is a host sync, which a step should not pay each time.
+        """
         if accelerator.num_processes == 1:
             return self.signum
+        if step % every:
+            return 0
         flag = torch.tensor([self.signum], device=accelerator.device)
         return int(accelerator.reduce(flag, reduction="max").item())
 
@@ -191,16 +207,21 @@ class SeededCollate:
 
     def views(self, batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The two views of a batch on ``device`` (a :class:`RawBatch` is augmented there)."""
-        if isinstance(batch, RawBatch):
-            batch = batch.to(device, non_blocking=True)
-            g = torch.Generator(device=device).manual_seed(self.batch_seed(batch.ids.cpu()))
-            return self.collate.augment(batch, g)
+        if isinstance(batch, RawBatch | EncodedBatch):
+            seed = self.batch_seed(batch.ids)  # host ids (both batch types keep them there): no device sync
+            g = torch.Generator(device=device).manual_seed(seed)
+            if isinstance(batch, EncodedBatch):
+                batch = self.collate.decode_on(batch, device)
+            return self.collate.augment(batch.to(device, non_blocking=True), g)
         view1, view2, _, _ = batch
         return view1.to(device, non_blocking=True), view2.to(device, non_blocking=True)
 
 
-def build_data(recipe: Recipe) -> RunData:
-    """Resolve the dataset spec and open the pretraining and kNN splits (offline for local sources)."""
+def build_data(recipe: Recipe, accelerator: Accelerator | None = None) -> RunData:
+    """Resolve the dataset spec and open the pretraining and kNN splits (offline for local sources).
+
+    With several processes, the main one lists the dataset's files and hands the listing to the others.
+    """
     d = recipe.data
     overrides: dict[str, Any] = {key: value for key, value in (
         ("data_dir", d.data_dir), ("image_column", d.image_column), ("label_column", d.label_column),
@@ -209,9 +230,13 @@ def build_data(recipe: Recipe) -> RunData:
     if d.splits:
         overrides["pretrain_splits"] = tuple(d.splits)
     spec = data_lib.get_spec(d.dataset, holdout=d.holdout or None, **overrides)
+    knn = bool(recipe.train.knn_every and spec.test_split and spec.label_column)
+    if accelerator is not None and accelerator.num_processes > 1:
+        splits = [*spec.pretrain_splits, *((spec.train_split, spec.test_split) if knn else ())]
+        data_lib.share_listings(spec, splits, is_main=accelerator.is_main_process, broadcast=broadcast_object_list)
     pretrain = data_lib.load_images(spec, streaming=d.streaming)
     knn_train = knn_test = None
-    if recipe.train.knn_every and spec.test_split and spec.label_column:
+    if knn:
         knn_train = data_lib.load_images(spec, spec.train_split)
         knn_test = data_lib.load_images(spec, spec.test_split)
     num_rows = data_lib.num_ids(spec)
@@ -231,16 +256,17 @@ class TrainBatches:
         self.batch_size = batch = recipe.per_process_batch_size(world)  # data.batch_size is the global batch
         self.resident = self.loader = self.stream = None
         if d.device_resident:
-            self.resident = DeviceResidentImages(run_data.pretrain, accelerator.device)
+            self.resident = run_data.resident["pretrain"] = DeviceResidentImages(
+                run_data.pretrain, accelerator.device, skipped=collate.collate.skipped)
             self.steps = self.resident.num_batches(batch, world_size=world)
         elif d.streaming:
             shard = split_dataset_by_node(run_data.pretrain, rank=accelerator.process_index, world_size=world)
             self.stream = shard.shuffle(seed=self.seed, buffer_size=10 * batch)
             self.loader = _loader(self.stream, collate, batch_size=batch, num_workers=d.num_workers,
                                   drop_last=True, seed=self.seed, persistent=True)
-            # Shards differ by a few rows: every process stops after the same, safe number of steps.
-            shards = getattr(run_data.pretrain, "num_shards", 1)
-            self.steps = (run_data.num_rows // world - shards) // batch
+            # Processes get different rows (whole row groups): all stop after the same, safe number of steps.
+            # Each DataLoader worker also drops its own last partial batch.
+            self.steps = data_lib.min_rows_per_process(run_data.spec, world) // batch - max(0, d.num_workers - 1)
         else:
             loader = _loader(run_data.pretrain, collate, batch_size=batch, num_workers=d.num_workers,
                              shuffle=True, drop_last=True, seed=self.seed, persistent=True)
@@ -274,6 +300,36 @@ class TrainBatches:
             view1, view2 = self.collate.views(batch, device)
             if len(view1):  # a batch of only undecodable images (each skipped with a warning) is empty
                 yield view1, view2
+
+
+class NonFiniteWatch:
+    """Notices a NaN/inf loss without a host sync per step: the first bad step is recorded on the device
+    and read back only by :meth:`check`, which the loop calls before logging, checkpointing or a pass."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.first = torch.zeros(3, device=device, dtype=torch.float64)  # [seen, epoch, step]
+        self.value = torch.zeros((), device=device)
+
+    def update(self, loss: torch.Tensor, epoch: int, step: int) -> None:
+        new = ~torch.isfinite(loss.detach()) & (self.first[0] == 0)
+        where = torch.tensor([1.0, epoch, step], dtype=torch.float64).to(self.first.device, non_blocking=True)
+        self.first = torch.where(new, where, self.first)
+        self.value = torch.where(new, loss.detach().float(), self.value)
+
+    def check(self, last_checkpoint: Path | None) -> None:
+        seen, epoch, step = (int(v) for v in self.first.tolist())
+        if seen:
+            raise NonFiniteLossError(
+                f"loss is {float(self.value)} at epoch {epoch}, step {step}: training stopped. Last good "
+                f"checkpoint: {last_checkpoint or 'none yet'} (lower optim.lr or set train.mixed_precision=no, "
+                f"then --resume)")
+
+
+def _floats(logs: dict[str, torch.Tensor]) -> dict[str, float]:
+    """A step's logs as floats, with one device synchronization."""
+    if not logs:
+        return {}
+    return dict(zip(logs, torch.stack([v.float() for v in logs.values()]).tolist(), strict=True))
 
 
 def _latest_checkpoint(out: Path) -> Path | None:
@@ -314,9 +370,25 @@ def _loader(dataset, collate, *, batch_size: int, num_workers: int, shuffle: boo
     )
 
 
+def _eval_source(accelerator: Accelerator, run_data: RunData, name: str) -> Any:
+    """``run_data.<name>`` for a pass or the kNN monitor; in device-resident mode its images decoded once
+    onto the device (for the pretraining rows, the training images themselves): no JPEG decoding."""
+    dataset = getattr(run_data, name)
+    if not run_data.resident:
+        return dataset
+    if name == "knn_train" and (run_data.spec.train_split,) == tuple(run_data.spec.pretrain_splits):
+        name = "pretrain"
+    if name not in run_data.resident:
+        run_data.resident[name] = DeviceResidentImages(dataset, accelerator.device)
+    return run_data.resident[name]
+
+
 def _eval_loader(accelerator: Accelerator, dataset, collate, recipe: Recipe):
     """Un-augmented batches of this process's share of ``dataset`` (results are gathered by id)."""
     batch_size = recipe.loc_per_process_batch_size(accelerator.num_processes)  # crop.loc_batch_size is global
+    if isinstance(dataset, DeviceResidentImages):
+        return dataset.iter_eval(batch_size, collate.prepare, rank=accelerator.process_index,
+                                 world_size=accelerator.num_processes)
     if _is_streaming(dataset):
         shard = split_dataset_by_node(dataset, rank=accelerator.process_index, world_size=accelerator.num_processes)
         return _loader(shard, collate, batch_size=batch_size, num_workers=recipe.data.num_workers)
@@ -328,9 +400,10 @@ def _knn(accelerator: Accelerator, backbone, run_data: RunData, recipe: Recipe) 
     """The kNN monitor: features of the labeled train split vs the test split (k, T from the recipe)."""
     collate = EvalCollate(run_data.spec, purpose="classify")
     dtype = default_autocast_dtype(accelerator.device)
-    feats = [extract_features(backbone, _eval_loader(accelerator, ds, collate, recipe), accelerator=accelerator,
+    feats = [extract_features(backbone, _eval_loader(accelerator, _eval_source(accelerator, run_data, name), collate,
+                                                     recipe), accelerator=accelerator,
                               autocast_dtype=dtype, channels_last=recipe.model.channels_last)
-             for ds in (run_data.knn_train, run_data.knn_test)]
+             for name in ("knn_train", "knn_test")]
     (_, train_feats, train_labels), (_, test_feats, test_labels) = feats
     return knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes=run_data.spec.num_classes,
                         k=recipe.train.knn_k, temperature=recipe.train.knn_temperature)
@@ -342,7 +415,8 @@ def _localization_pass(accelerator: Accelerator, encoder, run_data: RunData, sta
     collate = EvalCollate(run_data.spec, purpose="localize")
     collate.skipped = state.skipped  # the training views' ids: each bad image is reported once per run
     start = time.perf_counter()
-    ids, boxes = localize_boxes(encoder, _eval_loader(accelerator, run_data.pretrain, collate, recipe),
+    source = _eval_source(accelerator, run_data, "pretrain")
+    ids, boxes = localize_boxes(encoder, _eval_loader(accelerator, source, collate, recipe),
                                 k=recipe.crop.k, alignment=recipe.crop.heatmap_alignment,
                                 autocast_dtype=default_autocast_dtype(accelerator.device),
                                 channels_last=recipe.model.channels_last, accelerator=accelerator)
@@ -459,7 +533,7 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool, stop: St
         raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --output-dir")
 
     # -- data and the shared box table ----------------------------------------------------------
-    run_data = build_data(recipe)
+    run_data = build_data(recipe, accelerator)
     spec = run_data.spec
     table = BoxTable(run_data.num_rows, {"dataset": spec.hub_id or spec.name, "split": "+".join(spec.pretrain_splits),
                                          "fingerprint": run_data.fingerprint, "backbone": recipe.model.name, "k": c.k})
@@ -470,7 +544,8 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool, stop: St
     collate = SeededCollate(
         TwoViewCollate.from_spec(spec, table, scale=c.scale, ratio=c.ratio, alpha=c.alpha, blur=c.blur or spec.blur,
                                  mode=recipe.crop_mode(0), batched=recipe.data.batched_views,
-                                 raw=recipe.data.batched_views and accelerator.device.type == "cuda"),
+                                 raw=recipe.data.batched_views and accelerator.device.type == "cuda",
+                                 device_decode=recipe.data.batched_views and accelerator.device.type == "cuda"),
         seed=t.seed,
     )
     collate.collate.skipped = state.skipped
@@ -511,7 +586,11 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool, stop: St
                       f"{accelerator.num_processes} process(es) on {accelerator.device.type}; run folder {out}")
 
     # -- epochs ---------------------------------------------------------------------------------
-    logs: dict[str, float] = {}
+    logs: dict[str, torch.Tensor] = {}  # the latest step's, kept on the device until they are logged
+    watch = NonFiniteWatch(accelerator.device)
+
+    def check_finite() -> None:  # before anything that would keep or use weights trained on a bad loss
+        watch.check(_latest_checkpoint(out))
     stop.install()  # from here on, Ctrl-C/SIGTERM stop after the current step with a checkpoint
     while state.epoch < t.epochs:
         if signum := stop.agreed(accelerator):
@@ -527,11 +606,7 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool, stop: St
         for view1, view2 in bar:
             with accelerator.accumulate(method):
                 loss, logs = method(view1, view2)
-                if not torch.isfinite(loss.detach()).all():
-                    raise NonFiniteLossError(
-                        f"loss is {loss.item()} at epoch {epoch + 1}, step {state.step_in_epoch + 1}: training "
-                        f"stopped. Last good checkpoint: {_latest_checkpoint(out) or 'none yet'} (lower optim.lr "
-                        f"or set train.mixed_precision=no, then --resume)")
+                watch.update(loss, epoch + 1, state.step_in_epoch + 1)
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -541,25 +616,32 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool, stop: St
             state.global_step += 1
             images_seen += view1.shape[0] * accelerator.num_processes
             if state.global_step % t.log_every == 0 or state.step_in_epoch == len(batches):
+                check_finite()
+                numbers = _floats(logs)
                 rate = images_seen / max(train_seconds + time.perf_counter() - tic, 1e-9)
-                bar.set_postfix(loss=f"{logs['loss']:.3f}", img_s=f"{rate:.0f}", lr=f"{lr:.3g}")
-                accelerator.log({f"train/{k}": v for k, v in logs.items()} | {"train/lr": lr, "train/images_per_s": rate},
+                bar.set_postfix(loss=f"{numbers['loss']:.3f}", img_s=f"{rate:.0f}", lr=f"{lr:.3g}")
+                accelerator.log({f"train/{k}": v for k, v in numbers.items()} | {"train/lr": lr, "train/images_per_s": rate},
                                 step=state.global_step)
             if t.checkpoint_every_steps and state.global_step % t.checkpoint_every_steps == 0:
+                check_finite()
                 _save_checkpoint(accelerator, out, state, t.keep_checkpoints)
             # Mid-epoch only after a full accumulation cycle (exact resume); the last step's stop waits for
             # the epoch's end (localization, kNN) and is taken at the next epoch's start.
             if (accelerator.sync_gradients and state.step_in_epoch < len(batches)
-                    and (signum := stop.agreed(accelerator))):
+                    and (signum := stop.agreed(accelerator, state.global_step, t.log_every))):
+                check_finite()  # never checkpoint weights trained on a bad loss
                 raise _interrupted(accelerator, out, state, t.keep_checkpoints, signum)
             if t.max_steps is not None and state.global_step >= t.max_steps:
+                check_finite()
                 accelerator.print(f"stopped at train.max_steps={t.max_steps}; continue with --resume")
                 accelerator.end_training()
                 return {"stopped_at_step": state.global_step}
         bar.close()
+        check_finite()
         epoch_seconds = time.perf_counter() - tic
         train_seconds += epoch_seconds
-        record: dict[str, Any] = {"epoch": epoch + 1, "loss": logs.get("loss"), "pos_cosine": logs.get("pos_cosine"),
+        numbers = _floats(logs)
+        record: dict[str, Any] = {"epoch": epoch + 1, "loss": numbers.get("loss"), "pos_cosine": numbers.get("pos_cosine"),
                                   "lr": lr, "crop": mode, "epoch_seconds": epoch_seconds,
                                   "images_per_s": (state.step_in_epoch * world_batch / t.grad_accum) / epoch_seconds}
         state.epoch += 1

@@ -25,26 +25,36 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torchvision import transforms as T
 from torchvision.ops import roi_align
 from torchvision.transforms import functional as TF
 
 from hub_ccrop.boxes import BoxTable
 from hub_ccrop.crop import sample_crop_params
-from hub_ccrop.data import BadImageError, BadImageWarning, DatasetSpec, decode_image, decode_to_tensor
+from hub_ccrop.data import (
+    BadImageError,
+    BadImageWarning,
+    DatasetSpec,
+    decode_image,
+    decode_on_device,
+    decode_to_tensor,
+    image_size,
+)
 
 __all__ = [
     "MODES",
     "BatchedViewAugment",
     "CropSampler",
     "DeviceResidentImages",
+    "EncodedBatch",
     "EvalCollate",
     "RawBatch",
     "SkipCounter",
@@ -174,6 +184,8 @@ class RawBatch(NamedTuple):
 
     ``images`` uint8 ``[B, 3, H, W]`` (smaller images are edge-padded to the largest; ``sizes`` holds
     each real ``(H, W)``), ``crops`` int64 ``[2, B, 4]`` ``(i, j, h, w)``, ``ids``/``labels`` int64 ``[B]``.
+    ``.to(device)`` moves the pixels and labels; ``sizes``, ``crops`` and ``ids`` stay on the host, where
+    the augmentation and the batch seed read them (reading them from a device would stall it every batch).
     """
 
     images: Tensor
@@ -183,10 +195,26 @@ class RawBatch(NamedTuple):
     labels: Tensor
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> RawBatch:
-        return RawBatch(*(t.to(device, non_blocking=non_blocking) for t in self))
+        images, labels = (t.to(device, non_blocking=non_blocking) for t in (self.images, self.labels))
+        return RawBatch(images, self.sizes, self.crops, self.ids, labels)
 
     def pin_memory(self) -> RawBatch:
-        return RawBatch(*(t.pin_memory() for t in self))
+        return RawBatch(self.images.pin_memory(), self.sizes, self.crops, self.ids, self.labels.pin_memory())
+
+
+class EncodedBatch(NamedTuple):
+    """A batch whose images are still encoded (JPEG bytes), for decoding on the training device
+    (:meth:`TwoViewCollate.decode_on`). ``sizes`` come from the image headers and ``crops`` are drawn
+    from them, exactly as for a :class:`RawBatch`."""
+
+    values: list[Any]
+    sizes: Tensor
+    crops: Tensor
+    ids: Tensor
+    labels: Tensor
+
+    def pin_memory(self) -> EncodedBatch:
+        return self  # bytes: nothing to pin
 
 
 def _columns(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]) -> tuple[list, list, list]:
@@ -210,19 +238,28 @@ def _decode_all(
     max_side: int | None,
 ) -> tuple[list[Any], Tensor, Tensor]:
     """Decode a batch; an undecodable image is skipped with a warning naming its id (or raises if strict)."""
+    decode = decode_to_tensor if as_tensor else decode_image
+    return _keep_good(rows, lambda value, sid: decode(value, sid, max_side=max_side), strict=strict, counter=counter)
+
+
+def _keep_good(
+    rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]],
+    read: Callable[[Any, Any], Any],
+    *,
+    strict: bool,
+    counter: SkipCounter,
+) -> tuple[list[Any], Tensor, Tensor]:
+    """``read(image, id)`` of each row; a row it fails on (:class:`BadImageError`) is skipped with a warning
+    naming its id and counted, or raises if strict. Returns the results, ids and labels of the others."""
     images, ids, labels = _columns(rows)
     out, keep = [], []
     for k, (value, sid) in enumerate(zip(images, ids, strict=True)):
         try:
-            if as_tensor:
-                out.append(decode_to_tensor(value, sid, max_side=max_side))
-            else:
-                out.append(decode_image(value, sid, max_side=max_side))
+            out.append(read(value, sid))
         except BadImageError as err:
             if strict:
                 raise
-            if counter.add(sample_id=int(sid)):
-                warnings.warn(f"skipping {err}", BadImageWarning, stacklevel=3)
+            _skip(err, counter)
             continue
         keep.append(k)
     id_t = torch.as_tensor([int(ids[k]) for k in keep], dtype=torch.int64)
@@ -230,15 +267,23 @@ def _decode_all(
     return out, id_t, label_t
 
 
+def _skip(err: BadImageError, counter: SkipCounter) -> None:
+    """Count a skipped image; warn only the first time its id is skipped (epochs, passes, workers)."""
+    sample_id = int(err.sample_id) if isinstance(err.sample_id, int | np.integer) else None
+    if counter.add(sample_id=sample_id):
+        warnings.warn(f"skipping {err}", BadImageWarning, stacklevel=4)
+
+
 def stack_padded(images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """uint8 ``[3, h, w]`` images -> ``[B, 3, H, W]`` edge-replicated to the largest size, and sizes ``[B, 2]``."""
+    """uint8 ``[3, h, w]`` images (on one device) -> ``[B, 3, H, W]`` edge-replicated to the largest size,
+    and sizes ``[B, 2]`` (on the host)."""
     sizes = torch.tensor([[im.shape[1], im.shape[2]] for im in images], dtype=torch.int64).reshape(-1, 2)
     if not images:
         return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), sizes
     height, width = (int(v) for v in sizes.max(0).values)
     if bool((sizes == sizes[0]).all()):
         return torch.stack(list(images)), sizes
-    out = torch.empty(len(images), 3, height, width, dtype=torch.uint8)
+    out = torch.empty(len(images), 3, height, width, dtype=torch.uint8, device=images[0].device)
     for b, im in enumerate(images):
         h, w = im.shape[1:]
         out[b, :, :h, :w] = im
@@ -259,19 +304,28 @@ def _per_image(f: Tensor) -> Tensor:
     return f.view(-1, 1, 1, 1)
 
 
+def _blend_(x: Tensor, f: Tensor, other: Tensor | None) -> Tensor:
+    """``clamp(f * x + (1 - f) * other, 0, 1)`` in place (``other`` None = black): torchvision's ``_blend``,
+    which brightness (black), contrast (the mean gray) and saturation (the gray image) all are."""
+    x.mul_(f)
+    if other is not None:
+        x.add_(other * (1 - f))
+    return x.clamp_(0, 1)
+
+
 def adjust_brightness(x: Tensor, f: Tensor) -> Tensor:
-    return (x * _per_image(f)).clamp_(0, 1)
+    """Brightness per image, in place."""
+    return _blend_(x, _per_image(f), None)
 
 
 def adjust_contrast(x: Tensor, f: Tensor) -> Tensor:
-    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
-    f = _per_image(f)
-    return (f * x + (1 - f) * mean).clamp_(0, 1)
+    """Contrast per image (blend with the mean gray level), in place."""
+    return _blend_(x, _per_image(f), _gray(x).mean(dim=(1, 2, 3), keepdim=True))
 
 
 def adjust_saturation(x: Tensor, f: Tensor) -> Tensor:
-    f = _per_image(f)
-    return (f * x + (1 - f) * _gray(x)).clamp_(0, 1)
+    """Saturation per image (blend with the gray image), in place."""
+    return _blend_(x, _per_image(f), _gray(x))
 
 
 def adjust_hue(x: Tensor, f: Tensor) -> Tensor:
@@ -361,17 +415,53 @@ class BatchedViewAugment(nn.Module):
         return f"size={self.size}, jitter={self.jitter}, blur={self.blur}"
 
     def crop_resize(self, images: Tensor, crops: Tensor, order: Tensor | None = None) -> Tensor:
-        """``[2B, 3, S, S]`` float in [0, 1]: every view's ``(i, j, h, w)`` region resized (antialiased by
-        averaging ``ceil(h / S)`` x ``ceil(w / S)`` bilinear samples per output pixel), view 1s first,
-        or in ``order`` (a permutation of the views) when given."""
+        """``[2B, 3, S, S]`` float in [0, 1]: every view's ``(i, j, h, w)`` region resized, view 1s first, or
+        in ``order`` (a permutation of the views) when given.
+
+        Small images (up to 2S x 2S): one ``roi_align`` over the batch, antialiased by averaging
+        ``ceil(h / S)`` x ``ceil(w / S)`` bilinear samples per output pixel (computed with ``grid_sample``
+        when that is one sample, e.g. CIFAR). Larger ones: each image is
+        converted to float only over the union of its two views (an ImageNet batch padded to 640 px
+        would otherwise be a ~1.2 GB float copy) and each view resized with torchvision's antialiased
+        bilinear resize (``F.interpolate(antialias=True)``, what its tensor ``RandomResizedCrop`` does;
+        a separable filter, 2-3x faster than ``roi_align`` at 224 px on a CPU).
+        """
         n_views, batch = crops.shape[:2]
-        i, j, h, w = crops.reshape(-1, 4).to(torch.float32).unbind(1)
-        index = torch.arange(batch, device=images.device, dtype=torch.float32).repeat(n_views)
-        rois = torch.stack([index, j, i, j + w, i + h], dim=1)
-        if order is not None:
-            rois = rois[order]
-        x = images.to(torch.float32)
-        out = roi_align(x, rois, output_size=(self.size, self.size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        rect = crops.cpu()  # host rectangles (RawBatch keeps them there): no device sync
+        size = (self.size, self.size)
+        height, width = images.shape[-2:]
+        if height * width <= 4 * self.size * self.size:
+            i, j, h, w = rect.reshape(-1, 4).to(torch.float32).unbind(1)
+            index = torch.arange(batch).repeat(n_views)
+            if order is not None:
+                view_order = order.cpu()
+                i, j, h, w, index = i[view_order], j[view_order], h[view_order], w[view_order], index[view_order]
+            x = images.to(torch.float32)
+            if rect.numel() and int(rect[..., 2:].max()) <= self.size:
+                # No crop larger than the view: roi_align takes one bilinear sample per output pixel, at the
+                # bin centers; grid_sample at the same points gives the same numbers, twice as fast on a CPU.
+                steps = (torch.arange(self.size, dtype=torch.float32) + 0.5) / self.size
+                gx = (j[:, None] + steps * w[:, None]) * (2 / width) - 1
+                gy = (i[:, None] + steps * h[:, None]) * (2 / height) - 1
+                grid = torch.stack([gx[:, None, :].expand(-1, self.size, -1), gy[:, :, None].expand(-1, -1, self.size)], -1)
+                source = x.index_select(0, index.to(x.device))
+                out = F.grid_sample(source, grid.to(x.device), mode="bilinear", padding_mode="border", align_corners=False)
+            else:
+                rois = torch.stack([index.to(torch.float32), j, i, j + w, i + h], dim=1)
+                out = roi_align(x, rois.to(images.device), output_size=size, sampling_ratio=-1, aligned=True)
+            return out.div_(255.0)
+        top, left = rect[..., 0].amin(0).tolist(), rect[..., 1].amin(0).tolist()
+        bottom = (rect[..., 0] + rect[..., 2]).amax(0).tolist()
+        right = (rect[..., 1] + rect[..., 3]).amax(0).tolist()
+        slot = (torch.arange(n_views * batch) if order is None else torch.argsort(order.cpu())).tolist()
+        out = torch.empty(n_views * batch, 3, *size, device=images.device)
+        for b in range(batch):
+            y0, x0 = top[b], left[b]
+            union = images[b : b + 1, :, y0 : bottom[b], x0 : right[b]].to(torch.float32)
+            for v in range(n_views):
+                i, j, h, w = rect[v, b].tolist()
+                view = union[:, :, i - y0 : i - y0 + h, j - x0 : j - x0 + w]
+                out[slot[v * batch + b]] = F.interpolate(view, size=size, mode="bilinear", antialias=True)[0]
         return out.div_(255.0)
 
     def sample(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> dict[str, Tensor]:
@@ -395,14 +485,22 @@ class BatchedViewAugment(nn.Module):
         return factors, [k for k, v in enumerate(self.jitter) if v > 0]
 
     def _color_masked(self, x: Tensor, p: dict[str, Tensor]) -> Tensor:
-        """Accelerators: every op over the whole batch, selected per view with ``where`` (no host sync)."""
+        """Accelerators: the whole batch, selected per view without a host sync. At each of the four
+        jitter positions, brightness/contrast/saturation are one blend ``f * x + (1 - f) * other`` with
+        per-view ``f`` and ``other`` (black, mean gray or gray image), then hue where it is due."""
         factors, active = self._factors(p)
         x = torch.where(_per_image(p["flip"]), x.flip(-1), x)
         order = torch.tensor(PERMUTATIONS, device=x.device)[p["order"]]
+        one, zero = torch.ones_like(factors[0]), torch.zeros_like(factors[0])
         for pos in range(4):
-            for op in active:
-                sel = _per_image(p["jitter"] & (order[:, pos] == op))
-                x = torch.where(sel, JITTER_OPS[op](x, factors[op]), x)
+            op = torch.where(p["jitter"], order[:, pos], -1)  # -1: no jitter for this view
+            f = torch.where(op == 0, factors[0], torch.where(op == 1, factors[1], torch.where(op == 2, factors[2], one)))
+            gray = _gray(x)
+            other = (_per_image(torch.where(op == 1, 1 - f, zero)) * gray.mean(dim=(1, 2, 3), keepdim=True)
+                     + _per_image(torch.where(op == 2, 1 - f, zero)) * gray)  # fmt: skip
+            x = (x * _per_image(f)).add_(other).clamp_(0, 1)
+            if 3 in active:
+                x = torch.where(_per_image(op == 3), adjust_hue(x, factors[3]), x)
         x = torch.where(_per_image(p["gray"]), _gray(x).expand_as(x), x)
         if self.blur:
             x = torch.where(_per_image(p["blur"]), gaussian_blur(x, p["sigma"], self.kernel_size), x)
@@ -431,7 +529,10 @@ class BatchedViewAugment(nn.Module):
         def apply(lo: int, hi: int, fn: Any, *args: Tensor) -> None:
             for a in range(bounds[lo], bounds[hi], chunk):
                 rows = slice(a, min(a + chunk, bounds[hi]))
-                xs[rows] = fn(xs[rows], *(t[rows] for t in args))
+                view = xs[rows]
+                out = fn(view, *(t[rows] for t in args))
+                if out is not view:  # the blends work in place
+                    view.copy_(out)
 
         for g in range(len(PERMUTATIONS) + 1):
             base = 8 * g
@@ -482,7 +583,9 @@ class TwoViewCollate:
     """DataLoader ``collate_fn``: rows -> ``(view1, view2, ids, labels)`` (or a :class:`RawBatch`).
 
     ``batched=False``: per-image PIL path; ``batched=True``: :class:`BatchedViewAugment` runs here (in
-    the workers); ``raw=True``: return the :class:`RawBatch` and run ``self.augment`` on the device.
+    the workers); ``raw=True``: return the :class:`RawBatch` and run ``self.augment`` on the device;
+    ``device_decode=True`` (with raw, on CUDA): return an :class:`EncodedBatch` (image headers read,
+    nothing decoded) and decode it on the device with :meth:`decode_on` (nvJPEG, CPU fallback per image).
     ``mode`` (``"rcrop"``/``"ccrop"``) can be set any time, also while persistent workers run.
     Undecodable images are skipped with a :class:`~hub_ccrop.data.BadImageWarning` naming the id and
     counted in ``self.skipped`` (shared across workers); ``strict=True`` raises instead. A batch can
@@ -503,6 +606,7 @@ class TwoViewCollate:
         mode: str = "rcrop",
         batched: bool = False,
         raw: bool = False,
+        device_decode: bool = False,
         strict: bool = False,
         max_side: int | None = None,
         **pipeline: Any,
@@ -512,8 +616,9 @@ class TwoViewCollate:
         # The one description of the paper's pipeline (flip_p, jitter, jitter_p, gray_p, blur_p,
         # blur_sigma); the per-image PIL transforms below are built from it too.
         self.augment = a = BatchedViewAugment(size, mean, std, blur=blur, **pipeline)
-        self.batched = batched or raw
-        self.raw = raw
+        self.batched = batched or raw or device_decode
+        self.raw = raw or device_decode
+        self.device_decode = device_decode
         self.strict = strict
         self.max_side = max_side
         self.skipped = SkipCounter()
@@ -545,7 +650,12 @@ class TwoViewCollate:
 
     def __call__(
         self, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor] | RawBatch:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor] | RawBatch | EncodedBatch:
+        if self.device_decode:
+            read = lambda value, sid: (value, image_size(value, sid, max_side=self.max_side))  # noqa: E731
+            pairs, ids, labels = _keep_good(rows, read, strict=self.strict, counter=self.skipped)
+            sizes = torch.tensor([size for _, size in pairs], dtype=torch.int64).reshape(-1, 2)
+            return EncodedBatch([value for value, _ in pairs], sizes, self.crops(ids, sizes), ids, labels)
         images, ids, labels = _decode_all(
             rows, as_tensor=self.batched, strict=self.strict, counter=self.skipped, max_side=self.max_side
         )
@@ -558,6 +668,29 @@ class TwoViewCollate:
                 view1, view2 = self.augment(raw)
             return view1, view2, ids, labels
         return (*self._per_image(images, ids), ids, labels)
+
+    def decode_on(self, batch: EncodedBatch, device: torch.device | str, decoder: Callable[..., Any] | None = None
+                  ) -> RawBatch:  # fmt: skip
+        """The :class:`RawBatch` of an :class:`EncodedBatch`, decoded on ``device`` (see
+        :func:`~hub_ccrop.data.decode_on_device`); images nothing decodes are skipped and counted."""
+        decoded = decode_on_device(batch.values, batch.ids.tolist(), device, max_side=self.max_side, decoder=decoder)
+        keep = []
+        for k, img in enumerate(decoded):
+            if not isinstance(img, BadImageError) and tuple(img.shape[1:]) != tuple(batch.sizes[k].tolist()):
+                img = BadImageError(int(batch.ids[k]), f"decoded size {tuple(img.shape[1:])} differs from its header")
+            if isinstance(img, BadImageError):
+                if self.strict:
+                    raise img
+                _skip(img, self.skipped)
+            else:
+                keep.append(k)
+        index = torch.tensor(keep, dtype=torch.int64)
+        if keep:
+            images, _ = stack_padded([decoded[k] for k in keep])
+        else:
+            images = torch.zeros(0, 3, 1, 1, dtype=torch.uint8, device=device)
+        return RawBatch(images, batch.sizes[index], batch.crops[:, index], batch.ids[index],
+                        batch.labels[index].to(device))
 
     def _per_image(self, images: list[Image.Image], ids: Tensor) -> tuple[Tensor, Tensor]:
         """The classic CPU path: PIL crop+resize and torchvision transforms per view."""
@@ -576,7 +709,7 @@ class TwoViewCollate:
 
 
 def eval_image(img: Tensor, size: int | tuple[int, int], resize: int | None = None) -> Tensor:
-    """The one eval transform, uint8 ``[3, H, W]`` -> uint8 ``[3, *size]``: localization passes, the
+    """The one eval transform, uint8 ``[(B,) 3, H, W]`` -> uint8 ``[(B,) 3, *size]``: localization passes, the
     kNN monitor, the kNN/linear CLI and ``hub-ccrop show`` all call it (antialiased tensor resizes).
 
     ``resize=None``: the whole image resized to ``size`` (an int: squared) (boxes cover the whole image;
@@ -586,7 +719,7 @@ def eval_image(img: Tensor, size: int | tuple[int, int], resize: int | None = No
     hw = [size, size] if isinstance(size, int) else list(size)
     if resize is not None:
         return TF.center_crop(TF.resize(img, resize, antialias=True), hw)
-    if list(img.shape[1:]) != hw:
+    if list(img.shape[-2:]) != hw:
         img = TF.resize(img, hw, antialias=True)
     return img
 
@@ -617,9 +750,16 @@ class EvalCollate:
         return self.spec.image_size if self.spec.eval_resize is None else self.spec.eval_resize[1]
 
     def transform(self, img: Tensor) -> Tensor:
-        """One uint8 ``[3, H, W]`` image -> uint8 ``[3, S, S]`` (:func:`eval_image`)."""
+        """One uint8 ``[3, H, W]`` image (or a ``[B, 3, H, W]`` batch) -> uint8 ``[3, S, S]`` (``[B, 3, S, S]``),
+        by :func:`eval_image`."""
         crop = self.spec.eval_resize is not None and self.purpose == "classify"
         return eval_image(img, self.output_size, self.spec.eval_resize[0] if crop else None)
+
+    def prepare(self, images: Tensor) -> Tensor:
+        """A uint8 ``[B, 3, H, W]`` batch of same-size images, on any device -> the normalized eval batch
+        (what ``__call__`` makes from rows; used on device-resident images)."""
+        x = self.transform(images).to(torch.float32).div_(255.0)
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
     def __call__(self, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]) -> tuple[Tensor, Tensor, Tensor]:
         images, ids, labels = _decode_all(
@@ -650,7 +790,7 @@ class DeviceResidentImages:
                                              rank=rank, world_size=world_size):
                 view1, view2 = augment(raw)
                 ...
-        for images, ids, labels in resident.iter_eval(1024, spec.mean, spec.std):  # localization / kNN
+        for images, ids, labels in resident.iter_eval(1024, EvalCollate(spec).prepare):  # passes, kNN
             ...
 
     Every rank holds the whole dataset and takes its own slice of one seeded permutation per epoch
@@ -664,9 +804,10 @@ class DeviceResidentImages:
         *,
         strict: bool = False,
         chunk_size: int = 1024,
+        skipped: SkipCounter | None = None,
     ) -> None:
         self.device = torch.device(device)
-        self.skipped = SkipCounter()
+        self.skipped = SkipCounter() if skipped is None else skipped  # a run passes its own: ids reported once
         chunks, ids, labels = [], [], []
         for batch in _iter_chunks(rows, chunk_size):
             images, id_t, label_t = _decode_all(batch, as_tensor=True, strict=strict, counter=self.skipped, max_side=None)
@@ -719,7 +860,8 @@ class DeviceResidentImages:
         start_batch: int = 0,
         generator: torch.Generator | None = None,
     ) -> Iterator[RawBatch]:
-        """:class:`RawBatch` es on the device (crop rectangles drawn on CPU from the box table)."""
+        """:class:`RawBatch` es: images and labels on the device; crop rectangles (drawn from the box
+        table), sizes and ids on the host, like ``RawBatch.to`` leaves them."""
         pos = self.positions(epoch=epoch, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size)
         stop = len(pos) - len(pos) % batch_size if drop_last else len(pos)
         for begin in range(start_batch * batch_size, stop, batch_size):
@@ -728,25 +870,19 @@ class DeviceResidentImages:
             sizes = self._size.expand(len(p), 2)
             rect = crops(ids, sizes, generator=generator)
             p_dev = p.to(self.device, non_blocking=True)
-            yield RawBatch(
-                self.images[p_dev],
-                sizes.to(self.device),
-                rect.to(self.device, non_blocking=True),
-                self.ids[p_dev],
-                self.labels[p_dev],
-            )
+            yield RawBatch(self.images[p_dev], sizes, rect, ids, self.labels[p_dev])
 
     def iter_eval(
-        self, batch_size: int, mean: Sequence[float], std: Sequence[float], *, rank: int = 0, world_size: int = 1
+        self, batch_size: int, prepare: Callable[[Tensor], Tensor], *, rank: int = 0, world_size: int = 1
     ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        """Un-augmented, normalized ``(images, ids, labels)`` of this rank's share (every row exactly once)."""
-        m = torch.tensor(mean, device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
-        s = torch.tensor(std, device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
+        """``(prepare(images), ids, labels)`` of this rank's share, every row exactly once, on the device.
+
+        ``prepare`` maps a uint8 batch to the model's input, e.g. :meth:`EvalCollate.prepare`.
+        """
         pos = torch.arange(rank, len(self), world_size, device=self.device)
         for begin in range(0, len(pos), batch_size):
             p = pos[begin : begin + batch_size]
-            x = self.images[p].to(torch.float32).div_(255.0)
-            yield (x - m) / s, self.ids[p], self.labels[p]
+            yield prepare(self.images[p]), self.ids[p], self.labels[p]
 
 
 def _iter_chunks(rows: Any, chunk_size: int) -> Iterable[Any]:

@@ -2,7 +2,10 @@
 
 It implements just what ``huggingface_hub`` needs to create repos, upload folders (preupload, the LFS batch
 API with basic and multipart transfers, the ndjson commit endpoint), resolve/download files
-(``hf_hub_download``, ``timm``'s ``hf-hub:``) and read repo info. Xet is never advertised, so clients must run
+(``hf_hub_download``, ``timm``'s ``hf-hub:``), read repo info, and what ``datasets`` / ``HfFileSystem``
+need to stream a dataset repo (``tree`` with ``recursive``, ``paths-info``, ``Range`` requests on resolve
+and storage). ``add_files`` seeds a repo directly; every request records the body bytes it sent, so tests
+can count what a client downloads (``bytes_served``). Xet is never advertised, so clients must run
 with ``HF_HUB_DISABLE_XET=1`` (with ``hf_xet`` installed, ``upload_folder`` would otherwise go straight to a
 Xet CAS server).
 
@@ -68,6 +71,7 @@ class RequestRecord:
     path: str
     status: int
     had_authorization: bool
+    body_bytes: int = 0  # bytes of the response body sent
 
 
 class _Server(ThreadingHTTPServer):
@@ -160,6 +164,28 @@ class FakeHub:
         tree = repo.commits[repo.branches.get(revision, revision)]
         return {p: (e.data if e.lfs_oid is None else self.lfs[e.lfs_oid]) or b"" for p, e in tree.items()}
 
+    def add_files(self, repo_id: str, files: dict[str, bytes], repo_type: str = "dataset") -> str:
+        """Commit ``files`` straight into a (new or existing, public) repo, without the upload API; returns the sha."""
+        with self.lock:
+            repo = self.repos.setdefault((repo_type, repo_id), Repo(repo_type, repo_id, private=False))
+            tree = dict(repo.commits[repo.branches["main"]]) if "main" in repo.branches else {}
+            for path, data in files.items():
+                if self.is_lfs(path, len(data), data[:512]):
+                    oid = hashlib.sha256(data).hexdigest()
+                    self.lfs[oid] = data
+                    tree[path] = FileEntry(len(data), lfs_oid=oid)
+                else:
+                    tree[path] = FileEntry(len(data), data=data)
+            sha = self.new_commit_sha(repo, f"add {len(files)} files")
+            repo.commits[sha] = tree
+            repo.branches["main"] = sha
+        return sha
+
+    def bytes_served(self, path_contains: str = "") -> int:
+        """Response body bytes sent so far (by both origins), for requests whose path contains ``path_contains``."""
+        with self.lock:
+            return sum(r.body_bytes for r in self.requests if path_contains in r.path)
+
     # -- helpers -------------------------------------------------------------------------------------------
 
     def authorized(self, headers: Any) -> bool:
@@ -224,13 +250,25 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD" and body:
             self.wfile.write(body)
+            self._sent = len(body)
         self._status = status
+
+    def _send_file(self, data: bytes, headers: dict[str, str]) -> None:
+        """A file's bytes, or the part a ``Range`` header asks for (206, like the Hub's resolve and its CDN)."""
+        headers = {**headers, "Accept-Ranges": "bytes"}
+        part = _byte_range(self.headers.get("Range"), len(data))
+        if part is None:
+            self._send(200, data, headers, content_type="application/octet-stream")
+            return
+        start, stop = part
+        headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(data)}"
+        self._send(206, data[start:stop], headers, content_type="application/octet-stream")
 
     def _send_json(self, obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> None:
         self._send(status, json.dumps(obj).encode(), headers)
 
     def _dispatch(self) -> None:
-        self._status = 0
+        self._status = self._sent = 0
         split = urlsplit(self.path)
         self._query = parse_qs(split.query)
         segments = [unquote(s) for s in split.path.strip("/").split("/")] if split.path.strip("/") else []
@@ -252,7 +290,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         with self.hub.lock:
             self.hub.requests.append(RequestRecord(
-                self.server.origin, self.command, split.path, self._status, "Authorization" in self.headers
+                self.server.origin, self.command, split.path, self._status, "Authorization" in self.headers,
+                self._sent,
             ))
 
     do_GET = do_HEAD = do_POST = do_PUT = _dispatch
@@ -317,6 +356,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._create_branch(repo_type, repo_id, "/".join(rest[1:]))
         elif rest[:1] == ["tree"] and cmd == "GET":
             self._tree(repo_type, repo_id, rest[1] if len(rest) > 1 else "main", "/".join(rest[2:]))
+        elif rest[:1] == ["paths-info"] and cmd == "POST":
+            self._paths_info(repo_type, repo_id, "/".join(rest[1:]) or "main")
         else:
             return False
         return True
@@ -368,17 +409,41 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(info)
 
     def _tree(self, repo_type: str, repo_id: str, revision: str, prefix: str) -> None:
+        """``GET /api/{type}s/{repo}/tree/{rev}/{path}?recursive=``: the files and folders under ``path``
+        (direct children unless recursive), like the Hub (404 for a path that is not a folder)."""
         repo = self._get_repo(repo_type, repo_id)
         tree = repo.commits[self._commit_of(repo, revision)]
-        items = []
-        for path, entry in sorted(tree.items()):
-            if prefix and not path.startswith(prefix.rstrip("/") + "/"):
+        recursive = self._query.get("recursive", ["false"])[0].lower() in ("1", "true")
+        base = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        if base and not any(p.startswith(base) for p in tree):
+            raise _HTTPError(404, f"Entry not found: {prefix}", "EntryNotFound")
+        items: dict[str, dict[str, Any]] = {}
+        for path in sorted(tree):
+            if not path.startswith(base):
                 continue
-            item: dict[str, Any] = {"type": "file", "path": path, "size": entry.size, "oid": git_blob_sha1(
-                entry.data or b"") if entry.lfs_oid is None else hashlib.sha1(entry.lfs_oid.encode()).hexdigest()}
-            if entry.lfs_oid:
-                item["lfs"] = {"oid": entry.lfs_oid, "size": entry.size, "pointerSize": 134}
-            items.append(item)
+            parts = path[len(base):].split("/")
+            for depth in range(1, len(parts)):  # the folders on the way
+                if recursive or depth == 1:
+                    folder = base + "/".join(parts[:depth])
+                    items.setdefault(folder, _folder_item(folder))
+            if recursive or len(parts) == 1:
+                items[path] = _file_item(path, tree[path])
+        self._send_json(list(items.values()))
+
+    def _paths_info(self, repo_type: str, repo_id: str, revision: str) -> None:
+        """``POST /api/{type}s/{repo}/paths-info/{rev}`` (form ``paths=...``): the entries that exist."""
+        repo = self._get_repo(repo_type, repo_id)
+        tree = repo.commits[self._commit_of(repo, revision)]
+        body = self._read_body().decode()
+        form = parse_qs(body) if "json" not in self.headers.get("Content-Type", "") else json.loads(body or "{}")
+        paths = form.get("paths") or []
+        items = []
+        for path in [paths] if isinstance(paths, str) else paths:
+            path = path.strip("/")
+            if path in tree:
+                items.append(_file_item(path, tree[path]))
+            elif any(p.startswith(path + "/") for p in tree):
+                items.append(_folder_item(path))
         self._send_json(items)
 
     def _create_branch(self, repo_type: str, repo_id: str, branch: str) -> None:
@@ -494,7 +559,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HTTPError(404, "Entry not found", "EntryNotFound", headers)
         if entry.lfs_oid is None:
             headers["ETag"] = f'"{entry.etag}"'
-            self._send(200, entry.data or b"", headers, content_type="application/octet-stream")
+            self._send_file(entry.data or b"", headers)
             return
         # LFS: redirect to the storage origin, with the linked object's etag and size (like the Hub's CDN)
         headers.update({
@@ -515,7 +580,7 @@ class _Handler(BaseHTTPRequestHandler):
             data = self.hub.lfs.get(oid)
             if data is None:
                 raise _HTTPError(404, "no such object")
-            self._send(200, data, {"ETag": f'"{oid}"'}, content_type="application/octet-stream")
+            self._send_file(data, {"ETag": f'"{oid}"'})
         elif len(seg) == 2 and cmd == "PUT":
             self._store(oid, self._read_body())
             self._send(200)
@@ -543,6 +608,35 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HTTPError(400, "uploaded content does not match its sha256 oid")
         with self.hub.lock:
             self.hub.lfs[oid] = data
+
+
+def _file_item(path: str, entry: FileEntry) -> dict[str, Any]:
+    oid = git_blob_sha1(entry.data or b"") if entry.lfs_oid is None else hashlib.sha1(entry.lfs_oid.encode()).hexdigest()
+    item: dict[str, Any] = {"type": "file", "path": path, "size": entry.size, "oid": oid}
+    if entry.lfs_oid:
+        item["lfs"] = {"oid": entry.lfs_oid, "size": entry.size, "pointerSize": 134}
+    return item
+
+
+def _folder_item(path: str) -> dict[str, Any]:
+    return {"type": "directory", "path": path, "oid": hashlib.sha1(path.encode()).hexdigest()}
+
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """``Range: bytes=a-b`` / ``a-`` / ``-n`` -> ``(start, stop)``; None without a (single) range."""
+    m = _RANGE.match((header or "").strip())
+    if not m or m.group(1) == m.group(2) == "":
+        return None
+    if m.group(1) == "":
+        return max(0, size - int(m.group(2))), size
+    start = int(m.group(1))
+    stop = size if m.group(2) == "" else min(size, int(m.group(2)) + 1)
+    if start >= size or stop <= start:
+        raise _HTTPError(416, "requested range not satisfiable", headers={"Content-Range": f"bytes */{size}"})
+    return start, stop
 
 
 def _front_matter(content: bytes | str) -> dict | None:

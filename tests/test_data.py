@@ -170,8 +170,8 @@ def test_slices_and_split_lists_keep_ids(toy_parquet):
 def test_streaming_matches_map_style_under_shuffle(toy_parquet):
     spec = toy_spec(toy_parquet)
     expected = rows_by_id(load_images(spec, ["train", "test"]))
-    stream = load_images(spec, ["train", "test"], streaming=True, num_shards=12)
-    assert stream.num_shards >= 12
+    stream = load_images(spec, ["train", "test"], streaming=True)
+    assert stream.num_shards == 5 + 4 + 2  # one shard per row group
     assert rows_by_id(stream) == expected
     shuffled = stream.shuffle(seed=3, buffer_size=8)
     order = [r["id"] for r in shuffled]
@@ -195,10 +195,81 @@ def test_streaming_two_workers_and_two_ranks_give_each_id_once(toy_parquet):
     assert all(t == (1, i) for i, t in seen)  # and always the same image
 
 
+class CountingFile(io.RawIOBase):
+    """A local file that records every byte range read from it."""
+
+    def __init__(self, path: str, reads: list) -> None:
+        self.f, self.reads, self.name = open(path, "rb"), reads, path  # noqa: SIM115
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def readinto(self, buffer) -> int:
+        start = self.f.tell()
+        n = self.f.readinto(buffer)
+        self.reads.append((os.path.basename(self.name), start, n))
+        return n
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+def test_shuffled_streaming_epoch_reads_each_row_group_once(tmp_path, monkeypatch):
+    """4 files of one row group each: a shuffled epoch reads 4 row groups (it read 49 when row groups
+    were cut into row-range shards), and only their column chunks: no footer is read again."""
+    from hub_ccrop import data as data_lib
+
+    for k in range(4):
+        write_parquet(tmp_path / "data" / f"train-{k:05d}-of-00004.parquet", "train", 30 * k, 30, row_group=30)
+    spec = toy_spec(tmp_path)
+    stream = load_images(spec, streaming=True).shuffle(seed=0, buffer_size=8)
+    reads: list = []
+    monkeypatch.setattr(data_lib, "_open_sized", lambda url, size: CountingFile(url, reads))
+    chunk_bytes = {}
+    for f in sorted((tmp_path / "data").glob("*.parquet")):
+        meta = pq.ParquetFile(f).metadata.row_group(0)
+        chunk_bytes[f.name] = sum(meta.column(c).total_compressed_size for c in range(meta.num_columns))
+    for epoch in range(2):
+        reads.clear()
+        stream.set_epoch(epoch)
+        ids = [r["id"] for r in stream]
+        assert sorted(ids) == list(range(120)) and ids != sorted(ids)
+        per_file = {name: sum(n for f, _, n in reads if f == name) for name in chunk_bytes}
+        assert per_file == chunk_bytes  # each row group's column chunks, once; nothing else
+
+
+def test_min_rows_per_process_bounds_every_epoch_and_rank(toy_parquet):
+    """Row groups of 5, 5, 5, 5, 3 and 5, 5, 5, 2 rows: 3 processes get 3 whole groups each, reshuffled
+    every epoch, at least the 3 smallest (2 + 3 + 5); 2 processes split by rows (9 shards), 20 each."""
+    from hub_ccrop.data import min_rows_per_process
+
+    spec = toy_spec(toy_parquet)
+    assert min_rows_per_process(spec, 1) == 40 and min_rows_per_process(spec, 2) == 20
+    assert min_rows_per_process(spec, 3) == 10
+    stream = load_images(spec, streaming=True).shuffle(seed=0, buffer_size=4)
+    for world in (2, 3):
+        counts = []
+        for epoch in range(4):
+            stream.set_epoch(epoch)
+            counts += [sum(1 for _ in split_dataset_by_node(stream, rank=r, world_size=world)) for r in range(world)]
+        assert min(counts) >= min_rows_per_process(spec, world), (world, counts)
+
+
 def test_streaming_with_few_shards_splits_by_examples(toy_parquet):
-    stream = load_images(toy_spec(toy_parquet), "test", streaming=True, num_shards=1)
+    stream = load_images(toy_spec(toy_parquet), "test[:5]", streaming=True)
+    assert stream.num_shards == 1
     parts = [[r["id"] for r in split_dataset_by_node(stream, rank=k, world_size=2)] for k in range(2)]
-    assert sorted(parts[0] + parts[1]) == list(range(9)) and not set(parts[0]) & set(parts[1])
+    assert sorted(parts[0] + parts[1]) == list(range(5)) and not set(parts[0]) & set(parts[1])
 
 
 def test_class_subset_ids_are_dense_in_both_modes(toy_parquet):
@@ -395,3 +466,130 @@ def test_hub_and_local_copies_name_files_alike():
     hub = f"hf://datasets/uoft-cs/cifar10@0123456789abcdef0123456789abcdef01234567/{name}"
     assert _relative_name(hub, "hf://datasets/uoft-cs/cifar10") == name
     assert _relative_name(f"/copies/cifar10/{name}", "/copies/cifar10") == name
+
+
+def test_share_listings_lets_other_processes_skip_listing(toy_parquet, monkeypatch):
+    import pickle
+
+    from hub_ccrop import data as data_lib
+
+    spec = toy_spec(toy_parquet)
+    expected = rows_by_id(load_images(spec, streaming=True))
+    clear_cache()
+    sent = []
+    data_lib.share_listings(spec, ["train", "test[:3]"], is_main=True, broadcast=lambda x: sent.append(x) or x)
+    received = pickle.loads(pickle.dumps(sent[0]))  # what a broadcast delivers to the other processes
+    clear_cache()
+
+    def no_listing(*args):
+        raise AssertionError("a non-main process listed the dataset")
+
+    monkeypatch.setattr(data_lib, "_list_files", no_listing)
+    data_lib.share_listings(spec, ["train", "test[:3]"], is_main=False, broadcast=lambda x: received)
+    assert rows_by_id(load_images(spec, streaming=True)) == expected
+    assert len(load_images(spec, "test")) == 9
+
+
+# -- streaming from a Hub repo (tests/hub_server.py) ------------------------------------------------
+
+HUB_EPOCH = """
+import sys
+from datasets.distributed import split_dataset_by_node
+from torch.utils.data import DataLoader
+from hub_ccrop.data import get_spec, load_images
+from hub_ccrop.views import TwoViewCollate
+
+spec = get_spec("test-user/stream-toy", image_column="img", image_size=16, test_split=None)
+stream = load_images(spec, streaming=True).shuffle(seed=0, buffer_size=32)
+print("listed", stream.num_shards, flush=True)
+sys.stdin.readline()
+collate = TwoViewCollate.from_spec(spec, None, batched=True)
+ids = []
+for rank in range(2):  # 2 simulated processes x 2 DataLoader workers
+    shard = split_dataset_by_node(stream, rank=rank, world_size=2)
+    ids += [int(i) for _, _, batch, _ in DataLoader(shard, batch_size=16, num_workers=2, collate_fn=collate) for i in batch]
+print("ids", len(ids), sorted(ids) == list(range(len(ids))), flush=True)
+"""
+
+
+def test_hub_streaming_epoch_reads_each_image_byte_once(tmp_path):
+    """``dataset: ORG/NAME`` streamed from the loopback Hub: the listing happens once, then an epoch over
+    2 processes x 2 workers sends no repo API request and downloads <= 1.05 x the image bytes."""
+    import subprocess
+    import sys
+    import time
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from hub_server import FakeHub
+
+    rng = np.random.default_rng(0)
+    features = Features({"img": ImageFeature(), "label": ClassLabel(num_classes=5)})
+    files, image_bytes, rows = {}, 0, 0
+    for k in range(4):  # 4 files x 2 row groups x 40 rows of incompressible 24 px PNGs
+        images = [encode(Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8))) for _ in range(80)]
+        image_bytes += sum(map(len, images))
+        rows += len(images)
+        table = pa.Table.from_pydict({"img": [{"bytes": b, "path": None} for b in images], "label": [0] * 80},
+                                     schema=features.arrow_schema)
+        buf = io.BytesIO()
+        pq.write_table(table, buf, row_group_size=40)
+        files[f"data/train-{k:05d}-of-00004.parquet"] = buf.getvalue()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    with FakeHub() as hub:
+        hub.add_files("test-user/stream-toy", files)
+        env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path),
+                   HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")
+        proc = subprocess.Popen([sys.executable, "-c", HUB_EPOCH], env=env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            line = proc.stdout.readline()
+            assert line.startswith("listed"), proc.communicate(timeout=60)[1][-3000:]
+            assert int(line.split()[1]) == 8  # one shard per row group
+            time.sleep(0.3)  # the server records a request just after answering it
+            listing = len(hub.requests)
+            out, err = proc.communicate("go\n", timeout=240)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, err[-3000:]
+        assert out.split()[-2:] == [str(rows), "True"]  # every row once
+        epoch = hub.requests[listing:]
+    assert not hub.unhandled
+    api = [r for r in epoch if r.origin == "api"]
+    assert all("/resolve/" in r.path and r.method == "GET" for r in api), [r.path for r in api]  # no listing
+    served = sum(r.body_bytes for r in epoch)
+    assert image_bytes <= served <= 1.05 * image_bytes, (served, image_bytes)
+
+
+@pytest.mark.slow
+def test_hub_streaming_training_run_end_to_end(tmp_path):
+    """``hub-ccrop train`` with ``data.dataset: ORG/NAME`` and ``data.streaming: true`` against the loopback
+    Hub: one warm-up epoch, a localization pass over the streamed rows, one ContrastiveCrop epoch."""
+    import json
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from hub_server import FakeHub
+
+    from hub_ccrop.synthetic import small_objects_dir
+
+    folder = small_objects_dir(tmp_path / "objects", train=96, test=32, size=32)
+    files = {f"data/{p.name}": p.read_bytes() for p in sorted(folder.glob("*.parquet"))}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "name: hub_stream\nmodel: {name: resnet_tiny_cifar}\nmethod: {name: simclr}\n"
+        "data: {dataset: test-user/objects, streaming: true, image_size: 32, batch_size: 32, num_workers: 2}\n"
+        "crop: {alpha: 0.6, warmup_epochs: 1, loc_epochs: [1]}\noptim: {lr: 0.1}\n"
+        "train: {epochs: 2, knn_every: 0, show_images: 2}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    with FakeHub() as hub:
+        hub.add_files("test-user/objects", files)
+        env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"),
+                   HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1", OMP_NUM_THREADS="1")
+        result = subprocess.run([sys.executable, "-m", "hub_ccrop.train", str(recipe), "--output-dir", str(tmp_path / "run")],
+                                env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
+    assert [h["crop"] for h in history] == ["rcrop", "ccrop"] and history[0]["loc_images"] == 96
+    assert not hub.unhandled

@@ -102,6 +102,36 @@ def test_every_data_path_trains_and_localizes(tiny_objects, tmp_path, data):
     assert not torch.equal(table.boxes, BoxTable(192).boxes)
 
 
+def test_device_resident_passes_and_knn_decode_nothing(tiny_objects, tmp_path, monkeypatch):
+    """device_resident: the training images are decoded once; the passes and the kNN monitor read the
+    resident images (the test split is decoded once, too), however many passes and kNN runs there are."""
+    from hub_ccrop import views
+
+    decoded = []
+    real = views._decode_all
+    monkeypatch.setattr(views, "_decode_all", lambda rows, **kw: decoded.append(len(rows["id"] if isinstance(
+        rows, dict) else rows)) or real(rows, **kw))
+    recipe = tiny_recipe(tiny_objects, data={"batched_views": True, "device_resident": True},
+                         train={"epochs": 3, "knn_every": 1, "show_images": 0})
+    metrics = train(recipe, tmp_path)
+    history = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    assert sum("loc_images" in h for h in history) == 2 and all("knn_top1" in h for h in history)
+    assert sorted(decoded) == [64, 192]  # the test split and the training images, once each
+    assert metrics["skipped_images"] == 0
+
+
+def test_non_finite_watch_reports_the_first_bad_step():
+    from hub_ccrop.train import NonFiniteWatch
+
+    watch = NonFiniteWatch(torch.device("cpu"))
+    for step, loss in enumerate([1.0, 2.0, float("nan"), float("inf"), 3.0], start=1):
+        watch.update(torch.tensor(loss), 4, step)
+        if step == 2:
+            watch.check(None)  # all finite so far: no error
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 4, step 3: .*Last good checkpoint: ckpt_7"):
+        watch.check(Path("ckpt_7"))
+
+
 def test_gradient_accumulation_lars_and_bf16_run(tiny_objects, tmp_path):
     recipe = tiny_recipe(tiny_objects, data={"batch_size": 32}, optim={"name": "lars", "lr": 0.3},
                          train={"epochs": 2, "grad_accum": 2, "knn_every": 0, "mixed_precision": "bf16"})

@@ -19,6 +19,7 @@ from hub_ccrop.views import (
     BatchedViewAugment,
     CropSampler,
     DeviceResidentImages,
+    EncodedBatch,
     EvalCollate,
     RawBatch,
     TwoViewCollate,
@@ -409,8 +410,12 @@ def test_device_resident_batches_cover_every_id(small_objects):
     assert order0 != order1 and len(order0) == 6
     resumed = [r.ids.tolist() for r in resident.iter_batches(8, crops, epoch=0, seed=3, start_batch=4)]
     assert resumed == order0[4:]
-    evaluated = [i for rank in range(2) for _, ids, _ in resident.iter_eval(10, (0.5,) * 3, (0.25,) * 3, rank=rank, world_size=2) for i in ids.tolist()]  # noqa: E501
-    assert sorted(evaluated) == list(range(48))
+    prepare = EvalCollate(small_objects).prepare  # 32 px images -> the 16 px eval input
+    evaluated = [(x, ids) for rank in range(2) for x, ids, _ in resident.iter_eval(10, prepare, rank=rank, world_size=2)]
+    assert sorted(i for _, ids in evaluated for i in ids.tolist()) == list(range(48))
+    x, ids = evaluated[0]
+    decoded, _, _ = EvalCollate(small_objects)([ds[i] for i in ids.tolist()])  # the rows' own eval batch
+    assert x.shape == (10, 3, 16, 16) and torch.allclose(x, decoded, atol=1e-5)
     crops.mode = "ccrop"
     raw = next(resident.iter_batches(8, crops, seed=3))
     assert raw.crops.shape == (2, 8, 4)
@@ -426,3 +431,99 @@ def test_device_resident_rejects_mixed_sizes_and_skips_bad_images():
         warnings.simplefilter("ignore", BadImageWarning)
         with pytest.raises(ValueError, match="sample id 5 has size"):
             DeviceResidentImages(rows)
+
+
+@pytest.mark.parametrize("size", [16, 40, 72])
+def test_crop_resize_matches_its_reference_on_every_strategy(size):
+    """size 40/72 (images up to 2x the view): roi_align over the whole float batch (72: every crop fits
+    the view, computed by grid_sample); size 16: each image converted over the union of its views, each
+    view torchvision's antialiased resized_crop."""
+    from torchvision.ops import roi_align
+    from torchvision.transforms import functional as TF
+
+    from hub_ccrop.views import stack_padded
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(40, 64), (64, 40), (23, 71), (64, 64), (9, 9), (50, 31)]
+    images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in shapes]
+    padded, sizes = stack_padded(images)
+    crops = CropSampler(None)(torch.arange(len(shapes)), sizes, generator=g)
+    crops[0, 0] = torch.tensor([0, 0, 40, 64])  # a whole image: the union touches every border
+    order = torch.randperm(2 * len(shapes), generator=g)
+    aug = BatchedViewAugment(size, **NO_NORM)
+    if size > 16:
+        i, j, h, w = crops.reshape(-1, 4).float().unbind(1)
+        rois = torch.stack([torch.arange(len(shapes)).repeat(2).float(), j, i, j + w, i + h], dim=1)
+        expected = roi_align(padded.float(), rois, output_size=(size, size), sampling_ratio=-1, aligned=True)
+    else:
+        expected = torch.stack([TF.resized_crop(images[b].float(), *crops[v, b].tolist(), [size, size], antialias=True)
+                                for v in range(2) for b in range(len(shapes))])  # fmt: skip
+    expected = expected / 255
+    assert torch.allclose(aug.crop_resize(padded, crops), expected, atol=1e-5)
+    assert torch.allclose(aug.crop_resize(padded, crops, order), expected[order], atol=1e-5)
+
+
+# -- decoding on the device (nvJPEG on CUDA; here a CPU stand-in decoder is injected) -----------------
+
+
+class FlakyDeviceDecoder:
+    """Stands in for nvJPEG: torchvision's CPU decode_jpeg, except that it refuses ``refused`` images
+    and, like nvJPEG, fails the whole batched call when one image fails."""
+
+    def __init__(self, refused: set[bytes]) -> None:
+        self.refused, self.calls = refused, []
+
+    def __call__(self, items, mode, device):
+        from torchvision.io import decode_jpeg
+
+        self.calls.append(len(items))
+        if any(bytes(t.numpy()) in self.refused for t in items):
+            raise RuntimeError("nvjpeg: unsupported")
+        return [decode_jpeg(t, mode=mode).to(device) for t in items]
+
+
+def test_decode_on_device_falls_back_to_the_cpu_per_image():
+    from hub_ccrop.data import decode_on_device, decode_to_tensor
+
+    good, refused = random_jpeg(0, (40, 30)), random_jpeg(1, (20, 24))
+    big = random_jpeg(2, (96, 64))
+    png = encode(Image.new("RGB", (7, 5), (1, 2, 3)))
+    values = [good, {"bytes": refused, "path": "r.jpg"}, png, good[: len(good) // 2], b"junk", big]
+    decoder = FlakyDeviceDecoder({refused})
+    out = decode_on_device(values, list(range(10, 16)), "cpu", max_side=48, decoder=decoder)
+    assert decoder.calls == [4, 1, 1, 1, 1]  # the batch of 4 JPEGs fails, then each alone
+    assert torch.equal(out[0], decode_to_tensor(good))
+    assert torch.equal(out[1], decode_to_tensor(refused))  # the device refused it: decoded on the CPU
+    assert out[2].shape == (3, 5, 7) and out[2][:, 0, 0].tolist() == [1, 2, 3]  # not a JPEG: the CPU
+    assert isinstance(out[3], BadImageError) and out[3].sample_id == 13  # truncated: neither decodes it
+    assert isinstance(out[4], BadImageError) and "sample id 14" in str(out[4])
+    assert out[5].shape == decode_to_tensor(big, max_side=48).shape == (3, 32, 48)  # shrunk to max_side
+    decoder.calls.clear()
+    assert all(isinstance(t, torch.Tensor) for t in decode_on_device([good, big], [0, 1], "cpu", decoder=decoder))
+    assert decoder.calls == [2]  # a clean batch: one batched call
+
+
+def test_device_decode_batches_equal_the_raw_path():
+    rows = [{"id": k, "image": {"bytes": random_jpeg(k, (32 + 4 * k, 40)), "path": None}, "label": k} for k in range(6)]
+    rows.append({"id": 6, "image": {"bytes": b"\xff\xd8\xff broken", "path": "bad.jpg"}, "label": 0})
+    raw_collate = TwoViewCollate(None, size=16, raw=True, **NO_NORM)
+    encoded_collate = TwoViewCollate(None, size=16, device_decode=True, **NO_NORM)
+    torch.manual_seed(0)
+    with pytest.warns(BadImageWarning, match="sample id 6"):
+        raw = raw_collate(rows)
+    torch.manual_seed(0)
+    with pytest.warns(BadImageWarning, match="sample id 6"):  # the header is already unreadable
+        encoded = encoded_collate(rows)
+    assert isinstance(encoded, EncodedBatch) and encoded.ids.tolist() == list(range(6))
+    decoded = encoded_collate.decode_on(encoded, "cpu", decoder=FlakyDeviceDecoder(set()))
+    for a, b in zip(raw, decoded, strict=True):
+        assert torch.equal(a, b)
+    views = [c.augment(batch, torch.Generator().manual_seed(1)) for c, batch in ((raw_collate, raw), (encoded_collate, decoded))]
+    assert all(torch.equal(a, b) for a, b in zip(*views, strict=True))
+    # an image whose header reads but whose data the device and the CPU both reject: skipped there
+    truncated = random_jpeg(9, (128, 128))
+    truncated = truncated[: len(truncated) // 2]
+    late = encoded_collate([{"id": 9, "image": truncated, "label": 0}, *rows[:2]])
+    with pytest.warns(BadImageWarning, match="sample id 9"):
+        out = encoded_collate.decode_on(late, "cpu", decoder=FlakyDeviceDecoder(set()))
+    assert out.ids.tolist() == [0, 1] and out.crops.shape == (2, 2, 4) and encoded_collate.skipped.value == 2

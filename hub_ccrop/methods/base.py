@@ -166,7 +166,8 @@ class SSLMethod(nn.Module):
     """One SSL framework (heads, targets, loss) around a backbone; the training loop's only view of it.
 
     - ``method(view1, view2) -> (loss, logs)``: scalar float32 loss and ``{"loss", "pos_cosine", ...}``
-      floats (``pos_cosine``: mean cosine similarity of the positive pair's embeddings, the paper's Fig. 5).
+      detached float scalar tensors on the device (``pos_cosine``: mean cosine similarity of the positive
+      pair's embeddings, the paper's Fig. 5); read them only when logging (each read syncs the device).
     - ``localization_encoder``: the online backbone whose ``forward_features`` gives the heatmaps.
     - ``after_optimizer_step(progress)``: call after every ``optimizer.step()`` with ``progress`` in [0, 1]
       over the whole training (momentum / EMA updates; a no-op for SimCLR and SimSiam).
@@ -184,7 +185,7 @@ class SSLMethod(nn.Module):
     def localization_encoder(self) -> nn.Module:
         raise NotImplementedError
 
-    def forward(self, view1: Tensor, view2: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, view1: Tensor, view2: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
     def after_optimizer_step(self, progress: float) -> None:
@@ -195,10 +196,9 @@ class SSLMethod(nn.Module):
         return [param_group(self, lr, weight_decay)]
 
     @staticmethod
-    def _logs(**values: Tensor) -> dict[str, float]:
-        """Scalar tensors -> floats, with a single device synchronization."""
-        numbers = torch.stack([v.detach().float() for v in values.values()]).tolist()
-        return dict(zip(values, numbers, strict=True))
+    def _logs(**values: Tensor) -> dict[str, Tensor]:
+        """Detached float scalars, left on the device: reading them is the caller's (one sync per log step)."""
+        return {k: v.detach().float() for k, v in values.items()}
 
 
 class MomentumMethod(SSLMethod):

@@ -42,7 +42,7 @@ class BYOL(MomentumMethod):
         pred_hidden = config.pred_hidden_dim or hidden
         self.predictor = mlp_head((config.out_dim, pred_hidden, config.out_dim), batch_norm=True)
 
-    def forward(self, view1: Tensor, view2: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, view1: Tensor, view2: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         z1, z2 = self.online(view1), self.online(view2)
         p1, p2 = self.predictor(z1), self.predictor(z2)
         with torch.no_grad():

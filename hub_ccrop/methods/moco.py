@@ -145,7 +145,7 @@ class MoCo(MomentumMethod):
             return False
         return True
 
-    def forward(self, view1: Tensor, view2: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, view1: Tensor, view2: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         q = self.online(view1)
         with torch.no_grad():
             k = self._keys(view2)

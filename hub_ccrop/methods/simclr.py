@@ -49,7 +49,7 @@ class SimCLR(SSLMethod):
     def localization_encoder(self) -> nn.Module:
         return self.encoder.backbone
 
-    def forward(self, view1: Tensor, view2: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, view1: Tensor, view2: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         z1, z2 = self.encoder(torch.cat([view1, view2])).chunk(2)
         loss = nt_xent_loss(z1, z2, self.config.temperature) * self.loss_scale
         return loss, self._logs(loss=loss, pos_cosine=mean_cosine(z1, z2))

@@ -46,7 +46,7 @@ class SimSiam(SSLMethod):
     def localization_encoder(self) -> nn.Module:
         return self.encoder.backbone
 
-    def forward(self, view1: Tensor, view2: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, view1: Tensor, view2: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         z1, z2 = self.encoder(view1), self.encoder(view2)
         p1, p2 = self.predictor(z1), self.predictor(z2)
         loss = 0.5 * (negative_cosine(p1, z2) + negative_cosine(p2, z1))
