@@ -17,7 +17,6 @@ from hub_ccrop.methods import (
     build_method,
     byol_loss,
     info_nce_loss,
-    lr_lambdas,
     mean_cosine,
     method_config,
     mlp_head,
@@ -27,6 +26,8 @@ from hub_ccrop.methods import (
     nt_xent_loss,
 )
 from hub_ccrop.models import create_backbone, prepare_model
+from hub_ccrop.optim import build_optimizer, set_epoch_lr
+from hub_ccrop.recipe import OptimConfig
 
 ALL_METHODS = list(METHODS)
 
@@ -268,7 +269,22 @@ def test_interface(name: str) -> None:
     assert all(g["lr"] == 0.1 and g["weight_decay"] == 1e-4 for g in groups)
     if hasattr(method, "target"):
         assert not {id(p) for p in method.target.parameters()} & set(ids)
-    method.after_optimizer_step(0.5)  # no-op or momentum update; must not fail
+    # after_optimizer_step: target = m * target + (1 - m) * online for momentum methods, else nothing changes
+    with torch.no_grad():
+        for p in method.parameters():
+            p.add_(torch.randn_like(p) if p.requires_grad else 0.0)  # online != target, as after a step
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    method.after_optimizer_step(0.5)
+    after = method.state_dict()
+    if hasattr(method, "target"):
+        m = method.current_momentum
+        assert 0.0 < m < 1.0
+        for name, t in method.target.state_dict().items():
+            if t.is_floating_point() and "running" not in name:
+                expected = m * before[f"target.{name}"] + (1 - m) * before[f"online.{name}"]
+                torch.testing.assert_close(t, expected, msg=name)
+    else:
+        assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
 def test_simsiam_fixed_lr_predictor_group() -> None:
@@ -278,12 +294,9 @@ def test_simsiam_fixed_lr_predictor_group() -> None:
     assert len(fixed) == 1 and {id(p) for p in fixed[0]["params"]} == {
         id(p) for p in method.predictor.parameters()
     }
-    optimizer = torch.optim.SGD(groups, lr=0.5)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambdas(optimizer.param_groups, lambda e: 0.1)
-    )
-    optimizer.step()
-    scheduler.step()
+    schedule = OptimConfig(schedule="step", milestones=[1], step_factor=0.1)  # lr x 0.1 from epoch 1
+    optimizer = build_optimizer(groups, schedule, base_lr=0.5)
+    set_epoch_lr(optimizer, schedule, epoch=1, epochs=2, base_lr=0.5)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.05, 0.5])
     assert len(tiny("simsiam", fix_pred_lr=False).param_groups(0.5, 0.0)) == 1
 
@@ -443,7 +456,8 @@ def test_moco_queue_smaller_than_batch_raises() -> None:
 
 def test_moco_warns_when_queue_is_longer_than_dataset() -> None:
     with pytest.warns(UserWarning, match="larger than the dataset"):
-        tiny("moco_v2", queue_size=128, num_rows=100)
+        tiny("moco_v2", queue_size=128).check_dataset_size(100)  # the training loop's call
+    assert tiny("simclr").check_dataset_size(1) is True  # methods without a size requirement
     method = tiny("moco_v2", queue_size=64)
     with pytest.warns(UserWarning, match="65536|64"):
         assert method.check_dataset_size(50) is False
