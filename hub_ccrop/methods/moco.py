@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hub_ccrop.methods.base import Encoder, MethodOptions, MomentumMethod, MomentumSchedule, mlp_head
-from hub_ccrop.methods.distributed import (
+from hub_ccrop.distributed import (
     CPUSyncBatchNorm,
     all_gather_no_grad,
     batch_shuffle,
     batch_unshuffle,
     get_world_size,
 )
+from hub_ccrop.methods.base import Encoder, MethodOptions, MomentumMethod, MomentumSchedule, mlp_head
 from hub_ccrop.methods.losses import info_nce_loss, mean_cosine
 from hub_ccrop.models import feature_dim
 
