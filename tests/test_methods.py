@@ -314,12 +314,23 @@ def test_bf16_autocast_forward_backward(name: str) -> None:
 
 
 def test_runs_with_sync_bn_and_channels_last() -> None:
+    """One step with SyncBN (one process: plain BatchNorm) and channels_last equals the plain model's step."""
+    reference = tiny("byol")
     method = prepare_model(tiny("byol"), sync_bn=True, channels_last=True)
     assert any(isinstance(m, nn.SyncBatchNorm) for m in method.target.modules())
-    v1, v2 = (v.to(memory_format=torch.channels_last) for v in views())
-    loss, _ = method(v1, v2)
-    loss.backward()
-    method.after_optimizer_step(0.1)
+    v1, v2 = views()
+    losses = []
+    for model, inputs in ((reference, (v1, v2)), (method, (v.to(memory_format=torch.channels_last) for v in (v1, v2)))):
+        loss, _ = model(*inputs)
+        loss.backward()
+        torch.optim.SGD(model.param_groups(0.1, 0.0), lr=0.1).step()
+        model.after_optimizer_step(0.1)
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    expected = reference.target.state_dict()
+    for name, value in method.target.state_dict().items():  # the momentum update saw the same online step
+        torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert not torch.equal(expected["backbone.conv1.weight"], tiny("byol").target.state_dict()["backbone.conv1.weight"])
 
 
 # ------------------------------------------------------------------------------------ gradient plumbing
