@@ -90,13 +90,6 @@ def gather_by_id(ids: Tensor, *values: Tensor, accelerator: Any = None) -> tuple
 
 
 # ------------------------------------------------------------------------------ collectives of the methods
-def _gather(x: Tensor) -> list[Tensor]:
-    x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(get_world_size())]
-    dist.all_gather(parts, x)
-    return parts
-
-
 def all_gather_with_grad(x: Tensor) -> Tensor:
     """Concatenate ``x`` from all processes (rank order) along dim 0, keeping the autograd graph.
 
@@ -114,7 +107,10 @@ def all_gather_no_grad(x: Tensor) -> Tensor:
     """Concatenate ``x`` from all processes (rank order) along dim 0; no gradient."""
     if get_world_size() == 1:
         return x
-    return torch.cat(_gather(x))
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(get_world_size())]
+    dist.all_gather(parts, x)
+    return torch.cat(parts)
 
 
 @torch.no_grad()
