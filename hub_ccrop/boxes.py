@@ -44,8 +44,6 @@ class BoxTable:
         if num_rows <= 0:
             raise ValueError(f"a box table needs at least one row, got num_rows={num_rows}")
         self.boxes = torch.empty(num_rows, 4, dtype=torch.float32).share_memory_()
-        # Bumped on every update, so a worker can tell whether its view of the table is current.
-        self._version = torch.zeros((), dtype=torch.int64).share_memory_()
         self.metadata: dict[str, Any] = {"num_rows": num_rows, "id_scheme": ID_SCHEME}
         self.metadata.update(metadata or {})
         self.metadata["num_rows"] = num_rows
@@ -58,15 +56,9 @@ class BoxTable:
         meta = ", ".join(f"{k}={self.metadata[k]!r}" for k in METADATA_KEYS if k in self.metadata)
         return f"BoxTable({meta})"
 
-    @property
-    def version(self) -> int:
-        """How many updates the table has seen (shared across processes)."""
-        return int(self._version)
-
     def reset(self) -> None:
         """Set every box to the whole image."""
         self.boxes.copy_(torch.tensor([0.0, 0.0, 1.0, 1.0]).expand_as(self.boxes))
-        self._version += 1
 
     def _check_ids(self, ids: Tensor) -> Tensor:
         ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1).cpu()
@@ -93,7 +85,6 @@ class BoxTable:
         if (boxes < 0).any() or (boxes > 1).any() or (boxes[:, 2:] < boxes[:, :2]).any():
             raise ValueError("boxes must be (x0, y0, x1, y1) in [0, 1] with x0 <= x1 and y0 <= y1")
         self.boxes[ids] = boxes
-        self._version += 1
 
     def load_state(self, boxes: Tensor, metadata: Mapping[str, Any] | None = None) -> None:
         """Replace all boxes in place (workers keep seeing the same shared storage)."""

@@ -33,16 +33,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from hub_ccrop.cli import add_dataset_args, default_output_dir, parse_data_files, write_results
 from hub_ccrop.data import decode_image
-from hub_ccrop.evaluate import (
-    add_dataset_args,
-    default_output_dir,
-    is_main_process,
-    load_backbone,
-    parse_data_files,
-    set_loader_epoch,
-    write_results,
-)
+from hub_ccrop.distributed import is_main_process, set_loader_epoch
+from hub_ccrop.evaluate import load_backbone
 from hub_ccrop.recipe import per_process_batch
 
 __all__ = [

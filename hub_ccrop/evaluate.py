@@ -22,9 +22,7 @@ Accuracies are percentages (0-100).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import functools
-import importlib
 import json
 import math
 import os
@@ -43,23 +41,28 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+import hub_ccrop.models  # noqa: F401  (registers the CIFAR-stem ResNets, e.g. resnet18_cifar, with timm)
+from hub_ccrop.cli import add_dataset_args, default_output_dir, parse_data_files, write_results
 from hub_ccrop.data import DatasetSpec, decode_image, decode_to_tensor, get_spec, load_images
-from hub_ccrop.distributed import default_autocast_dtype, gather_by_id, is_distributed
+from hub_ccrop.distributed import (
+    default_autocast_dtype,
+    gather_by_id,
+    is_distributed,
+    is_main_process,
+    set_loader_epoch,
+)
 from hub_ccrop.recipe import per_process_batch
 from hub_ccrop.views import eval_image, max_side_for
 
 __all__ = [
     "add_cli",
-    "add_dataset_args",
     "backbone_data_config",
     "classification_transform",
     "default_autocast_dtype",
-    "default_output_dir",
     "extract_features",
     "finetune",
     "freeze_except",
     "gather_by_id",
-    "is_main_process",
     "knn_accuracy",
     "knn_evaluate",
     "knn_predict",
@@ -67,10 +70,7 @@ __all__ = [
     "linear_probe_on_features",
     "linear_protocol",
     "load_backbone",
-    "parse_data_files",
-    "set_loader_epoch",
     "topk_accuracy",
-    "write_results",
 ]
 
 LINEAR_PROTOCOL = "linear-probe (paper): frozen backbone, augmented train images, last epoch"
@@ -107,23 +107,11 @@ BEST_EPOCH_NOTE = "best_top1/best_epoch: the best epoch on the test set, not the
 
 
 
-def is_main_process(accelerator: Any) -> bool:
-    return accelerator is None or accelerator.is_main_process
-
-
 def _model_device(model: nn.Module, accelerator: Any = None) -> torch.device:
     if accelerator is not None:
         return accelerator.device
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
-
-
-def set_loader_epoch(loader: Iterable, epoch: int) -> None:
-    """Reshuffle distributed/accelerate loaders per epoch (no-op for plain loaders)."""
-    if hasattr(loader, "set_epoch"):
-        loader.set_epoch(epoch)
-    elif hasattr(getattr(loader, "sampler", None), "set_epoch"):
-        loader.sampler.set_epoch(epoch)
 
 
 @contextmanager
@@ -238,12 +226,12 @@ def knn_predict(
 
 
 def topk_accuracy(scores: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """``{"top1": %, "top5": %}`` of class ``scores`` ``[N, C]`` against ``labels`` (k capped at C)."""
-    labels = labels.to(scores.device)
-    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
-    hits = top == labels[:, None]
-    n = max(labels.numel(), 1)
-    return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).sum().item() / n for k in ks}
+    """``{"top1": %, "top5": %}`` of class ``scores`` ``[N, C]`` against ``labels`` (``timm.utils.accuracy``:
+    k capped at C); 0 for no labels."""
+    if labels.numel() == 0:
+        return {f"top{k}": 0.0 for k in ks}
+    accuracies = timm.utils.accuracy(scores, labels.to(scores.device), topk=tuple(ks))
+    return {f"top{k}": acc.item() for k, acc in zip(ks, accuracies, strict=True)}
 
 
 def knn_accuracy(
@@ -537,15 +525,6 @@ def linear_probe_on_features(
 # loading backbones
 
 
-def _import_custom_models() -> None:
-    """Register the project's timm models (e.g. ``resnet18_cifar``) if ``hub_ccrop.models`` exists."""
-    try:
-        importlib.import_module("hub_ccrop.models")
-    except ModuleNotFoundError as e:
-        if e.name != "hub_ccrop.models":
-            raise
-
-
 def _input_size(value: Any) -> tuple[int, int, int]:
     if isinstance(value, int):
         return (3, value, value)
@@ -577,7 +556,6 @@ def load_backbone(source: str | Path, *, num_classes: int = 0, **timm_kwargs: An
     loaders). The model's ``pretrained_cfg`` carries the run's input size and mean/std, so
     ``backbone_data_config(model)`` gives the matching preprocessing.
     """
-    _import_custom_models()
     features_only = bool(timm_kwargs.get("features_only", False))
     if features_only and num_classes:
         raise ValueError("load_backbone: features_only=True and num_classes > 0 are exclusive")
@@ -653,15 +631,6 @@ class _LabeledRows(Dataset):
         row = self.rows[index]
         image = self.decode(row["image"], row["id"], max_side=self.max_side)
         return self.transform(image), int(row["id"]), int(row["label"])
-
-
-def write_results(output_dir: str | Path, filename: str, results: dict[str, Any]) -> Path:
-    """Write ``results`` (+ the UTC date) as JSON to ``output_dir/filename``; returns the path."""
-    path = Path(output_dir) / filename
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {**results, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -791,28 +760,6 @@ def finetune(
 # command line
 
 
-def parse_data_files(values: Sequence[str] | None) -> dict[str, list[str]] | None:
-    """``--data-files`` values (``SPLIT=PATH``; a bare ``PATH`` belongs to ``train``) as ``{split: [paths]}``."""
-    if not values:
-        return None
-    files: dict[str, list[str]] = {}
-    for item in values:
-        key, _, path = item.rpartition("=")
-        files.setdefault(key or "train", []).append(path)
-    return files
-
-
-def add_dataset_args(parser: argparse.ArgumentParser, *, dataset_help: str) -> None:
-    """``--dataset/--config-name/--data-dir/--data-files`` and ``--image-column`` (shared with detection)."""
-    parser.add_argument("--dataset", required=True, help=dataset_help)
-    parser.add_argument("--config-name", default=None, help="dataset configuration name")
-    parser.add_argument("--data-dir", default=None, help="local copy of the dataset (a folder)")
-    parser.add_argument(
-        "--data-files", action="append", default=None, metavar="[SPLIT=]PATH", help="repeatable; bare: train"
-    )
-    parser.add_argument("--image-column", default=None, help="default: the dataset spec's (else 'image')")
-
-
 def _add_common_args(parser: argparse.ArgumentParser, *, batch_size: int | None) -> None:
     parser.add_argument("source", help="run folder, timm export folder, hf-hub:ORG/NAME or timm:NAME")
     add_dataset_args(
@@ -841,13 +788,6 @@ def _add_common_args(parser: argparse.ArgumentParser, *, batch_size: int | None)
     parser.add_argument("--output", default=None, help="results folder (default: the run folder, else '.')")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
-
-
-def default_output_dir(source: str, output: str | None) -> Path:
-    """Results go next to the run (a local source folder) unless ``--output`` says otherwise."""
-    if output:
-        return Path(output)
-    return Path(source) if Path(source).is_dir() else Path(".")
 
 
 def _classification_spec(args: argparse.Namespace) -> DatasetSpec:

@@ -23,6 +23,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
 from hub_ccrop.data import CIFAR10_MEAN, CIFAR10_STD
+from hub_ccrop.distributed import convert_cpu_sync_bn
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -173,9 +174,6 @@ def prepare_model(module: nn.Module, *, sync_bn: bool = False, channels_last: bo
     (``x.to(memory_format=torch.channels_last)``). Returns the module to use.
     """
     if sync_bn:
-        # imported here: hub_ccrop.methods imports this module
-        from hub_ccrop.methods.distributed import convert_cpu_sync_bn
-
         module = convert_cpu_sync_bn(module) if device_type == "cpu" else nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if channels_last:
         module = module.to(memory_format=torch.channels_last)

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["Recipe", "RecipeError", "apply_overrides", "batch_split", "load_recipe", "per_process_batch"]
+__all__ = ["Recipe", "RecipeError", "apply_overrides", "batch_split", "check_type", "load_recipe", "per_process_batch"]
 
 
 class RecipeError(ValueError):
@@ -193,24 +193,30 @@ def batch_split(global_batch: int, num_processes: int, grad_accum: int = 1) -> s
     return f"global batch {global_batch} = {processes}{accum} x {per}"
 
 
-def _check_type(value: Any, annotation: Any, key: str) -> Any:
-    """Return ``value`` converted to ``annotation`` (ints widen to floats) or raise RecipeError."""
+def check_type(value: Any, annotation: Any, key: str) -> Any:
+    """Return ``value`` converted to ``annotation`` (ints widen to floats) or raise RecipeError naming ``key``.
+
+    The one type check of the project: recipe keys and the methods' options (``methods.MethodOptions``)."""
     origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        if value not in typing.get_args(annotation):
+            raise RecipeError(f"{key}: {value!r} is not one of {', '.join(map(repr, typing.get_args(annotation)))}")
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(annotation):
             return None
         inner = [a for a in typing.get_args(annotation) if a is not type(None)]
         for option in inner[1:]:
             try:
-                return _check_type(value, option, key)
+                return check_type(value, option, key)
             except RecipeError:
                 pass
-        return _check_type(value, inner[0], key)  # the main type's error message
+        return check_type(value, inner[0], key)  # the main type's error message
     if origin is list:
         if not isinstance(value, list | tuple):
             raise RecipeError(f"{key}: expected a list, got {value!r}")
         (item,) = typing.get_args(annotation)
-        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise RecipeError(f"{key}: expected a mapping, got {value!r}")
@@ -237,7 +243,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
         if dataclasses.is_dataclass(hints[key]):
             kwargs[key] = _build(hints[key], value or {}, f"{dotted}.")
         else:
-            kwargs[key] = _check_type(value, hints[key], dotted)
+            kwargs[key] = check_type(value, hints[key], dotted)
     return cls(**kwargs)
 
 

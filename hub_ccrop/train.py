@@ -46,7 +46,7 @@ from hub_ccrop.errors import TrainingInterrupted, UserError, run_command
 from hub_ccrop.evaluate import extract_features, knn_accuracy
 from hub_ccrop.hub import load_boxes
 from hub_ccrop.localize import heatmaps, localize_boxes, picture_heatmaps
-from hub_ccrop.methods import METHOD_DEFAULTS, build_method
+from hub_ccrop.methods import build_method
 from hub_ccrop.models import create_backbone, prepare_model
 from hub_ccrop.optim import build_optimizer, set_epoch_lr
 from hub_ccrop.recipe import Recipe, RecipeError, batch_split, load_recipe
@@ -552,10 +552,9 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool, stop: St
     batches = TrainBatches(recipe, run_data, collate, accelerator)
 
     # -- model, method, optimizer ---------------------------------------------------------------
-    options = dict(recipe.method.options)
-    if "num_rows" in METHOD_DEFAULTS[recipe.method.name]:
-        options.setdefault("num_rows", run_data.num_rows)  # MoCo warns when its queue outgrows the data
-    method = build_method(recipe.method.name, create_backbone(recipe.model.name, **recipe.model.args), **options)
+    method = build_method(recipe.method.name, create_backbone(recipe.model.name, **recipe.model.args),
+                          **recipe.method.options)
+    method.check_dataset_size(run_data.num_rows)  # MoCo warns when its queue outgrows the data
     method = prepare_model(method, sync_bn=recipe.model.sync_bn and accelerator.num_processes > 1,
                            channels_last=recipe.model.channels_last, device_type=accelerator.device.type)
     world_batch = recipe.data.batch_size  # global: per-process batch x processes x grad_accum

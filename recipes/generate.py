@@ -18,20 +18,9 @@ from pathlib import Path
 
 import yaml
 
-HERE = Path(__file__).resolve().parent
+from hub_ccrop.hub import paper_reference  # the paper's Tables 1 and 2: one copy, shared with the model cards
 
-# Paper Table 1 (linear top-1, R-Crop -> C-Crop) and Table 2 (IN-1K, 100 epochs).
-TABLE1 = {
-    ("simclr", "cifar10"): (89.63, 90.08), ("simclr", "cifar100"): (60.30, 61.91),
-    ("simclr", "tiny_imagenet"): (45.19, 46.21), ("simclr", "stl10"): (88.95, 89.53),
-    ("moco_v2", "cifar10"): (86.73, 88.78), ("moco_v2", "cifar100"): (56.10, 57.65),
-    ("moco_v2", "tiny_imagenet"): (47.09, 47.98), ("moco_v2", "stl10"): (89.17, 89.81),
-    ("byol", "cifar10"): (91.96, 92.54), ("byol", "cifar100"): (63.75, 64.62),
-    ("byol", "tiny_imagenet"): (46.08, 47.23), ("byol", "stl10"): (91.84, 92.42),
-    ("simsiam", "cifar10"): (90.96, 91.48), ("simsiam", "cifar100"): (64.79, 65.82),
-    ("simsiam", "tiny_imagenet"): (43.03, 44.54), ("simsiam", "stl10"): (89.39, 89.83),
-}
-TABLE2 = {"simclr": (61.60, 61.85), "moco_v1": (57.25, 58.34), "moco_v2": (64.40, 64.89), "simsiam": (65.62, 65.95)}
+HERE = Path(__file__).resolve().parent
 
 SMALL_METHODS = {  # official configs/small/*/{simclr,moco,byol,simsiam}_*.py
     "simclr": {"temperature": 0.5, "base_temperature": 0.07},  # losses/NT_Xent_dist.py: loss x 0.5 / 0.07
@@ -75,7 +64,7 @@ IMAGENET_NOTES = {
 
 
 def small_recipe(method: str, dataset: str, crop: str) -> dict:
-    rcrop, ccrop = TABLE1[(method, dataset)]
+    rcrop, ccrop = paper_reference(method, dataset)
     notes = SMALL_NOTES + SMALL_METHOD_NOTES.get(method, [])
     if dataset == "tiny_imagenet":
         notes = notes + ["the official configs/small/tiny200/simclr_ccrop.py sets warmup_epochs = 500 (= epochs, so "
@@ -101,7 +90,7 @@ def imagenet_recipe(method: str, dataset: str, crop: str) -> dict:
     options, batch, lr, wd, linear_scaling = IMAGENET_METHODS[method]
     target = None
     if dataset == "imagenet1k":
-        rcrop, ccrop = TABLE2[method]
+        rcrop, ccrop = paper_reference(method, dataset)
         target = f"paper Table 2 linear top-1 (100 epochs): {rcrop if crop == 'rcrop' else ccrop} " \
                  f"(R-Crop {rcrop} -> C-Crop {ccrop})"
     notes = [IMAGENET_NOTES["loc"], ALIGNMENT_NOTE]

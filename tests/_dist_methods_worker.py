@@ -17,6 +17,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from hub_ccrop.methods import build_method
 from hub_ccrop.models import create_backbone
 
+# Options of the one-step DDP check, shared with its single-process reference in test_methods_distributed.py.
+# MoCo without shuffle-BN (its random permutation is checked by moco_queue) so that each rank's loss
+# depends on its own images only, as in the reference.
+DDP_STEP_OPTIONS = {"moco_v1": {"queue_size": 16, "shuffle_bn": False, "split_bn": 1}, "byol": {}, "simsiam": {}}
+
+
+def ddp_step_views(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(rank)
+    return torch.randn(4, 3, 16, 16, generator=g), torch.randn(4, 3, 16, 16, generator=g)
+
 
 def local_slice(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     n = x.shape[0] // world
@@ -73,14 +83,11 @@ def moco_queue(inputs: dict, rank: int, world: int) -> dict:
 def every_method_one_ddp_step(rank: int) -> dict:
     """One DDP training step of each method: no hang, no unused parameters, identical grads on all ranks."""
     out = {}
-    for name in ("moco_v1", "byol", "simsiam"):
+    for name, cfg in DDP_STEP_OPTIONS.items():
         torch.manual_seed(0)
-        cfg = {"queue_size": 16} if name.startswith("moco") else {}
         method = build_method(name, create_backbone("resnet_tiny_cifar"), **cfg)
         model = DDP(method)
-        g = torch.Generator().manual_seed(rank)
-        v1, v2 = torch.randn(4, 3, 16, 16, generator=g), torch.randn(4, 3, 16, 16, generator=g)
-        loss, _ = model(v1, v2)
+        loss, _ = model(*ddp_step_views(rank))
         loss.backward()
         method.after_optimizer_step(0.5)
         out[name] = torch.cat([p.grad.flatten() for p in method.parameters() if p.requires_grad])

@@ -19,9 +19,7 @@ def test_new_table_is_whole_image_and_lookup_update():
     table = BoxTable(10, {"dataset": "toy"})
     assert torch.equal(table.lookup([0, 9]), torch.tensor([[0.0, 0, 1, 1]] * 2))
     boxes = random_boxes(3)
-    v = table.version
     table.update(torch.tensor([7, 2, 5]), boxes)
-    assert table.version == v + 1
     assert torch.equal(table.lookup([2, 5, 7]), boxes[[1, 2, 0]])
     assert table.metadata["id_scheme"] == ID_SCHEME and table.metadata["num_rows"] == 10
 

@@ -17,7 +17,6 @@ from hub_ccrop.methods import (
     build_method,
     byol_loss,
     info_nce_loss,
-    lr_lambdas,
     mean_cosine,
     method_config,
     mlp_head,
@@ -27,6 +26,8 @@ from hub_ccrop.methods import (
     nt_xent_loss,
 )
 from hub_ccrop.models import create_backbone, prepare_model
+from hub_ccrop.optim import build_optimizer, set_epoch_lr
+from hub_ccrop.recipe import OptimConfig
 
 ALL_METHODS = list(METHODS)
 
@@ -271,7 +272,22 @@ def test_interface(name: str) -> None:
     assert all(g["lr"] == 0.1 and g["weight_decay"] == 1e-4 for g in groups)
     if hasattr(method, "target"):
         assert not {id(p) for p in method.target.parameters()} & set(ids)
-    method.after_optimizer_step(0.5)  # no-op or momentum update; must not fail
+    # after_optimizer_step: target = m * target + (1 - m) * online for momentum methods, else nothing changes
+    with torch.no_grad():
+        for p in method.parameters():
+            p.add_(torch.randn_like(p) if p.requires_grad else 0.0)  # online != target, as after a step
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    method.after_optimizer_step(0.5)
+    after = method.state_dict()
+    if hasattr(method, "target"):
+        m = method.current_momentum
+        assert 0.0 < m < 1.0
+        for name, t in method.target.state_dict().items():
+            if t.is_floating_point() and "running" not in name:
+                expected = m * before[f"target.{name}"] + (1 - m) * before[f"online.{name}"]
+                torch.testing.assert_close(t, expected, msg=name)
+    else:
+        assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
 def test_simsiam_fixed_lr_predictor_group() -> None:
@@ -281,12 +297,9 @@ def test_simsiam_fixed_lr_predictor_group() -> None:
     assert len(fixed) == 1 and {id(p) for p in fixed[0]["params"]} == {
         id(p) for p in method.predictor.parameters()
     }
-    optimizer = torch.optim.SGD(groups, lr=0.5)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambdas(optimizer.param_groups, lambda e: 0.1)
-    )
-    optimizer.step()
-    scheduler.step()
+    schedule = OptimConfig(schedule="step", milestones=[1], step_factor=0.1)  # lr x 0.1 from epoch 1
+    optimizer = build_optimizer(groups, schedule, base_lr=0.5)
+    set_epoch_lr(optimizer, schedule, epoch=1, epochs=2, base_lr=0.5)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.05, 0.5])
     assert len(tiny("simsiam", fix_pred_lr=False).param_groups(0.5, 0.0)) == 1
 
@@ -304,12 +317,23 @@ def test_bf16_autocast_forward_backward(name: str) -> None:
 
 
 def test_runs_with_sync_bn_and_channels_last() -> None:
+    """One step with SyncBN (one process: plain BatchNorm) and channels_last equals the plain model's step."""
+    reference = tiny("byol")
     method = prepare_model(tiny("byol"), sync_bn=True, channels_last=True)
     assert any(isinstance(m, nn.SyncBatchNorm) for m in method.target.modules())
-    v1, v2 = (v.to(memory_format=torch.channels_last) for v in views())
-    loss, _ = method(v1, v2)
-    loss.backward()
-    method.after_optimizer_step(0.1)
+    v1, v2 = views()
+    losses = []
+    for model, inputs in ((reference, (v1, v2)), (method, (v.to(memory_format=torch.channels_last) for v in (v1, v2)))):
+        loss, _ = model(*inputs)
+        loss.backward()
+        torch.optim.SGD(model.param_groups(0.1, 0.0), lr=0.1).step()
+        model.after_optimizer_step(0.1)
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    expected = reference.target.state_dict()
+    for name, value in method.target.state_dict().items():  # the momentum update saw the same online step
+        torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert not torch.equal(expected["backbone.conv1.weight"], tiny("byol").target.state_dict()["backbone.conv1.weight"])
 
 
 # ------------------------------------------------------------------------------------ gradient plumbing
@@ -446,7 +470,8 @@ def test_moco_queue_smaller_than_batch_raises() -> None:
 
 def test_moco_warns_when_queue_is_longer_than_dataset() -> None:
     with pytest.warns(UserWarning, match="larger than the dataset"):
-        tiny("moco_v2", queue_size=128, num_rows=100)
+        tiny("moco_v2", queue_size=128).check_dataset_size(100)  # the training loop's call
+    assert tiny("simclr").check_dataset_size(1) is True  # methods without a size requirement
     method = tiny("moco_v2", queue_size=64)
     with pytest.warns(UserWarning, match="65536|64"):
         assert method.check_dataset_size(50) is False

@@ -19,11 +19,10 @@ from torch import nn
 
 from hub_ccrop.methods.base import (
     Encoder,
-    MethodConfig,
+    MethodOptions,
     MomentumMethod,
     SSLMethod,
     frozen_copy,
-    lr_lambdas,
     mlp_head,
     momentum_at,
     momentum_update,
@@ -47,7 +46,7 @@ __all__ = [
     "METHOD_DEFAULTS",
     "BYOLConfig",
     "Encoder",
-    "MethodConfig",
+    "MethodOptions",
     "MoCo",
     "MoCoConfig",
     "MoCoV1Config",
@@ -64,7 +63,6 @@ __all__ = [
     "byol_loss",
     "frozen_copy",
     "info_nce_loss",
-    "lr_lambdas",
     "mean_cosine",
     "method_config",
     "mlp_head",
@@ -75,7 +73,7 @@ __all__ = [
 ]
 
 #: name -> (method class, config dataclass)
-METHODS: dict[str, tuple[type[SSLMethod], type[MethodConfig]]] = {
+METHODS: dict[str, tuple[type[SSLMethod], type[MethodOptions]]] = {
     "simclr": (SimCLR, SimCLRConfig),
     "moco_v1": (MoCo, MoCoV1Config),
     "moco_v2": (MoCo, MoCoV2Config),
@@ -96,7 +94,7 @@ def _canonical(name: str) -> str:
     return key
 
 
-def method_config(name: str, **cfg: Any) -> MethodConfig:
+def method_config(name: str, **cfg: Any) -> MethodOptions:
     """The validated options of method ``name`` (unknown keys, wrong types and bad ranges raise
     ``ValueError`` naming the option)."""
     key = _canonical(name)

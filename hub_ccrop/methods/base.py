@@ -5,19 +5,20 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, get_type_hints
 
 import torch
 from torch import Tensor, nn
 
+from hub_ccrop.recipe import check_type
+
 __all__ = [
     "Encoder",
-    "MethodConfig",
+    "MethodOptions",
     "MomentumMethod",
     "SSLMethod",
     "frozen_copy",
-    "lr_lambdas",
     "mlp_head",
     "momentum_at",
     "momentum_update",
@@ -29,16 +30,17 @@ MomentumSchedule = Literal["constant", "cosine"]
 
 # ----------------------------------------------------------------------------------------------- configs
 @dataclasses.dataclass
-class MethodConfig:
-    """Base of the per-method option dataclasses. Options arrive from YAML recipes as plain kwargs:
-    ``Config.from_kwargs(cfg)`` rejects unknown keys, ``__post_init__`` checks types and ranges.
+class MethodOptions:
+    """Base of the per-method option dataclasses (a recipe's ``method.options``). Options arrive from YAML
+    recipes as plain kwargs: ``Config.from_kwargs(cfg)`` rejects unknown keys, ``__post_init__`` checks types
+    with the recipe's own checker (``recipe.check_type``: ints widen to floats) and ranges.
 
     Conventions: ``*_dim`` / ``*_size`` options are positive (``None`` = follow the backbone's width),
     ``temperature`` is positive, ``momentum`` lies in [0, 1].
     """
 
     @classmethod
-    def from_kwargs(cls, cfg: Mapping[str, Any], method: str = "") -> MethodConfig:
+    def from_kwargs(cls, cfg: Mapping[str, Any], method: str = "") -> MethodOptions:
         accepted = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(cfg) - set(accepted))
         if unknown:
@@ -51,27 +53,14 @@ class MethodConfig:
     def __post_init__(self) -> None:
         hints = get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            _check_type(f.name, value, hints[f.name])
+            value = check_type(getattr(self, f.name), hints[f.name], f.name)
+            setattr(self, f.name, value)
             if value is None or isinstance(value, bool | str):
                 continue
             if (f.name.endswith(("_dim", "_size", "temperature"))) and value <= 0:
                 raise ValueError(f"option {f.name!r} must be > 0, got {value}")
             if f.name == "momentum" and not 0.0 <= value <= 1.0:
                 raise ValueError(f"option 'momentum' must lie in [0, 1], got {value}")
-
-
-def _check_type(name: str, value: Any, hint: Any) -> None:
-    if get_origin(hint) is Literal:
-        if value not in get_args(hint):
-            raise ValueError(f"option {name!r} must be one of {get_args(hint)}, got {value!r}")
-        return
-    allowed = get_args(hint) or (hint,)
-    if float in allowed:
-        allowed = (*allowed, int)
-    if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
-        names = " | ".join("None" if a is type(None) else a.__name__ for a in allowed)
-        raise ValueError(f"option {name!r} must be {names}, got {value!r} ({type(value).__name__})")
 
 
 # ------------------------------------------------------------------------------------------------- heads
@@ -146,22 +135,6 @@ def param_group(module: nn.Module, lr: float, weight_decay: float, **extra: Any)
     return {"params": params, "lr": lr, "weight_decay": weight_decay, **extra}
 
 
-def _constant_one(_: int) -> float:
-    return 1.0
-
-
-def lr_lambdas(
-    param_groups: Sequence[Mapping[str, Any]], factor: Callable[[int], float]
-) -> list[Callable[[int], float]]:
-    """Per-group multipliers for ``torch.optim.lr_scheduler.LambdaLR``: ``factor`` for every group except
-    those flagged ``fix_lr`` (SimSiam's predictor), which keep their initial lr.
-
-    ``LambdaLR(opt, lr_lambdas(opt.param_groups, lambda epoch: ...))``. A hand-written schedule does the
-    same with ``if not group.get("fix_lr"): group["lr"] = new_lr``.
-    """
-    return [_constant_one if group.get("fix_lr") else factor for group in param_groups]
-
-
 class SSLMethod(nn.Module):
     """One SSL framework (heads, targets, loss) around a backbone; the training loop's only view of it.
 
@@ -172,12 +145,14 @@ class SSLMethod(nn.Module):
     - ``after_optimizer_step(progress)``: call after every ``optimizer.step()`` with ``progress`` in [0, 1]
       over the whole training (momentum / EMA updates; a no-op for SimCLR and SimSiam).
     - ``param_groups(lr, weight_decay)``: optimizer groups; groups flagged ``fix_lr`` must keep their lr
-      (see ``lr_lambdas``).
+      (``optim.set_epoch_lr`` keeps them).
+    - ``check_dataset_size(num_rows)``: called by the training loop with the training-set size, before
+      training (MoCo warns when its queue is longer than the data; a no-op otherwise).
     """
 
-    config: MethodConfig
+    config: MethodOptions
 
-    def __init__(self, config: MethodConfig) -> None:
+    def __init__(self, config: MethodOptions) -> None:
         super().__init__()
         self.config = config
 
@@ -190,6 +165,10 @@ class SSLMethod(nn.Module):
 
     def after_optimizer_step(self, progress: float) -> None:
         """Nothing to do after the optimizer step (methods with a momentum target override this)."""
+
+    def check_dataset_size(self, num_rows: int) -> bool:
+        """True: the method has no requirement on the training-set size (MoCo's queue overrides this)."""
+        return True
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         """One group with every trainable parameter (momentum targets are not trainable)."""

@@ -7,7 +7,7 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from hub_ccrop.methods.base import Encoder, MethodConfig, MomentumMethod, MomentumSchedule, mlp_head
+from hub_ccrop.methods.base import Encoder, MethodOptions, MomentumMethod, MomentumSchedule, mlp_head
 from hub_ccrop.methods.losses import byol_loss, mean_cosine
 from hub_ccrop.models import feature_dim
 
@@ -15,7 +15,7 @@ __all__ = ["BYOL", "BYOLConfig"]
 
 
 @dataclasses.dataclass
-class BYOLConfig(MethodConfig):
+class BYOLConfig(MethodOptions):
     """BYOL options (defaults: the paper's small-dataset setting; projector 512-512(BN,ReLU)-128,
     predictor 128-512-128, constant momentum 0.996 as the official code; BYOL's paper uses cosine)."""
 

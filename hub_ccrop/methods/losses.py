@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hub_ccrop.methods.distributed import all_gather_with_grad, get_rank, is_distributed
+from hub_ccrop.distributed import all_gather_with_grad, get_rank, get_world_size
 
 __all__ = ["byol_loss", "info_nce_loss", "mean_cosine", "negative_cosine", "nt_xent_loss"]
 
@@ -29,7 +29,7 @@ def nt_xent_loss(
         z1 = F.normalize(z1.float(), dim=1)
         z2 = F.normalize(z2.float(), dim=1)
         n = z1.shape[0]
-        if global_negatives and is_distributed():
+        if global_negatives and get_world_size() > 1:
             both = all_gather_with_grad(torch.cat([z1, z2], dim=1))  # one collective for both views
             c1, c2 = both.split(z1.shape[1], dim=1)
             offset = get_rank() * n

@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hub_ccrop.methods.base import Encoder, MethodConfig, MomentumMethod, MomentumSchedule, mlp_head
-from hub_ccrop.methods.distributed import (
+from hub_ccrop.distributed import (
     CPUSyncBatchNorm,
     all_gather_no_grad,
     batch_shuffle,
     batch_unshuffle,
     get_world_size,
 )
+from hub_ccrop.methods.base import Encoder, MethodOptions, MomentumMethod, MomentumSchedule, mlp_head
 from hub_ccrop.methods.losses import info_nce_loss, mean_cosine
 from hub_ccrop.models import feature_dim
 
@@ -25,7 +25,7 @@ __all__ = ["MoCo", "MoCoConfig", "MoCoV1Config", "MoCoV2Config", "SplitBatchNorm
 
 
 @dataclasses.dataclass
-class MoCoConfig(MethodConfig):
+class MoCoConfig(MethodOptions):
     """MoCo options; the defaults are MoCo v2's (T = 0.2, MLP head 512-512-128, momentum 0.999)."""
 
     temperature: float = 0.2
@@ -43,7 +43,6 @@ class MoCoConfig(MethodConfig):
     # bn_splits=8). Without it the query and key of an image share BN statistics, a shortcut the model can
     # use. 1 disables it; inactive with several processes (shuffle-BN or SyncBN there).
     split_bn: int = 8
-    num_rows: int | None = None  # training-set size, to warn when the queue is longer
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -128,8 +127,6 @@ class MoCo(MomentumMethod):
         # Read by DistributedDataParallel when this module is the one it wraps: the queue is consistent
         # across processes by construction, so skip its per-step broadcast (32 MB at the default size).
         self._ddp_params_and_buffers_to_ignore = ["queue", "queue_ptr"]
-        if config.num_rows is not None:
-            self.check_dataset_size(config.num_rows)
 
     def check_dataset_size(self, num_rows: int) -> bool:
         """Warn (and return False) when the queue is longer than the training set: it then holds several

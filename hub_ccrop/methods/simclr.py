@@ -7,7 +7,7 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from hub_ccrop.methods.base import Encoder, MethodConfig, SSLMethod, mlp_head
+from hub_ccrop.methods.base import Encoder, MethodOptions, SSLMethod, mlp_head
 from hub_ccrop.methods.losses import mean_cosine, nt_xent_loss
 from hub_ccrop.models import feature_dim
 
@@ -15,7 +15,7 @@ __all__ = ["SimCLR", "SimCLRConfig"]
 
 
 @dataclasses.dataclass
-class SimCLRConfig(MethodConfig):
+class SimCLRConfig(MethodOptions):
     """SimCLR options (defaults: the paper's small-dataset setting, projector 512-512-128, T = 0.5)."""
 
     temperature: float = 0.5

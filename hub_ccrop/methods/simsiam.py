@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from hub_ccrop.methods.base import Encoder, MethodConfig, SSLMethod, mlp_head, param_group
+from hub_ccrop.methods.base import Encoder, MethodOptions, SSLMethod, mlp_head, param_group
 from hub_ccrop.methods.losses import mean_cosine, negative_cosine
 from hub_ccrop.models import feature_dim
 
@@ -15,7 +15,7 @@ __all__ = ["SimSiam", "SimSiamConfig"]
 
 
 @dataclasses.dataclass
-class SimSiamConfig(MethodConfig):
+class SimSiamConfig(MethodOptions):
     """SimSiam options (defaults: 3-layer projector 512 with BN, last BN without affine; predictor
     512-128-512 at a fixed lr)."""
 
