@@ -5,15 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from torch import Tensor
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from hub_ccrop.crop import sample_crop_params  # noqa: E402
+from hub_ccrop.crop import sample_crop_params
 
 __all__ = ["draw_localization_grid", "to_uint8"]
 
@@ -59,7 +56,9 @@ def draw_localization_grid(
     rcrop = [sample_crop_params(full, sizes, scale=scale, ratio=ratio, alpha=1.0, generator=g) for _ in range(2)]
 
     columns = ["box", "heatmap", "C-Crop view 1", "C-Crop view 2", "R-Crop view 1", "R-Crop view 2"]
-    fig, axes = plt.subplots(n, len(columns), figsize=(1.6 * len(columns), 1.6 * n + 0.4), squeeze=False)
+    # a bare Figure (no pyplot): no backend switch, no global figure registry, safe in notebooks and threads
+    fig = Figure(figsize=(1.6 * len(columns), 1.6 * n + 0.4))
+    axes = fig.subplots(n, len(columns), squeeze=False)
     for r in range(n):
         img = images[r].permute(1, 2, 0).cpu().numpy()
         ax = axes[r, 0]
@@ -86,5 +85,4 @@ def draw_localization_grid(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
