@@ -23,9 +23,10 @@ from torch.utils.data import DataLoader
 
 from hub_ccrop.boxes import pairwise_box_iou
 from hub_ccrop.crop import object_miss_rate
-from hub_ccrop.data import get_spec, load_images
+from hub_ccrop.data import load_images
 from hub_ccrop.evaluate import load_backbone
 from hub_ccrop.localize import ALIGNMENTS, localize_boxes
+from hub_ccrop.run_info import RunInfo
 from hub_ccrop.views import EvalCollate
 
 
@@ -36,11 +37,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args()
 
-    run = json.loads((args.run / "run.json").read_text())
+    run = RunInfo.load(args.run)
     crop = yaml.safe_load((args.run / "recipe.yaml").read_text()).get("crop", {})
-    k = run["schedule"]["k"] if args.k is None else args.k
-    size = int(run["input_size"][-1])
-    spec = get_spec(run["dataset"]["name"]).replace(image_size=size)
+    if run.dataset is None or run.schedule is None or run.input_size is None:
+        raise SystemExit(f"{args.run}: run.json records no dataset, schedule or input size")
+    k = run.schedule.k if args.k is None else args.k
+    size = run.input_size[-1]
+    spec = run.dataset.replace(image_size=size)
     rows = load_images(spec, spec.pretrain_splits)
     if "gt_box" not in rows.column_names:
         raise SystemExit(f"{spec.name}: no gt_box column, nothing to compare the boxes with")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -52,6 +51,7 @@ from hub_ccrop.distributed import (
     set_loader_epoch,
 )
 from hub_ccrop.recipe import per_process_batch
+from hub_ccrop.run_info import RUN_FILE, RunInfo
 from hub_ccrop.views import eval_image, max_side_for
 
 __all__ = [
@@ -525,26 +525,6 @@ def linear_probe_on_features(
 # loading backbones
 
 
-def _input_size(value: Any) -> tuple[int, int, int]:
-    if isinstance(value, int):
-        return (3, value, value)
-    value = tuple(int(v) for v in value)
-    return (3, *value) if len(value) == 2 else value  # type: ignore[return-value]
-
-
-def _run_data_cfg(run: dict[str, Any]) -> dict[str, Any]:
-    """pretrained_cfg entries (input size, crop_pct, mean, std) from a run's ``run.json``."""
-    cfg: dict[str, Any] = {}
-    if run.get("input_size") is not None:
-        cfg["input_size"] = _input_size(run["input_size"])
-        # native-size eval for small images (CIFAR/STL/Tiny), resize 256 / crop 224 style otherwise
-        cfg["crop_pct"] = float(run.get("crop_pct", 1.0 if cfg["input_size"][-1] <= 96 else 0.875))
-    for key in ("mean", "std"):
-        if run.get(key) is not None:
-            cfg[key] = tuple(float(v) for v in run[key])
-    return cfg
-
-
 def load_backbone(source: str | Path, *, num_classes: int = 0, **timm_kwargs: Any) -> nn.Module:
     """Load a pretrained backbone through timm.
 
@@ -566,15 +546,15 @@ def load_backbone(source: str | Path, *, num_classes: int = 0, **timm_kwargs: An
     if src.startswith("timm:"):
         return timm.create_model(src[len("timm:") :], pretrained=True, **head, **timm_kwargs)
     path = Path(src)
-    if (path / "run.json").is_file():
-        run = json.loads((path / "run.json").read_text())
+    if (path / RUN_FILE).is_file():
+        run = RunInfo.load(path)
         weights = path / "backbone.safetensors"
         if not weights.is_file():
             raise FileNotFoundError(f"{weights} not found (a run folder needs its backbone.safetensors)")
         # the run's backbone has no classifier: load it strictly with num_classes=0, then add the head
-        overlay = {"file": str(weights), "num_classes": 0, **_run_data_cfg(run)}
-        kwargs = {**run.get("model_args", {}), **timm_kwargs, "num_classes": 0}
-        model = timm.create_model(run["model"], pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        overlay = {"file": str(weights), "num_classes": 0, **run.data_config()}
+        kwargs = {**run.model_args, **timm_kwargs, "num_classes": 0}
+        model = timm.create_model(run.model, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
         if num_classes:
             model.reset_classifier(num_classes)
         return model

@@ -30,6 +30,8 @@ import torch
 import yaml
 
 from hub_ccrop.boxes import ID_SCHEME, BoxTable, BoxTableMismatch
+from hub_ccrop.errors import UserError
+from hub_ccrop.run_info import RUN_FILE, RunInfo
 
 __all__ = [
     "EXPORT_FILES",
@@ -153,45 +155,48 @@ def _ensure_architecture(name: str) -> bool:
     return not timm.models.model_entrypoint(name).__module__.startswith("timm.")
 
 
-def _clean_pretrained_cfg(model: torch.nn.Module, run: Mapping[str, Any]) -> dict[str, Any]:
+def _dataset_names(run: RunInfo, unknown: str) -> tuple[str, str, str | None]:
+    """(display name, key into the paper's tables, Hub id) of the run's pretraining data."""
+    spec = run.dataset
+    hub_id = spec.hub_id if spec is not None else None
+    name = spec.name if spec is not None else unknown
+    key = _dataset_key(hub_id or name)
+    return _DATASET_NAMES.get(key, name), key, hub_id
+
+
+def _clean_pretrained_cfg(model: torch.nn.Module, run: RunInfo) -> dict[str, Any]:
     """A pretrained_cfg that describes these weights only (no URL, hub id, tag or notes of timm's defaults)."""
     base = getattr(model, "pretrained_cfg", {}) or {}
-    dataset = run.get("dataset") or {}
-    method = _METHOD_NAMES.get(_method_key(str(run.get("method", ""))), str(run.get("method", "")))
-    name = str(dataset.get("name") or dataset.get("hub_id") or "unknown data")
-    name = _DATASET_NAMES.get(_dataset_key(str(dataset.get("hub_id") or name)), name)
+    method = _METHOD_NAMES.get(_method_key(run.method or ""), run.method or "")
+    name = _dataset_names(run, "unknown data")[0]
     return {
-        "architecture": run["model"],
-        "input_size": tuple(int(v) for v in run["input_size"]),
+        "architecture": run.model,
+        **run.data_config(),  # input size, crop_pct, mean, std
         "fixed_input_size": bool(base.get("fixed_input_size", False)),
-        "interpolation": str(run.get("interpolation", "bilinear")),
-        "crop_pct": float(run.get("crop_pct", 1.0)),
+        "interpolation": run.interpolation,
         "crop_mode": "center",
-        "mean": tuple(float(v) for v in run["mean"]),
-        "std": tuple(float(v) for v in run["std"]),
         "num_classes": 0,
         "pool_size": None,
         "first_conv": base.get("first_conv"),
         "classifier": base.get("classifier"),
-        "license": str(run.get("license") or "other"),
+        "license": run.license,
         "description": f"{method} + ContrastiveCrop self-supervised backbone, pretrained on {name} (hub_ccrop)",
         "paper_name": PAPER_TITLE,
         "paper_ids": f"arXiv:{PAPER_ARXIV_ID}",
     }
 
 
-def _build_backbone(run: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+def _build_backbone(run: RunInfo, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
     import timm
 
-    _ensure_architecture(run["model"])
-    model_args = dict(run.get("model_args") or {})
-    model_args["num_classes"] = 0
-    model = timm.create_model(run["model"], pretrained=False, **model_args)
+    _ensure_architecture(run.model)
+    model_args = {**run.model_args, "num_classes": 0}
+    model = timm.create_model(run.model, pretrained=False, **model_args)
     try:
         model.load_state_dict(dict(state_dict), strict=True)
     except RuntimeError as e:
         raise ValueError(
-            f"backbone.safetensors does not fit {run['model']} with model_args={model_args}: {e}"
+            f"backbone.safetensors does not fit {run.model} with model_args={model_args}: {e}"
         ) from e
     return model.eval()
 
@@ -276,10 +281,11 @@ def export_run(
     from timm.models import save_for_hf
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    run = _read_json(run_dir / "run.json")
-    for key in ("model", "input_size", "mean", "std"):
-        if key not in run:
-            raise ValueError(f"{run_dir / 'run.json'} lacks {key!r}")
+    run = RunInfo.load(run_dir)
+    missing = [key for key in ("input_size", "mean", "std") if getattr(run, key) is None]
+    if missing:  # the model card and timm's config need the backbone's preprocessing
+        raise UserError(f"{run_dir / RUN_FILE} lacks {', '.join(missing)}: add them (the model's input size and "
+                        "normalization) or re-run `hub-ccrop train`")
     metrics = _read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
     for name in ("eval_knn", "eval_linear"):  # written next to the run by `hub-ccrop eval-knn/eval-linear RUN`
         if (run_dir / f"{name}.json").is_file():
@@ -297,7 +303,7 @@ def export_run(
             raise FileNotFoundError(f"{weights} not found (the run's final backbone)")
         state_dict = safetensors.torch.load_file(str(weights), device="cpu")
         model = _build_backbone(run, state_dict)
-        needs_import = _ensure_architecture(run["model"])
+        needs_import = _ensure_architecture(run.model)
         cfg = _clean_pretrained_cfg(model, run)
         model.pretrained_cfg = cfg
         model.default_cfg = cfg
@@ -307,15 +313,14 @@ def export_run(
         # 2. box table (both formats), checked against the run's dataset
         table = _load_run_boxes(run_dir)
         if table is not None:
-            dataset = run.get("dataset") or {}
-            table.metadata.setdefault("dataset", dataset.get("hub_id") or dataset.get("name"))
-            table.metadata.setdefault("split", "+".join(dataset.get("splits") or []) or None)
-            table.metadata.setdefault("backbone", run["model"])
-            table.metadata.setdefault("k", (run.get("schedule") or {}).get("k"))
-            if dataset.get("fingerprint") is not None:
-                table.metadata.setdefault("fingerprint", dataset["fingerprint"])
-            table.check_compatible(num_rows=dataset.get("num_rows"), fingerprint=dataset.get("fingerprint"),
-                                   source=f"{run_dir}/boxes")
+            spec = run.dataset
+            table.metadata.setdefault("dataset", (spec.hub_id or spec.name) if spec is not None else None)
+            table.metadata.setdefault("split", "+".join(spec.pretrain_splits) if spec is not None else None)
+            table.metadata.setdefault("backbone", run.model)
+            table.metadata.setdefault("k", run.schedule.k if run.schedule is not None else None)
+            if run.fingerprint is not None:
+                table.metadata.setdefault("fingerprint", run.fingerprint)
+            table.check_compatible(num_rows=run.num_rows, fingerprint=run.fingerprint, source=f"{run_dir}/boxes")
             table.save(tmp / "boxes.parquet")
             table.save(tmp / "boxes.safetensors")
 
@@ -377,15 +382,15 @@ KNN_SOURCES = {
 }
 
 
-def _card_results(run: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[str, Any]:
+def _card_results(run: RunInfo, metrics: Mapping[str, Any]) -> dict[str, Any]:
     """kNN and linear top-1 with their split, protocol and source, from metrics.json and the eval_*.json it carries.
 
     The kNN number has one source, named on the card: the training summary's (``knn_top1`` of metrics.json)
     when the run had the monitor, else ``hub-ccrop eval knn``'s. The linear number comes from
     ``hub-ccrop eval linear`` (``eval_linear``) or a plain ``linear_top1``.
     """
-    dataset = run.get("dataset") or {}
-    default_split = str(dataset.get("test_split") or metrics.get("eval_split") or "test")
+    test_split = run.dataset.test_split if run.dataset is not None else None
+    default_split = str(test_split or metrics.get("eval_split") or "test")
     lin_eval = dict(metrics.get("eval_linear") or {})
     knn_source = "train" if _number(metrics.get("knn_top1")) is not None else "eval"
     if knn_source == "train":
@@ -422,7 +427,7 @@ def _format_epochs(epochs: Sequence[Any] | None) -> str:
 
 
 def build_model_card(
-    run: Mapping[str, Any],
+    run: RunInfo,
     metrics: Mapping[str, Any],
     *,
     repo_id: str | None = None,
@@ -440,17 +445,11 @@ def build_model_card(
     if not template.is_file():
         raise FileNotFoundError(f"model card template not found: {template}")
     repo_id = repo_id or _PLACEHOLDER_REPO
-    dataset = dict(run.get("dataset") or {})
-    schedule = dict(run.get("schedule") or {})
-    method_key = _method_key(str(run.get("method", "unknown")))
-    method = _METHOD_NAMES.get(method_key, str(run.get("method", "unknown")))
-    dataset_name = str(dataset.get("name") or dataset.get("hub_id") or "unknown")
-    hub_id = dataset.get("hub_id")
-    dkey = _dataset_key(str(dataset.get("hub_id") or dataset_name))
-    dataset_display = _DATASET_NAMES.get(dkey, dataset_name)
-    loc_epochs = list(schedule.get("loc_epochs") or [])
-    crop = str(run.get("crop") or schedule.get("crop") or ("ccrop" if loc_epochs else "rcrop")).lower()
-    uses_ccrop = crop in ("ccrop", "c-crop", "contrastivecrop", "contrastive_crop")
+    schedule = run.schedule
+    method_key = _method_key(run.method or "unknown")
+    method = _METHOD_NAMES.get(method_key, run.method or "unknown")
+    dataset_display, dkey, hub_id = _dataset_names(run, "unknown")
+    uses_ccrop = schedule is not None and schedule.crop in ("ccrop", "c-crop", "contrastivecrop", "contrastive_crop")
     results = _card_results(run, metrics)
     eval_results = []
     for kind in ("knn", "linear"):
@@ -464,11 +463,11 @@ def build_model_card(
     tags = ["timm", "image-feature-extraction", "self-supervised-learning", "contrastive-learning",
             "contrastive-crop", "hub-ccrop", method_key.replace("_", "-"), f"arxiv:{PAPER_ARXIV_ID}"]
     model_name = repo_id.split("/")[-1] if repo_id != _PLACEHOLDER_REPO else (
-        f"{run['model']}-{method_key.replace('_', '')}-{'ccrop' if uses_ccrop else 'rcrop'}-{dkey}")
+        f"{run.model}-{method_key.replace('_', '')}-{'ccrop' if uses_ccrop else 'rcrop'}-{dkey}")
     card_data = ModelCardData(
         library_name="timm",
         pipeline_tag="image-feature-extraction",
-        license=str(run.get("license") or "other"),
+        license=run.license,
         tags=tags,
         datasets=[hub_id] if hub_id and "/" in str(hub_id) else None,
         metrics=["accuracy"] if eval_results else None,
@@ -476,16 +475,16 @@ def build_model_card(
         eval_results=eval_results or None,
     )
 
-    ref = paper_reference(method_key, str(dataset.get("hub_id") or dataset_name))
+    ref = paper_reference(method_key, dkey)
     paper_setting = PAPER_SETTINGS["imagenet-1k" if dkey == "imagenet-1k" else "small"]
-    input_size = [int(v) for v in run["input_size"]]
+    input_size = list(run.input_size or ())
     box_meta = dict(boxes.metadata) if boxes is not None else {}
     extra_metrics = {k: _number(v, 4) if isinstance(v, float) else v for k, v in metrics.items()
                      if k not in ("knn_top1", "linear_top1", "box_iou") and isinstance(v, (int, float, str))}
     context = dict(
         repo_id=repo_id,
         model_name=model_name,
-        architecture=run["model"],
+        architecture=run.model,
         needs_import=needs_import,
         num_features=num_features,
         method=method,
@@ -494,20 +493,20 @@ def build_model_card(
         uses_ccrop=uses_ccrop,
         dataset_name=dataset_display,
         dataset_hub_id=hub_id,
-        dataset_splits=", ".join(dataset.get("splits") or []) or "unknown",
-        dataset_num_rows=dataset.get("num_rows"),
-        epochs=run.get("epochs"),
-        batch_size=run.get("batch_size"),
-        warmup_epochs=schedule.get("warmup_epochs"),
-        loc_epochs=_format_epochs(loc_epochs),
-        k=schedule.get("k"),
-        alpha=schedule.get("alpha"),
+        dataset_splits=", ".join(run.dataset.pretrain_splits) if run.dataset is not None else "unknown",
+        dataset_num_rows=run.num_rows,
+        epochs=run.epochs,
+        batch_size=run.batch_size,
+        warmup_epochs=schedule.warmup_epochs if schedule is not None else None,
+        loc_epochs=_format_epochs(schedule.loc_epochs if schedule is not None else None),
+        k=schedule.k if schedule is not None else None,
+        alpha=schedule.alpha if schedule is not None else None,
         input_size=input_size,
         image_size=input_size[-1],
-        mean=list(run["mean"]),
-        std=list(run["std"]),
-        interpolation=run.get("interpolation", "bilinear"),
-        crop_pct=run.get("crop_pct", 1.0),
+        mean=list(run.mean or ()),
+        std=list(run.std or ()),
+        interpolation=run.interpolation,
+        crop_pct=run.eval_crop_pct,
         **results,
         box_iou=_number(metrics.get("box_iou"), 4),
         extra_metrics=extra_metrics,
@@ -548,7 +547,7 @@ class PublishResult:
 
 def _is_export_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and (path / "model.safetensors").is_file() and not (
-        path / "run.json"
+        path / RUN_FILE
     ).is_file()
 
 

@@ -12,7 +12,6 @@ input size). The picture goes to RUN/pictures/show_NNNN.png (or ./show_NNNN.png)
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,14 @@ from typing import Any
 import torch
 
 from hub_ccrop.data import decode_to_tensor
+from hub_ccrop.errors import UserError
 from hub_ccrop.evaluate import backbone_data_config, load_backbone
 from hub_ccrop.localize import heatmaps, model_boxes, picture_heatmaps
+from hub_ccrop.run_info import RUN_FILE, RunInfo, Schedule
 from hub_ccrop.views import eval_image, max_side_for
 from hub_ccrop.viz import draw_localization_grid, to_uint8
 
+DEFAULT_SCHEDULE = Schedule(crop="ccrop", k=0.1, alpha=0.6)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
@@ -44,13 +46,14 @@ def _input_images(inputs: list[str], limit: int) -> tuple[list[torch.Tensor], li
     return [decode_to_tensor({"bytes": f.read_bytes(), "path": str(f)}, f.name) for f in files], [f.name for f in files]
 
 
-def _run_images(run_dir: Path, limit: int) -> tuple[list[torch.Tensor], list[str], torch.Tensor | None]:
+def _run_images(run: RunInfo, run_dir: Path, limit: int) -> tuple[list[torch.Tensor], list[str], torch.Tensor | None]:
     """Evenly spaced training images of a run (decoded as the passes decode them), ``id N`` labels, and
     ground-truth boxes when the data has them."""
-    from hub_ccrop.data import get_spec, load_images
+    from hub_ccrop.data import load_images
 
-    run = json.loads((run_dir / "run.json").read_text())
-    spec = get_spec(run["dataset"]["name"])
+    spec = run.dataset
+    if spec is None:
+        raise UserError(f"{run_dir / RUN_FILE} records no dataset: give --input FILES_OR_FOLDER")
     rows = load_images(spec, spec.pretrain_splits)
     ids = torch.linspace(0, len(rows) - 1, min(limit, len(rows))).long().tolist()
     picked = [rows[i] for i in ids]
@@ -84,18 +87,19 @@ def show(source: str, *, inputs: list[str] | None = None, num_images: int = 8, k
     on a run's own images the boxes are the ones a pass with this backbone would write.
     """
     run_dir = Path(source)
-    run: dict[str, Any] = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
-    schedule = run.get("schedule", {})
-    k = schedule.get("k", 0.1) if k is None else k
-    alpha = schedule.get("alpha", 0.6) if alpha is None else alpha
-    alignment = schedule.get("heatmap_alignment", "receptive_field")
+    run = RunInfo.load(run_dir) if (run_dir / RUN_FILE).is_file() else None
+    # a backbone without a run (export folder, hf-hub:) gets the paper's k and a wide alpha for the picture
+    schedule = run.schedule if run is not None and run.schedule is not None else DEFAULT_SCHEDULE
+    k = schedule.k if k is None else k
+    alpha = schedule.alpha if alpha is None else alpha
+    alignment = schedule.heatmap_alignment
     model = load_backbone(source).eval()
     cfg = backbone_data_config(model)
     gt = None
     if inputs:
         images, names = _input_images(inputs, num_images)
-    elif run:
-        images, names, gt = _run_images(run_dir, num_images)
+    elif run is not None:
+        images, names, gt = _run_images(run, run_dir, num_images)
     else:
         raise ValueError("give --input FILES_OR_FOLDER (this source is not a run folder with its own data)")
     batch = localization_batch(images, cfg)
@@ -104,7 +108,7 @@ def show(source: str, *, inputs: list[str] | None = None, num_images: int = 8, k
     boxes = model_boxes(model, raw, size, k, alignment)
     maps = picture_heatmaps(model, raw, size, alignment)
     pixels = to_uint8(batch, cfg["mean"], cfg["std"])
-    out = Path(out) if out else next_picture_path(run_dir / "pictures" if run else Path.cwd())
+    out = Path(out) if out else next_picture_path(run_dir / "pictures" if run is not None else Path.cwd())
     path = draw_localization_grid(pixels, maps, boxes, out, alpha=alpha, gt_boxes=gt, seed=seed, ids=names,
                                   title=f"{source}: heatmaps at k={k} ({alignment} alignment), crops at alpha={alpha}")
     print(f"wrote {path} ({len(images)} images: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")

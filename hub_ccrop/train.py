@@ -50,6 +50,7 @@ from hub_ccrop.methods import build_method
 from hub_ccrop.models import create_backbone, prepare_model
 from hub_ccrop.optim import build_optimizer, set_epoch_lr
 from hub_ccrop.recipe import Recipe, RecipeError, batch_split, load_recipe
+from hub_ccrop.run_info import RunInfo, Schedule
 from hub_ccrop.views import (
     DeviceResidentImages,
     EncodedBatch,
@@ -481,26 +482,25 @@ def _draw_picture(encoder, run_data: RunData, collate: EvalCollate, state: Train
                            gt_boxes=gt, ids=ids.tolist(), title=f"{recipe.name}: boxes after epoch {state.epoch}")
 
 
-def _run_info(recipe: Recipe, run_data: RunData, backbone, num_processes: int) -> dict[str, Any]:
+def _run_info(recipe: Recipe, run_data: RunData, backbone, num_processes: int) -> RunInfo:
     cfg = dict(getattr(backbone, "pretrained_cfg", {}) or {})
     spec = run_data.spec
+    if spec.data_dir is not None:  # absolute, so `show` and `eval` find the data from any working folder
+        spec = spec.replace(data_dir=str(Path(spec.data_dir).expanduser().resolve()))
     size = spec.image_size
-    return {
-        "model": recipe.model.name, "model_args": recipe.model.args,
-        "input_size": [3, size, size], "mean": list(spec.mean), "std": list(spec.std),
-        "interpolation": cfg.get("interpolation", "bilinear"), "crop_pct": 1.0 if spec.eval_resize is None else 0.875,
-        "method": recipe.method.name, "method_options": recipe.method.options,
-        "dataset": {"name": spec.name, "hub_id": spec.hub_id, "splits": list(spec.pretrain_splits),
-                    "num_rows": run_data.num_rows, "image_column": spec.image_column,
-                    "label_column": spec.label_column, "fingerprint": run_data.fingerprint,
-                    "train_split": spec.train_split, "test_split": spec.test_split},
-        "epochs": recipe.train.epochs, "batch_size": recipe.data.batch_size, "num_processes": num_processes,
-        "grad_accum": recipe.train.grad_accum, "per_process_batch_size": recipe.per_process_batch_size(num_processes),
-        "schedule": {"crop": recipe.crop.mode, "warmup_epochs": recipe.crop.warmup_epochs,
-                     "loc_epochs": recipe.localization_epochs(), "k": recipe.crop.k, "alpha": recipe.crop.alpha,
-                     "heatmap_alignment": recipe.crop.heatmap_alignment},
-        "license": "apache-2.0", "target": recipe.target,
-    }
+    return RunInfo(
+        model=recipe.model.name, model_args=recipe.model.args,
+        input_size=(3, size, size), mean=spec.mean, std=spec.std,
+        interpolation=cfg.get("interpolation", "bilinear"), crop_pct=1.0 if spec.eval_resize is None else 0.875,
+        method=recipe.method.name, method_options=recipe.method.options,
+        dataset=spec, num_rows=run_data.num_rows, fingerprint=run_data.fingerprint,
+        epochs=recipe.train.epochs, batch_size=recipe.data.batch_size, num_processes=num_processes,
+        grad_accum=recipe.train.grad_accum, per_process_batch_size=recipe.per_process_batch_size(num_processes),
+        schedule=Schedule(crop=recipe.crop.mode, warmup_epochs=recipe.crop.warmup_epochs,
+                          loc_epochs=tuple(recipe.localization_epochs()), k=recipe.crop.k, alpha=recipe.crop.alpha,
+                          heatmap_alignment=recipe.crop.heatmap_alignment),
+        license="apache-2.0", target=recipe.target,
+    )
 
 
 def train(recipe: Recipe, output_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
@@ -667,7 +667,7 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool, stop: St
         backbone = online.localization_encoder
         weights = {k: v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()}
         save_file(weights, str(out / "backbone.safetensors"), metadata={"format": "pt"})
-        (out / "run.json").write_text(json.dumps(_run_info(recipe, run_data, backbone, accelerator.num_processes), indent=2))
+        _run_info(recipe, run_data, backbone, accelerator.num_processes).save(out)
         (out / "metrics.json").write_text(json.dumps(metrics | {"history": state.history}, indent=2))
         state.boxes.save(out / "boxes.parquet")
         state.boxes.save(out / "boxes.safetensors")

@@ -34,7 +34,7 @@ def rows_of(sizes: list[tuple[int, int]], fmt: str = "PNG") -> list[dict]:
 
 
 def run_data_config(spec: DatasetSpec) -> dict:
-    """What a run's backbone carries (train._run_info -> evaluate._run_data_cfg)."""
+    """What a run's backbone carries (train._run_info -> RunInfo.data_config)."""
     return {"input_size": (3, spec.image_size, spec.image_size), "mean": spec.mean, "std": spec.std,
             "crop_pct": 1.0 if spec.eval_resize is None else 0.875}
 
