@@ -584,6 +584,10 @@ def classification_transform(data_config: dict[str, Any], *, train: bool) -> Cal
     """Train: RandomResizedCrop + flip; test: :func:`hub_ccrop.views.eval_image` (the kNN monitor's and the
     localization passes' transform): the whole image at ``input_size`` when ``crop_pct`` is 1, else
     resize (``size / crop_pct``) + centre crop. Both normalize."""
+    # Not timm.data.create_transform: its eval path works on PIL images (crop_pct=1 centre-crops a non-square
+    # image instead of resizing the whole of it, and resamples up to 1 level apart), so the CLI would no
+    # longer see the kNN monitor's pixels; its train path draws crops from Python's `random` and adds colour
+    # jitter unless told not to.
     from torchvision import transforms as T
 
     size = tuple(data_config["input_size"][-2:])
