@@ -157,11 +157,11 @@ def make_recipe(args: argparse.Namespace, mode: str, seed: int) -> Recipe:
     raw = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
     raw["name"] = f"evidence_small_objects_{mode}_s{seed}"
     overrides = [
-        f"crop.mode={mode}", f"train.seed={seed}", f"train.epochs={args.epochs}",
+        f"data.dataset={args.dataset}", f"crop.mode={mode}", f"train.seed={seed}", f"train.epochs={args.epochs}",
         f"crop.warmup_epochs={args.warmup}", f"crop.loc_interval={args.loc_interval}",
         f"train.knn_every={args.knn_every}", f"data.num_workers={args.workers}",
         "train.checkpoint_every=1", "train.keep_checkpoints=1000", f"train.show_images={args.show}",
-        "train.log_every=1000",
+        "train.log_every=1000", *args.overrides,
     ]
     return load_recipe(raw, overrides)
 
@@ -301,6 +301,9 @@ def plots(runs: list[dict[str, Any]], tag: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="small_objects_hard", help="small_objects_hard (objects 5-30%%) or small_objects")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="more recipe overrides for both modes, e.g. --set crop.k=0.3")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
@@ -340,7 +343,7 @@ def main() -> None:
     results = {
         "meta": {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
                  "command": " ".join([".venv/bin/python", *[Path(sys.argv[0]).as_posix(), *sys.argv[1:]]]),
-                 "recipe": "recipes/quickstart.yaml + crop.mode/seed/epochs/warm-up/interval overrides",
+                 "recipe": "recipes/quickstart.yaml + dataset/crop.mode/seed/epochs/warm-up/interval (+ --set) overrides",
                  "settings": vars(args), "loc_epochs_evaluated": loc_epochs(args),
                  "total_seconds": time.perf_counter() - started,
                  "notes": ["kNN: k=200, T=0.1, cosine, 4,000 train / 1,000 test images.",
