@@ -3,11 +3,22 @@
 Heatmaps: for CNNs the channel sum of the last feature map (the paper's choice). For token models
 (ViT-style) the patch tokens of the last block, reshaped to the patch grid, reduced by their L2 norm
 (a channel sum of transformer tokens carries no spatial signal).
+
+Alignment (DESIGN.md 2.2): feature cell ``o`` of a map with total stride ``S`` is centred on input pixel
+``a + S*o``; ``a = 0`` for stride-2 conv/pool stems, ``(S-1)/2`` for patchify stems. :func:`cell_centres`
+measures ``(S, a)`` per architecture and input size, and the heatmap is resampled so that every cell sits
+on its receptive-field centre before thresholding. ``alignment="official"`` instead reproduces the
+official code's ``update_box`` (bilinear ``align_corners=False`` upsampling, which places cell ``o`` at
+``S*o + (S-1)/2``, and its box rule ``x1 = last/W``), for paper reproduction.
 """
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +27,22 @@ from tqdm.auto import tqdm
 
 from hub_ccrop.distributed import gather_by_id
 
-__all__ = ["boxes_from_heatmaps", "feature_map", "heatmaps", "localize_boxes", "normalize_heatmaps"]
+__all__ = [
+    "ALIGNMENTS",
+    "CellCentres",
+    "boxes_from_heatmaps",
+    "cell_centres",
+    "feature_map",
+    "heatmaps",
+    "localize_boxes",
+    "model_boxes",
+    "normalize_heatmaps",
+    "official_boxes_from_heatmaps",
+    "picture_heatmaps",
+    "upsample_heatmaps",
+]
+
+ALIGNMENTS = ("receptive_field", "official")
 
 
 def _is_token_model(model: nn.Module) -> bool:
@@ -56,33 +82,260 @@ def normalize_heatmaps(maps: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(constant[:, None, None], 0.0, norm), constant
 
 
-def boxes_from_heatmaps(maps: Tensor, size: tuple[int, int], k: float = 0.1) -> Tensor:
-    """Boxes ``[B, 4]`` (x0, y0, x1, y1) in [0, 1] from raw heatmaps ``[B, h, w]``.
+@dataclass(frozen=True)
+class CellCentres:
+    """Feature cell ``(r, c)`` is centred on input pixel ``(offset[0] + stride[0]*r, offset[1] + stride[1]*c)``
+    (pixel indices: pixel ``i`` spans ``[i, i+1)``, so its centre is ``i + 0.5`` in continuous units)."""
 
-    Min-max normalize, upsample bilinearly to the input ``size`` (H, W), threshold at ``k`` and take
-    the rectangular closure of the active pixels; pixel column ``c`` covers ``[c/W, (c+1)/W]``.
-    Constant maps and empty masks give the whole image.
+    stride: tuple[float, float]
+    offset: tuple[float, float]
+
+    @classmethod
+    def patchify(cls, map_size: tuple[int, int], size: tuple[int, int]) -> CellCentres:
+        """Cells tiling the input evenly (``a = (S-1)/2``): what ``align_corners=False`` upsampling assumes."""
+        stride = (size[0] / map_size[0], size[1] / map_size[1])
+        return cls(stride, ((stride[0] - 1) / 2, (stride[1] - 1) / 2))
+
+
+# A constant input level that keeps every activation (ReLU, GELU, SiLU, sigmoid gates) in its linear
+# regime during the probe; float64 keeps the ramp's ~1 px differences exact on top of it.
+_PROBE_LEVEL = 1e4
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+
+
+def _extrapolate(x: Tensor, dim: int, before: int, after: int) -> Tensor:
+    """Pad ``x`` along ``dim`` by continuing each line linearly (exact for maps affine in position)."""
+    n = x.shape[dim]
+    first, last = x.narrow(dim, 0, 1), x.narrow(dim, n - 1, 1)
+    step_lo = x.narrow(dim, 1, 1) - first if n > 1 else torch.zeros_like(first)
+    step_hi = last - x.narrow(dim, n - 2, 1) if n > 1 else torch.zeros_like(last)
+    shape = [1] * x.ndim
+    shape[dim] = -1
+    lo = torch.arange(before, 0, -1, dtype=x.dtype).view(shape)
+    hi = torch.arange(1, after + 1, dtype=x.dtype).view(shape)
+    return torch.cat([first - step_lo * lo, x, last + step_hi * hi], dim=dim)
+
+
+def _pads(module: nn.Module) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) zero padding of the conv/pool ``module``."""
+    padding = module.padding
+    if padding == "valid":
+        return 0, 0, 0, 0
+    if padding == "same":  # PyTorch puts the odd pixel on the bottom/right
+        total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
+        return total[0] // 2, total[0] - total[0] // 2, total[1] // 2, total[1] - total[1] // 2
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    return ph, ph, pw, pw
+
+
+def _extrapolating(module: nn.Module) -> nn.Module:
+    """Make a conv/avg-pool pad by linear extrapolation instead of zeros (a pre-hook, own padding off)."""
+    def pre_hook(mod: nn.Module, args: tuple) -> tuple:
+        top, bottom, left, right = mod.probe_pads
+        x = _extrapolate(_extrapolate(args[0], 2, top, bottom), 3, left, right)
+        return (x, *args[1:])
+
+    module.probe_pads = _pads(module)
+    module.padding = 0 if isinstance(module, nn.AvgPool2d) else (0, 0)
+    module.register_forward_pre_hook(pre_hook)
+    return module
+
+
+def _affine_probe_copy(model: nn.Module) -> nn.Module:
+    """A float64 CPU copy whose feature map is an exactly linear, translation-covariant function of the input.
+
+    Every conv/linear averages its inputs (uniform weights, no bias), norms are identities, max-pools are
+    average pools of the same window, layer scales are 1, and zero padding becomes linear extrapolation:
+    so an input that is affine in position stays affine through every layer, as on an infinite image,
+    and the moment of cell ``o``'s receptive field is read off without border truncation.
     """
-    if maps.ndim != 3:
-        raise ValueError(f"heatmaps must be [B, h, w], got {tuple(maps.shape)}")
+    probe = copy.deepcopy(getattr(model, "_orig_mod", model)).to("cpu", torch.float64).eval()
+    for name, module in list(probe.named_modules()):
+        parent, _, attr = name.rpartition(".")
+        owner = probe.get_submodule(parent) if name else None
+        if isinstance(module, _NORMS) and owner is not None:
+            setattr(owner, attr, nn.Identity())
+        elif isinstance(module, nn.MaxPool2d) and owner is not None and module.dilation in (1, (1, 1)):
+            avg = nn.AvgPool2d(module.kernel_size, module.stride, module.padding, ceil_mode=module.ceil_mode)
+            setattr(owner, attr, _extrapolating(avg))
+        elif isinstance(module, nn.Conv2d | nn.AvgPool2d):
+            _extrapolating(module)
+    with torch.no_grad():
+        for module in probe.modules():
+            for pname, param in module.named_parameters(recurse=False):
+                if isinstance(module, nn.Conv2d | nn.Linear) and pname == "weight":
+                    param.fill_(1.0 / param[0].numel())
+                else:  # biases would break linearity; scales (layer scale gamma, ...) become 1
+                    param.fill_(0.0 if pname == "bias" else 1.0)
+    return probe
+
+
+def _architecture_key(model: nn.Module) -> tuple:
+    """What decides cell placement: the class and every conv/pool window, in module order."""
+    model = getattr(model, "_orig_mod", model)
+    layers = tuple(
+        (type(m).__name__, *(str(getattr(m, a, None)) for a in ("kernel_size", "stride", "padding", "dilation")))
+        for m in model.modules() if isinstance(m, nn.Conv2d | nn.MaxPool2d | nn.AvgPool2d)
+    )
+    return type(model).__name__, layers
+
+
+_CENTRES: dict[tuple, CellCentres] = {}
+
+
+def cell_centres(model: nn.Module, size: tuple[int, int]) -> CellCentres:
+    """Where the cells of ``model``'s last feature map sit on an input of ``size`` (H, W); cached.
+
+    CNNs: measured on a linearized copy (:func:`_affine_probe_copy`): inputs ``L``, ``L + x`` and
+    ``L + y`` give each cell's receptive-field centroid exactly, and a line fit gives ``(S, a)``.
+    Token models: from the patch-embedding conv (``a = d(k-1)/2 - p``). Models the probe cannot
+    linearize (attention, content-dependent gates) fall back to the patchify placement, with a warning.
+    """
+    size = (int(size[0]), int(size[1]))
+    key = (_architecture_key(model), size)
+    if key not in _CENTRES:
+        _CENTRES[key] = _token_centres(model, size) if _is_token_model(model) else _probe_centres(model, size)
+    return _CENTRES[key]
+
+
+def _token_centres(model: nn.Module, size: tuple[int, int]) -> CellCentres:
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    if not isinstance(proj, nn.Conv2d) or isinstance(proj.padding, str):
+        grid = tuple(getattr(model.patch_embed, "grid_size", (1, 1)))
+        return CellCentres.patchify(grid, size)
+    pads = _pads(proj)
+    stride = tuple(float(s) for s in proj.stride)
+    offset = tuple(d * (k - 1) / 2 - p for d, k, p in zip(proj.dilation, proj.kernel_size, pads[::2], strict=True))
+    return CellCentres(stride, offset)
+
+
+@torch.no_grad()
+def _probe_centres(model: nn.Module, size: tuple[int, int]) -> CellCentres:
+    probe = _affine_probe_copy(model)
     height, width = size
-    norm, constant = normalize_heatmaps(maps)
-    up = F.interpolate(norm[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
-    mask = up > k
-    cols = mask.any(dim=1)  # [B, W]
-    rows = mask.any(dim=2)  # [B, H]
+    ramp_y = torch.arange(height, dtype=torch.float64).view(height, 1).expand(height, width)
+    ramp_x = torch.arange(width, dtype=torch.float64).view(1, width).expand(height, width)
+    level = torch.full((height, width), _PROBE_LEVEL, dtype=torch.float64)
+    x = torch.stack([level, level + ramp_y, level + ramp_x])[:, None].expand(3, 3, height, width)
+    out = feature_map(probe, x.contiguous()).mean(dim=1)  # [3, h, w]; channels are all equal
+    mass = out[0] / _PROBE_LEVEL
+    centroid_y, centroid_x = (out[1] - out[0]) / mass, (out[2] - out[0]) / mass
+    fits = [_line_fit(centroid_y, dim=0), _line_fit(centroid_x, dim=1)]
+    if any(fit is None for fit in fits):
+        warnings.warn(
+            f"{type(model).__name__}: its feature map is not a linear function of the input with uniform "
+            "weights (attention or gating?), so cells are placed as patches tiling the image "
+            "(crop.heatmap_alignment has no effect for this architecture)", stacklevel=3)
+        return CellCentres.patchify(tuple(out.shape[-2:]), size)
+    (stride_y, offset_y), (stride_x, offset_x) = fits
+    return CellCentres((stride_y, stride_x), (offset_y, offset_x))
+
+
+def _line_fit(centroid: Tensor, dim: int, tol: float = 1e-3) -> tuple[float, float] | None:
+    """``(S, a)`` with ``centroid = a + S*o`` along ``dim`` for every cell, or None if it is not a line."""
+    if not torch.isfinite(centroid).all():
+        return None
+    n = centroid.shape[dim]
+    o = torch.arange(n, dtype=torch.float64).view((-1, 1) if dim == 0 else (1, -1))
+    stride = float((centroid.narrow(dim, n - 1, 1) - centroid.narrow(dim, 0, 1)).mean() / (n - 1)) if n > 1 else 1.0
+    offset = float((centroid - stride * o).mean())
+    if stride <= 0 or (centroid - (offset + stride * o)).abs().max() > tol:
+        return None
+    return round(stride, 6) + 0.0, round(offset, 6) + 0.0  # float64 rounding noise off; -0.0 -> 0.0
+
+
+@lru_cache(maxsize=64)
+def _interpolation_matrix(length: int, cells: int, stride: float, offset: float) -> Tensor:
+    """``[length, cells]`` linear-interpolation weights: pixel ``i`` reads cell coordinate ``(i - a)/S``,
+    clamped to the first/last cell (as bilinear upsampling does beyond the outermost centres)."""
+    u = ((torch.arange(length, dtype=torch.float64) - offset) / stride).clamp(0, cells - 1)
+    lo = u.floor().long().clamp(max=max(cells - 2, 0))
+    frac = u - lo
+    weights = torch.zeros(length, cells, dtype=torch.float64)
+    weights[torch.arange(length), lo] = 1 - frac
+    if cells > 1:
+        weights[torch.arange(length), lo + 1] += frac
+    return weights.float()
+
+
+def upsample_heatmaps(maps: Tensor, size: tuple[int, int], centres: CellCentres | None = None) -> Tensor:
+    """``[B, h, w]`` -> ``[B, H, W]``: each cell on its centre, linear in between (exact, separable).
+
+    ``centres=None`` is bilinear ``align_corners=False`` upsampling (cells as patches tiling the image).
+    """
+    if centres is None:
+        return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    (h, w), (height, width) = maps.shape[-2:], size
+    rows = _interpolation_matrix(height, h, centres.stride[0], centres.offset[0]).to(maps.device)
+    cols = _interpolation_matrix(width, w, centres.stride[1], centres.offset[1]).to(maps.device)
+    return torch.einsum("yh,bhw,xw->byx", rows, maps.float(), cols)
+
+
+def _closure(mask: Tensor, whole: Tensor, end: int) -> Tensor:
+    """Boxes ``[B, 4]`` around the active pixels of ``mask`` ``[B, H, W]``; the end edge of the last active
+    pixel ``p`` is ``(p + end)/W``; ``whole`` images and empty masks give the whole image."""
+    height, width = mask.shape[-2:]
+    cols, rows = mask.any(dim=1), mask.any(dim=2)  # [B, W], [B, H]
 
     def extent(active: Tensor, length: int) -> tuple[Tensor, Tensor]:
         first = active.to(torch.int8).argmax(dim=1)
         last = length - 1 - active.flip(1).to(torch.int8).argmax(dim=1)
-        return first / length, (last + 1) / length
+        return first / length, (last + end) / length
 
     x0, x1 = extent(cols, width)
     y0, y1 = extent(rows, height)
     boxes = torch.stack([x0, y0, x1, y1], dim=1).float()
-    whole = constant | ~cols.any(dim=1)
     full = torch.tensor([0.0, 0.0, 1.0, 1.0], device=boxes.device)
-    return torch.where(whole[:, None], full, boxes)
+    return torch.where((whole | ~cols.any(dim=1))[:, None], full, boxes)
+
+
+def boxes_from_heatmaps(maps: Tensor, size: tuple[int, int], k: float = 0.1,
+                        centres: CellCentres | None = None) -> Tensor:
+    """Boxes ``[B, 4]`` (x0, y0, x1, y1) in [0, 1] from raw heatmaps ``[B, h, w]``.
+
+    Min-max normalize, upsample to the input ``size`` (H, W) with each cell on its ``centres``
+    (:func:`upsample_heatmaps`), threshold at ``k`` and take the rectangular closure of the active
+    pixels; pixel column ``c`` covers ``[c/W, (c+1)/W]``. Constant maps and empty masks give the whole image.
+    """
+    if maps.ndim != 3:
+        raise ValueError(f"heatmaps must be [B, h, w], got {tuple(maps.shape)}")
+    norm, constant = normalize_heatmaps(maps)
+    return _closure(upsample_heatmaps(norm, size, centres) > k, constant, end=1)
+
+
+def official_boxes_from_heatmaps(maps: Tensor, size: tuple[int, int], k: float = 0.1) -> Tensor:
+    """The official ``update_box`` (``DDP_*_ccrop.py``), batched, as ``(x0, y0, x1, y1)`` boxes.
+
+    Subtract the min, divide by the max, bilinear ``align_corners=False`` upsampling, threshold ``> k``,
+    box ``(first/W, first/H, last/W, last/H)``: the last active pixel's left edge, not its right edge.
+    Constant maps (NaN there) and empty masks give the whole image here.
+    """
+    if maps.ndim != 3:
+        raise ValueError(f"heatmaps must be [B, h, w], got {tuple(maps.shape)}")
+    norm, constant = normalize_heatmaps(maps)
+    return _closure(upsample_heatmaps(norm, size) > k, constant, end=0)
+
+
+def _check_alignment(alignment: str) -> None:
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
+
+
+def model_boxes(model: nn.Module, maps: Tensor, size: tuple[int, int], k: float = 0.1,
+                alignment: str = "receptive_field") -> Tensor:
+    """Boxes from ``model``'s raw heatmaps ``maps`` on inputs of ``size``, with the chosen ``alignment``."""
+    _check_alignment(alignment)
+    if alignment == "official":
+        return official_boxes_from_heatmaps(maps, size, k)
+    return boxes_from_heatmaps(maps, size, k, cell_centres(model, size))
+
+
+def picture_heatmaps(model: nn.Module, maps: Tensor, size: tuple[int, int],
+                     alignment: str = "receptive_field") -> Tensor:
+    """Normalized heatmaps ``[B, H, W]`` at the input size, placed as :func:`model_boxes` places them."""
+    _check_alignment(alignment)
+    norm, _ = normalize_heatmaps(maps)
+    return upsample_heatmaps(norm, size, None if alignment == "official" else cell_centres(model, size))
 
 
 @torch.no_grad()
@@ -91,6 +344,7 @@ def localize_boxes(
     loader: Iterable,
     *,
     k: float = 0.1,
+    alignment: str = "receptive_field",
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
@@ -102,7 +356,10 @@ def localize_boxes(
     With an ``accelerate.Accelerator`` over several processes, each process localizes its shard and
     the results are gathered **by id** (duplicates from uneven shards are dropped), so every process
     returns the same full table. The model's train/eval mode is restored afterwards.
+    ``alignment``: ``"receptive_field"`` (each cell on its receptive-field centre, :func:`cell_centres`)
+    or ``"official"`` (the official code's boxes, :func:`official_boxes_from_heatmaps`).
     """
+    _check_alignment(alignment)
     if device is None:
         device = accelerator.device if accelerator is not None else next(model.parameters()).device
     device = torch.device(device)
@@ -120,7 +377,7 @@ def localize_boxes(
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 maps = heatmaps(model, images)
             all_ids.append(torch.as_tensor(ids, dtype=torch.int64, device=device))
-            all_boxes.append(boxes_from_heatmaps(maps, tuple(images.shape[-2:]), k))
+            all_boxes.append(model_boxes(model, maps, tuple(images.shape[-2:]), k, alignment))
     finally:
         model.train(was_training)
     ids = torch.cat(all_ids) if all_ids else torch.empty(0, dtype=torch.int64, device=device)

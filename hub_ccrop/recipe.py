@@ -63,6 +63,7 @@ class CropConfig:
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
     alpha: float = 0.1
     k: float = 0.1
+    heatmap_alignment: str = "receptive_field"  # receptive_field | official (the official code's boxes, for reproduction)
     warmup_epochs: int = 100  # RandomResizedCrop epochs before ContrastiveCrop starts
     loc_interval: int = 100  # localize after every loc_interval epochs once warm-up is over
     loc_epochs: list[int] | None = None  # explicit epochs (1-based, after the epoch) instead of the interval
@@ -139,6 +140,7 @@ class Recipe:
 
 _CHOICES = {
     "crop.mode": ("ccrop", "rcrop"),
+    "crop.heatmap_alignment": ("receptive_field", "official"),
     "optim.name": ("sgd", "lars"),
     "optim.schedule": ("cosine", "constant"),
     "optim.lr_scaling": ("none", "linear"),

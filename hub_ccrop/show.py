@@ -19,7 +19,7 @@ from PIL import Image
 
 from hub_ccrop.data import decode_image
 from hub_ccrop.evaluate import backbone_data_config, classification_transform, load_backbone
-from hub_ccrop.localize import boxes_from_heatmaps, heatmaps, normalize_heatmaps
+from hub_ccrop.localize import heatmaps, model_boxes, picture_heatmaps
 from hub_ccrop.viz import draw_localization_grid, to_uint8
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -76,9 +76,9 @@ def show(source: str, *, inputs: list[str] | None = None, num_images: int = 8, k
     batch = torch.stack([transform(img) for img in images])
     raw = heatmaps(model, batch)
     size = tuple(batch.shape[-2:])
-    boxes = boxes_from_heatmaps(raw, size, k)
-    maps, _ = normalize_heatmaps(raw)
-    maps = torch.nn.functional.interpolate(maps[:, None], size=size, mode="bilinear")[:, 0]
+    alignment = schedule.get("heatmap_alignment", "receptive_field")
+    boxes = model_boxes(model, raw, size, k, alignment)
+    maps = picture_heatmaps(model, raw, size, alignment)
     pixels = to_uint8(batch, cfg["mean"], cfg["std"])
     out = Path(out) if out else (run_dir / "pictures" / "show.png" if run else Path("show.png"))
     path = draw_localization_grid(pixels, maps, boxes, out, alpha=alpha, gt_boxes=gt, seed=seed,

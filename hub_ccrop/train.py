@@ -40,7 +40,7 @@ from hub_ccrop.data import DatasetSpec
 from hub_ccrop.distributed import default_autocast_dtype
 from hub_ccrop.evaluate import extract_features, knn_accuracy
 from hub_ccrop.hub import load_boxes
-from hub_ccrop.localize import heatmaps, localize_boxes, normalize_heatmaps
+from hub_ccrop.localize import heatmaps, localize_boxes, picture_heatmaps
 from hub_ccrop.methods import METHOD_DEFAULTS, build_method
 from hub_ccrop.models import create_backbone, prepare_model
 from hub_ccrop.optim import build_optimizer, set_epoch_lr
@@ -268,11 +268,12 @@ def _localization_pass(accelerator: Accelerator, encoder, run_data: RunData, sta
     collate = EvalCollate(run_data.spec, purpose="localize")
     start = time.perf_counter()
     ids, boxes = localize_boxes(encoder, _eval_loader(accelerator, run_data.pretrain, collate, recipe),
-                                k=recipe.crop.k, autocast_dtype=default_autocast_dtype(accelerator.device),
+                                k=recipe.crop.k, alignment=recipe.crop.heatmap_alignment,
+                                autocast_dtype=default_autocast_dtype(accelerator.device),
                                 channels_last=recipe.model.channels_last, accelerator=accelerator)
     seconds = time.perf_counter() - start
     state.boxes.update(ids, boxes)
-    state.boxes.metadata.update(epoch=state.epoch, k=recipe.crop.k)
+    state.boxes.metadata.update(epoch=state.epoch, k=recipe.crop.k, heatmap_alignment=recipe.crop.heatmap_alignment)
     _check_same_on_every_process(accelerator, state.boxes.boxes)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     stats = {"loc_seconds": seconds, "loc_images": len(ids), "box_area": float(area.mean())}
@@ -324,8 +325,7 @@ def _draw_picture(encoder, run_data: RunData, collate: EvalCollate, state: Train
     encoder.eval()
     raw = heatmaps(encoder, images.to(next(encoder.parameters()).device)).cpu()
     encoder.train(was_training)
-    maps, _ = normalize_heatmaps(raw)
-    maps = torch.nn.functional.interpolate(maps[:, None], size=images.shape[-2:], mode="bilinear")[:, 0]
+    maps = picture_heatmaps(encoder, raw, tuple(images.shape[-2:]), recipe.crop.heatmap_alignment)
     gt = run_data.gt_boxes[ids] if run_data.gt_boxes is not None else None
     draw_localization_grid(to_uint8(images, run_data.spec.mean, run_data.spec.std), maps, state.boxes.lookup(ids),
                            path, alpha=recipe.crop.alpha, scale=recipe.crop.scale, ratio=recipe.crop.ratio,
@@ -347,7 +347,8 @@ def _run_info(recipe: Recipe, run_data: RunData, backbone) -> dict[str, Any]:
                     "train_split": spec.train_split, "test_split": spec.test_split},
         "epochs": recipe.train.epochs, "batch_size": recipe.data.batch_size,
         "schedule": {"crop": recipe.crop.mode, "warmup_epochs": recipe.crop.warmup_epochs,
-                     "loc_epochs": recipe.localization_epochs(), "k": recipe.crop.k, "alpha": recipe.crop.alpha},
+                     "loc_epochs": recipe.localization_epochs(), "k": recipe.crop.k, "alpha": recipe.crop.alpha,
+                     "heatmap_alignment": recipe.crop.heatmap_alignment},
         "license": "apache-2.0", "target": recipe.target,
     }
 
