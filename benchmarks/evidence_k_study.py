@@ -36,7 +36,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from hub_ccrop.boxes import pairwise_box_iou  # noqa: E402
 from hub_ccrop.crop import object_miss_rate  # noqa: E402
-from hub_ccrop.localize import localize_boxes  # noqa: E402
+from hub_ccrop.localize import heatmaps, localize_boxes, model_boxes, normalize_heatmaps  # noqa: E402
 from hub_ccrop.recipe import Recipe, load_recipe  # noqa: E402
 from hub_ccrop.train import RunData, build_data  # noqa: E402
 from hub_ccrop.views import EvalCollate  # noqa: E402
@@ -44,8 +44,7 @@ from hub_ccrop.views import EvalCollate  # noqa: E402
 KS = (0.05, 0.1, 0.2, 0.3, 0.5)
 
 
-class MeanThreshold(float):
-    """A marker for the relative threshold: each normalized map's own mean (no hand-set k)."""
+RELATIVE = "map_mean"  # the threshold with no hand-set k: each min-max normalized map's own mean
 
 
 def open_run(run: Path, rows: int | None) -> tuple[Recipe, torch.nn.Module, RunData, Any]:
@@ -56,20 +55,31 @@ def open_run(run: Path, rows: int | None) -> tuple[Recipe, torch.nn.Module, RunD
     return recipe, backbone, run_data, rows_ds
 
 
-def boxes_at(backbone: torch.nn.Module, run_data: RunData, rows: Any, k: float, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids, boxes)`` of ``rows`` localized at threshold ``k`` (the project's localization pass)."""
-    collate = EvalCollate(run_data.spec, purpose="localize")
-    return localize_boxes(backbone, loader(rows, collate, 512, workers), k=k, progress=False)
+@torch.no_grad()
+def boxes_at(backbone: torch.nn.Module, run_data: RunData, rows: Any, k: float | str, workers: int,
+             alignment: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, boxes)`` of ``rows`` localized at threshold ``k`` (the project's localization pass), or with
+    each map's own mean as its threshold (``k=RELATIVE``)."""
+    batches = loader(rows, EvalCollate(run_data.spec, purpose="localize"), 512, workers)
+    if k != RELATIVE:
+        return localize_boxes(backbone, batches, k=k, alignment=alignment, progress=False)
+    all_ids, all_boxes = [], []
+    for images, ids, _ in batches:
+        raw = heatmaps(backbone, images)
+        own_k = normalize_heatmaps(raw)[0].mean(dim=(1, 2))[:, None, None]  # broadcasts over the upsampled map
+        all_ids.append(ids)
+        all_boxes.append(model_boxes(backbone, raw, tuple(images.shape[-2:]), own_k, alignment))
+    return torch.cat(all_ids), torch.cat(all_boxes)
 
 
-def study(run: Path, ks: list[float], workers: int, rows: int | None) -> dict[str, Any]:
+def study(run: Path, ks: list[float | str], workers: int, rows: int | None) -> dict[str, Any]:
     recipe, backbone, run_data, data = open_run(run, rows)
     c = recipe.crop
     out: dict[str, Any] = {"run": str(run), "dataset": recipe.data.dataset, "images": len(data),
-                           "recipe_k": c.k, "alpha": c.alpha, "per_k": []}
+                           "recipe_k": c.k, "alpha": c.alpha, "alignment": c.heatmap_alignment, "per_k": []}
     for k in ks:
         tic = time.perf_counter()
-        ids, boxes = boxes_at(backbone, run_data, data, k, workers)
+        ids, boxes = boxes_at(backbone, run_data, data, k, workers, c.heatmap_alignment)
         area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         record: dict[str, Any] = {"k": k, "box_area": float(area.mean()), "whole_image_share": float((area > 0.99).float().mean()),
                                   "seconds": time.perf_counter() - tic}
@@ -85,7 +95,7 @@ def study(run: Path, ks: list[float], workers: int, rows: int | None) -> dict[st
     return out
 
 
-def picture(run: Path, ks: list[float], workers: int, result: dict[str, Any], cifar: dict[str, Any] | None,
+def picture(run: Path, ks: list[float | str], result: dict[str, Any], cifar: dict[str, Any] | None,
             path: Path, n: int = 6) -> None:
     """Left: IoU and box area vs k; right: the boxes of ``n`` images at each k (yellow) and the objects (cyan)."""
     import matplotlib
@@ -102,20 +112,24 @@ def picture(run: Path, ks: list[float], workers: int, result: dict[str, Any], ci
     fig = plt.figure(figsize=(3.2 + 1.3 * len(ks), 1.3 * n + 0.6))
     grid = fig.add_gridspec(n, len(ks) + 2, width_ratios=[2.4, 0.3] + [1] * len(ks))
     ax = fig.add_subplot(grid[:, 0])
-    per_k = result["per_k"]
+    per_k = [r for r in result["per_k"] if r["k"] != RELATIVE]
     xs = [r["k"] for r in per_k]
     ax.plot(xs, [r["box_iou"] for r in per_k], "o-", color="tab:red", label="IoU with the object (small objects)")
     ax.plot(xs, [r["box_area"] for r in per_k], "s--", color="tab:red", alpha=0.6, label="box area (small objects)")
     ax.axhline(per_k[0]["gt_area"], color="tab:cyan", lw=1, label="object area (ground truth)")
     if cifar is not None:
-        ax.plot([r["k"] for r in cifar["per_k"]], [r["box_area"] for r in cifar["per_k"]], "s--", color="tab:gray",
+        fixed = [r for r in cifar["per_k"] if r["k"] != RELATIVE]
+        ax.plot([r["k"] for r in fixed], [r["box_area"] for r in fixed], "s--", color="tab:gray",
                 label="box area (CIFAR-10)")
+    relative = next((r for r in result["per_k"] if r["k"] == RELATIVE), None)
+    if relative is not None:
+        ax.axhline(relative["box_iou"], color="tab:purple", ls=":", label=f"IoU, k = each map's mean ({RELATIVE})")
     ax.set(xlabel="threshold k", ylim=(0, 1.02), title="localization threshold k")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center right")
     size = run_data.spec.image_size
     for col, k in enumerate(ks):
-        _, boxes = boxes_at(backbone, run_data, rows, k, 0)
+        _, boxes = boxes_at(backbone, run_data, rows, k, 0, recipe.crop.heatmap_alignment)
         for row in range(n):
             a = fig.add_subplot(grid[row, col + 2])
             a.imshow(pixels[row])
@@ -125,7 +139,7 @@ def picture(run: Path, ks: list[float], workers: int, result: dict[str, Any], ci
             a.set_xticks([])
             a.set_yticks([])
             if row == 0:
-                a.set_title(f"k={k}", fontsize=8)
+                a.set_title(f"k={k}" if k != RELATIVE else "k=map mean", fontsize=8)
     fig.suptitle(f"{recipe.name}: boxes of the final backbone per threshold k (yellow) vs objects (cyan)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -138,6 +152,7 @@ def main() -> None:
     parser.add_argument("--cifar-run", type=Path, default=None, help="a finished CIFAR-10 run folder")
     parser.add_argument("--cifar-rows", type=int, default=5000, help="CIFAR-10 pretraining rows to localize")
     parser.add_argument("--ks", type=float, nargs="+", default=list(KS))
+    parser.add_argument("--no-relative", action="store_true", help="skip the per-map relative threshold")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
@@ -148,10 +163,12 @@ def main() -> None:
                        "notes": ["boxes: localize.localize_boxes on every pretraining image, final backbone of the run",
                                  "miss_rate_*: share of view pairs (4 x N pairs, seed 0) where a view covers < 20% "
                                  "of the object; ccrop with these boxes and the run's alpha"]},
-              "small_objects": study(args.run, args.ks, args.workers, None)}
+              }
+    ks = [*args.ks, *([] if args.no_relative else [RELATIVE])]
+    result["small_objects"] = study(args.run, ks, args.workers, None)
     if args.cifar_run is not None:
-        result["cifar10"] = study(args.cifar_run, args.ks, args.workers, args.cifar_rows)
-    picture(args.run, args.ks, args.workers, result["small_objects"], result.get("cifar10"),
+        result["cifar10"] = study(args.cifar_run, ks, args.workers, args.cifar_rows)
+    picture(args.run, ks, result["small_objects"], result.get("cifar10"),
             EVIDENCE / f"k_study{tag}.png")
     result["meta"]["total_seconds"] = time.perf_counter() - started
     (EVIDENCE / f"k_study{tag}.json").write_text(json.dumps(result, indent=1))

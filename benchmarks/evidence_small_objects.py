@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from hub_ccrop.boxes import pairwise_box_iou  # noqa: E402
 from hub_ccrop.crop import object_miss_rate  # noqa: E402
 from hub_ccrop.evaluate import extract_features, knn_accuracy, linear_probe_on_features  # noqa: E402
-from hub_ccrop.localize import heatmaps, localize_boxes, normalize_heatmaps  # noqa: E402
+from hub_ccrop.localize import heatmaps, localize_boxes, model_boxes, picture_heatmaps  # noqa: E402
 from hub_ccrop.models import create_backbone  # noqa: E402
 from hub_ccrop.recipe import Recipe, load_recipe  # noqa: E402
 from hub_ccrop.train import RunData, build_data, train  # noqa: E402
@@ -187,7 +187,7 @@ def analyse_run(recipe: Recipe, run: Path, run_data: RunData, args: argparse.Nam
         model = backbones[epoch]
         tic = time.perf_counter()
         ids, boxes = localize_boxes(model, loader(run_data.pretrain, collate, 512, args.workers), k=c.k,
-                                    progress=False)
+                                    alignment=c.heatmap_alignment, progress=False)
         seconds = time.perf_counter() - tic
         table = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(run_data.num_rows, 1)
         table[ids] = boxes.float()
@@ -225,10 +225,9 @@ def picture(recipe: Recipe, run: Path, run_data: RunData, boxes_backbone: torch.
     images, ids, _ = EvalCollate(run_data.spec, purpose="localize")(rows)
     with torch.no_grad():
         raw = heatmaps(boxes_backbone, images)
-    maps, _ = normalize_heatmaps(raw)
-    from hub_ccrop.localize import boxes_from_heatmaps
-    boxes = boxes_from_heatmaps(raw, tuple(images.shape[-2:]), recipe.crop.k)
-    maps = torch.nn.functional.interpolate(maps[:, None], size=images.shape[-2:], mode="bilinear")[:, 0]
+    size, alignment = tuple(images.shape[-2:]), recipe.crop.heatmap_alignment
+    boxes = model_boxes(boxes_backbone, raw, size, recipe.crop.k, alignment)
+    maps = picture_heatmaps(boxes_backbone, raw, size, alignment)
     draw_localization_grid(to_uint8(images, run_data.spec.mean, run_data.spec.std), maps, boxes, path,
                            alpha=recipe.crop.alpha, scale=recipe.crop.scale, ratio=recipe.crop.ratio,
                            gt_boxes=run_data.gt_boxes[ids], ids=ids.tolist(),
