@@ -205,7 +205,8 @@ def test_two_processes_match_one(tiny_objects, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        ids, boxes = localize_boxes(backbone, loader, k=0.1, progress=False)
+        ids, boxes = localize_boxes(backbone, loader, k=load_recipe(REPO / "recipes" / "quickstart.yaml").crop.k,
+                                    progress=False)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(ids, torch.arange(192))
