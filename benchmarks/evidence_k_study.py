@@ -126,7 +126,7 @@ def picture(run: Path, ks: list[float | str], result: dict[str, Any], cifar: dic
         ax.axhline(relative["box_iou"], color="tab:purple", ls=":", label=f"IoU, k = each map's mean ({RELATIVE})")
     ax.set(xlabel="threshold k", ylim=(0, 1.02), title="localization threshold k")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center right")
+    ax.legend(fontsize=7, loc="upper right")
     size = run_data.spec.image_size
     for col, k in enumerate(ks):
         _, boxes = boxes_at(backbone, run_data, rows, k, 0, recipe.crop.heatmap_alignment)
