@@ -12,8 +12,13 @@ import torch
 from hub_ccrop.crop import object_miss_rate
 from hub_ccrop.data import dataset_fingerprint, get_spec, load_images, num_ids
 from hub_ccrop.synthetic import (
-    SHAPES, STYLES, make_small_objects, render_small_object, small_objects_dir, small_objects_hard_dir,
-)  # fmt: skip
+    SHAPES,
+    STYLES,
+    make_small_objects,
+    render_small_object,
+    small_objects_dir,
+    small_objects_hard_dir,
+)
 
 
 @pytest.fixture(scope="module")
