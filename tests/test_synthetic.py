@@ -145,3 +145,12 @@ def test_default_spec_generates_offline_quickly(tmp_path, monkeypatch):
     elapsed = time.perf_counter() - start
     assert (len(train), len(test)) == (4000, 1000)
     assert elapsed < 40  # ~10 s on an idle 2-core machine
+
+
+@pytest.mark.parametrize(("spec_name", "style"), [("small_objects", "quickstart"), ("small_objects_hard", "hard")])
+def test_spec_normalization_matches_the_style(spec_name, style):
+    """Each registered spec's mean/std are those of its style's pixels (200 images, within 0.01)."""
+    pixels = np.stack([np.asarray(render_small_object(0, i, style=style)[0]) for i in range(200)]) / 255
+    spec = get_spec(spec_name)
+    assert np.abs(pixels.mean(axis=(0, 1, 2)) - spec.mean).max() < 0.01
+    assert np.abs(pixels.std(axis=(0, 1, 2)) - spec.std).max() < 0.01
