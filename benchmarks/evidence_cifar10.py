@@ -131,7 +131,7 @@ def gpu_plan() -> dict[str, Any]:
         "single_gpu": f"hub-ccrop train recipes/simclr_cifar10_ccrop.yaml {data} --output-dir runs/simclr_cifar10_ccrop",
         "single_gpu_rcrop": f"hub-ccrop train recipes/simclr_cifar10_rcrop.yaml {data} --output-dir runs/simclr_cifar10_rcrop",
         "eight_gpus": ("accelerate launch --multi_gpu --num_processes 8 -m hub_ccrop.train "
-                       f"recipes/simclr_cifar10_ccrop.yaml {data} --set data.batch_size=64 "
+                       f"recipes/simclr_cifar10_ccrop.yaml {data} "
                        "--output-dir runs/simclr_cifar10_ccrop_8gpu"),
         "faster_views_on_gpu": "--set data.batched_views=true --set data.device_resident=true",
         "flops": {"forward_per_image": fwd, "train_per_image": per_image, "train_images": images,
@@ -139,8 +139,8 @@ def gpu_plan() -> dict[str, Any]:
         "estimate": est,
         "note": ("ESTIMATE, not measured: total FLOPs / an assumed sustained bf16 throughput. ResNet-18 at 32 px "
                  "uses an H100 poorly (small convolutions, batch 512): 30 TFLOP/s is the conservative, 100 the "
-                 "optimistic case. Eight GPUs with data.batch_size=64 per process keep the paper's global batch "
-                 "512; 64 images per GPU is small, so the 8-GPU time is the ideal-scaling bound, not a prediction. "
+                 "optimistic case. Eight GPUs split the recipe's global data.batch_size "
+                 "512 into 8 x 64; 64 images per GPU is small, so the 8-GPU time is the ideal-scaling bound, not a prediction. "
                  "The collate stage must keep up: on CPU workers the per-image path makes ~3k views/s per core "
                  "(benchmarks/README.md), so use batched_views/device_resident on the GPU."),
     }

@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from hub_ccrop.boxes import pairwise_box_iou  # noqa: E402
 from hub_ccrop.crop import object_miss_rate  # noqa: E402
 from hub_ccrop.evaluate import extract_features, knn_accuracy, linear_probe_on_features  # noqa: E402
-from hub_ccrop.localize import heatmaps, localize_boxes, normalize_heatmaps  # noqa: E402
+from hub_ccrop.localize import heatmaps, localize_boxes, model_boxes, picture_heatmaps  # noqa: E402
 from hub_ccrop.models import create_backbone  # noqa: E402
 from hub_ccrop.recipe import Recipe, load_recipe  # noqa: E402
 from hub_ccrop.train import RunData, build_data, train  # noqa: E402
@@ -157,11 +157,11 @@ def make_recipe(args: argparse.Namespace, mode: str, seed: int) -> Recipe:
     raw = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
     raw["name"] = f"evidence_small_objects_{mode}_s{seed}"
     overrides = [
-        f"crop.mode={mode}", f"train.seed={seed}", f"train.epochs={args.epochs}",
+        f"data.dataset={args.dataset}", f"crop.mode={mode}", f"train.seed={seed}", f"train.epochs={args.epochs}",
         f"crop.warmup_epochs={args.warmup}", f"crop.loc_interval={args.loc_interval}",
         f"train.knn_every={args.knn_every}", f"data.num_workers={args.workers}",
         "train.checkpoint_every=1", "train.keep_checkpoints=1000", f"train.show_images={args.show}",
-        "train.log_every=1000",
+        "train.log_every=1000", *args.overrides,
     ]
     return load_recipe(raw, overrides)
 
@@ -187,7 +187,7 @@ def analyse_run(recipe: Recipe, run: Path, run_data: RunData, args: argparse.Nam
         model = backbones[epoch]
         tic = time.perf_counter()
         ids, boxes = localize_boxes(model, loader(run_data.pretrain, collate, 512, args.workers), k=c.k,
-                                    progress=False)
+                                    alignment=c.heatmap_alignment, progress=False)
         seconds = time.perf_counter() - tic
         table = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(run_data.num_rows, 1)
         table[ids] = boxes.float()
@@ -225,10 +225,9 @@ def picture(recipe: Recipe, run: Path, run_data: RunData, boxes_backbone: torch.
     images, ids, _ = EvalCollate(run_data.spec, purpose="localize")(rows)
     with torch.no_grad():
         raw = heatmaps(boxes_backbone, images)
-    maps, _ = normalize_heatmaps(raw)
-    from hub_ccrop.localize import boxes_from_heatmaps
-    boxes = boxes_from_heatmaps(raw, tuple(images.shape[-2:]), recipe.crop.k)
-    maps = torch.nn.functional.interpolate(maps[:, None], size=images.shape[-2:], mode="bilinear")[:, 0]
+    size, alignment = tuple(images.shape[-2:]), recipe.crop.heatmap_alignment
+    boxes = model_boxes(boxes_backbone, raw, size, recipe.crop.k, alignment)
+    maps = picture_heatmaps(boxes_backbone, raw, size, alignment)
     draw_localization_grid(to_uint8(images, run_data.spec.mean, run_data.spec.std), maps, boxes, path,
                            alpha=recipe.crop.alpha, scale=recipe.crop.scale, ratio=recipe.crop.ratio,
                            gt_boxes=run_data.gt_boxes[ids], ids=ids.tolist(),
@@ -301,6 +300,9 @@ def plots(runs: list[dict[str, Any]], tag: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="small_objects_hard", help="small_objects_hard (objects 5-30%%) or small_objects")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="more recipe overrides for both modes, e.g. --set crop.k=0.3")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
@@ -340,7 +342,7 @@ def main() -> None:
     results = {
         "meta": {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
                  "command": " ".join([".venv/bin/python", *[Path(sys.argv[0]).as_posix(), *sys.argv[1:]]]),
-                 "recipe": "recipes/quickstart.yaml + crop.mode/seed/epochs/warm-up/interval overrides",
+                 "recipe": "recipes/quickstart.yaml + dataset/crop.mode/seed/epochs/warm-up/interval (+ --set) overrides",
                  "settings": vars(args), "loc_epochs_evaluated": loc_epochs(args),
                  "total_seconds": time.perf_counter() - started,
                  "notes": ["kNN: k=200, T=0.1, cosine, 4,000 train / 1,000 test images.",

@@ -220,7 +220,11 @@ register_spec(_SPECS["imagenet1k"].replace(name="imagenet200", class_subset=IMAG
 # The built-in synthetic set (hub_ccrop.synthetic), generated offline on first use; mean/std measured.
 register_spec(DatasetSpec(
     name="small_objects", generator="hub_ccrop.synthetic:small_objects_dir", image_size=64,
-    mean=(0.446, 0.445, 0.446), std=(0.147, 0.148, 0.148), num_classes=10, extra_columns=("gt_box",),
+    mean=(0.519, 0.485, 0.396), std=(0.182, 0.116, 0.114), num_classes=10, extra_columns=("gt_box",),
+))  # fmt: skip
+register_spec(_SPECS["small_objects"].replace(  # objects 5-30% of the image instead of 10-40%
+    name="small_objects_hard", generator="hub_ccrop.synthetic:small_objects_hard_dir",
+    mean=(0.496, 0.472, 0.409), std=(0.158, 0.102, 0.100),
 ))  # fmt: skip
 
 

@@ -1,10 +1,18 @@
 """The built-in small-objects dataset: 10 shape classes on quiet, cluttered backgrounds.
 
-Each image holds one salient object (saturated, bright) whose tight box covers 5-30% of the image,
-on a low-saturation, low-contrast background with clutter. Saturated high-contrast backgrounds make
-a network learn the background instead of the object (DESIGN.md section 7), so the background is kept
-quiet on purpose. Images are a pure function of ``(seed, index)``; ``gt_box`` is the object's tight
-box ``(x0, y0, x1, y1)`` in [0, 1] (pixel column ``c`` covers ``[c / W, (c + 1) / W]``).
+Each image holds one salient object (saturated, bright) on a low-saturation, low-contrast background
+with clutter. Saturated high-contrast backgrounds make a network learn the background instead of the
+object (DESIGN.md section 7), so the background is kept quiet on purpose. Objects share one narrow
+color band, independent of the class: a per-image random object hue was the cheapest cue that tells
+two images apart, so SimCLR learned color instead of shape (kNN 17% after 6 epochs; one color band,
+bigger objects and a quieter background: 24% after 4, benchmarks/README.md "Quickstart (issue 13)").
+Images are a pure function of ``(style, seed, index, size)``;
+``gt_box`` is the object's tight box ``(x0, y0, x1, y1)`` in [0, 1] (pixel column ``c`` covers
+``[c / W, (c + 1) / W]``).
+
+Two styles differ only in object size (:data:`STYLES`): ``"quickstart"`` (tight box 10-40% of the
+image, the default and the ``small_objects`` spec) and ``"hard"`` (5-30%, ``small_objects_hard``).
+Random crops miss the object in both (``crop.object_miss_rate``), more often in ``"hard"``.
 
 ``get_spec("small_objects")`` reads a cached parquet copy (train: 4,000 images seed 0, test: 1,000
 images seed 1) generated on first use under ``$HUB_CCROP_CACHE`` (default ``~/.cache/hub_ccrop``).
@@ -16,17 +24,34 @@ import colorsys
 import io
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["SHAPES", "cache_root", "make_small_objects", "render_small_object", "small_objects_dir"]
+__all__ = [
+    "SHAPES", "STYLES", "Style", "cache_root", "make_small_objects", "render_small_object", "small_objects_dir",
+    "small_objects_hard_dir",
+]  # fmt: skip
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "star", "diamond", "bar", "l_shape", "hexagon")
-AREA_RANGE = (0.05, 0.30)  # fraction of the image covered by the object's tight box
-GENERATOR_VERSION = 1  # bump when the images change: cached copies are keyed by it
+
+
+@dataclass(frozen=True)
+class Style:
+    """What makes the set easy or hard; ranges are sampled uniformly per image."""
+
+    area_range: tuple[float, float] = (0.10, 0.40)  # fraction of the image covered by the object's tight box
+    clutter_items: tuple[int, int] = (8, 20)
+    background_value: tuple[float, float] = (0.40, 0.50)
+    background_saturation: tuple[float, float] = (0.0, 0.08)
+    object_hue: tuple[float, float] = (0.08, 0.16)  # one color band (amber) for every class
+
+
+STYLES = {"quickstart": Style(), "hard": Style(area_range=(0.05, 0.30))}
+GENERATOR_VERSION = 2  # bump when the images change: cached copies are keyed by it
 TRAIN_IMAGES, TEST_IMAGES = 4000, 1000
 TRAIN_SEED, TEST_SEED = 0, 1
 
@@ -76,12 +101,12 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, 
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def _background(rng: np.random.Generator, size: int) -> tuple[Image.Image, float]:
-    """A quiet, cluttered background: low saturation, low contrast; returns (image, hue)."""
-    hue, sat, val = rng.random(), rng.uniform(0.0, 0.15), rng.uniform(0.3, 0.6)
+def _background(rng: np.random.Generator, size: int, style: Style) -> Image.Image:
+    """A quiet, cluttered background: low saturation, low contrast."""
+    hue, sat, val = rng.random(), rng.uniform(*style.background_saturation), rng.uniform(*style.background_value)
     img = Image.new("RGB", (size, size), _hsv(hue, sat, val))
     draw = ImageDraw.Draw(img)
-    u = rng.random((int(rng.integers(15, 35)), 9))  # one draw for all clutter items
+    u = rng.random((int(rng.integers(*style.clutter_items)), 9))  # one draw for all clutter items
     for kind, dh, ds, dv, x, y, w, h, t in u:
         color = _hsv(hue + 0.16 * (dh - 0.5), sat * (0.5 + ds), val + 0.16 * (dv - 0.5))
         x, y = x * (size + 4) - 4, y * (size + 4) - 4
@@ -94,18 +119,22 @@ def _background(rng: np.random.Generator, size: int) -> tuple[Image.Image, float
             draw.line((x, y, x + (2 * t - 1) * size / 3, y + (2 * dh - 1) * size / 3), fill=color, width=1)
         else:
             draw.polygon([(x, y), (x + w, y + t * h), (x + t * w, y + h)], fill=color)
-    return img, hue
+    return img
 
 
-def render_small_object(seed: int, index: int, size: int = 64) -> tuple[Image.Image, int, list[float]]:
-    """One image: ``(RGB image, label, gt_box)``, a pure function of ``(seed, index, size)``."""
+def render_small_object(
+    seed: int, index: int, size: int = 64, style: str | Style = "quickstart"
+) -> tuple[Image.Image, int, list[float]]:
+    """One image: ``(RGB image, label, gt_box)``, a pure function of ``(seed, index, size, style)``."""
+    style = STYLES[style] if isinstance(style, str) else style
     rng = np.random.default_rng([seed, index, size])
     label = int(rng.integers(len(SHAPES)))
     shape = SHAPES[label]
-    img, bg_hue = _background(rng, size)
+    img = _background(rng, size, style)
     full = size * size
-    for _ in range(50):  # rejection: the *drawn* tight box must cover AREA_RANGE of the image
-        area = rng.uniform(*AREA_RANGE) * full
+    low, high = style.area_range
+    for _ in range(50):  # rejection: the *drawn* tight box must cover the style's area_range of the image
+        area = rng.uniform(low, high) * full
         if shape == "bar":
             aspect = rng.uniform(2.5, 4.0) ** (1 if rng.random() < 0.5 else -1)
         elif shape in ("circle", "square", "ring"):
@@ -123,18 +152,18 @@ def render_small_object(seed: int, index: int, size: int = 64) -> tuple[Image.Im
             continue
         box = [cols[0] / size, rows[0] / size, (cols[-1] + 1) / size, (rows[-1] + 1) / size]
         frac = (box[2] - box[0]) * (box[3] - box[1])
-        if AREA_RANGE[0] <= frac <= AREA_RANGE[1]:
+        if low <= frac <= high:
             break
     else:  # pragma: no cover - the ranges above always admit a shape
         raise RuntimeError(f"could not place a {shape} in a {size}px image (seed {seed}, index {index})")
-    # Salient object: saturated and bright, hue away from the background's.
-    color = _hsv(bg_hue + rng.uniform(0.25, 0.75), rng.uniform(0.65, 1.0), rng.uniform(0.85, 1.0))
+    # Salient object: saturated and bright, in the style's color band (the background is near gray).
+    color = _hsv(rng.uniform(*style.object_hue), rng.uniform(0.65, 1.0), rng.uniform(0.85, 1.0))
     img.paste(Image.new("RGB", img.size, color), mask=mask)
     arr = np.asarray(img, dtype=np.int16) + rng.normal(0.0, 4.0, (size, size, 3)).round().astype(np.int16)
     return Image.fromarray(arr.clip(0, 255).astype(np.uint8), "RGB"), label, [float(v) for v in box]
 
 
-def make_small_objects(num_images: int, *, size: int = 64, seed: int = 0) -> Any:
+def make_small_objects(num_images: int, *, size: int = 64, seed: int = 0, style: str | Style = "quickstart") -> Any:
     """A ``datasets.Dataset`` of ``num_images`` images: columns ``id, image`` (decoded to PIL on access),
     ``label, gt_box``; PNG-encoded, so what you read is exactly what was rendered."""
     from datasets import ClassLabel, Dataset, Features, List, Value
@@ -142,7 +171,7 @@ def make_small_objects(num_images: int, *, size: int = 64, seed: int = 0) -> Any
 
     images, labels, boxes = [], [], []
     for index in range(num_images):
-        img, label, box = render_small_object(seed, index, size)
+        img, label, box = render_small_object(seed, index, size, style)
         buffer = io.BytesIO()
         img.save(buffer, "PNG", compress_level=1)
         images.append({"bytes": buffer.getvalue(), "path": None})
@@ -170,19 +199,28 @@ def small_objects_dir(
     train: int = TRAIN_IMAGES,
     test: int = TEST_IMAGES,
     size: int = 64,
+    style: str = "quickstart",
 ) -> Path:
     """A folder of Hub-style parquet files (``train-00000-of-00001.parquet``, ``test-...``), made once.
 
     Files are written atomically, so concurrent processes (several ranks) may all call this.
     """
+    if style not in STYLES:
+        raise ValueError(f"unknown small-objects style {style!r}: use one of {sorted(STYLES)}")
     folder = Path(root) if root is not None else cache_root()
-    folder = folder / f"small_objects-v{GENERATOR_VERSION}-{size}px-{train}-{test}"
+    name = "small_objects" if style == "quickstart" else f"small_objects_{style}"
+    folder = folder / f"{name}-v{GENERATOR_VERSION}-{size}px-{train}-{test}"
     folder.mkdir(parents=True, exist_ok=True)
     for split, count, seed in (("train", train, TRAIN_SEED), ("test", test, TEST_SEED)):
         path = folder / f"{split}-00000-of-00001.parquet"
         if path.exists():
             continue
         tmp = folder / f".{path.name}.tmp{os.getpid()}"
-        make_small_objects(count, size=size, seed=seed).to_parquet(str(tmp))
+        make_small_objects(count, size=size, seed=seed, style=style).to_parquet(str(tmp))
         os.replace(tmp, path)
     return folder
+
+
+def small_objects_hard_dir(root: str | os.PathLike | None = None, **kwargs: Any) -> Path:
+    """:func:`small_objects_dir` of the ``"hard"`` style (objects 5-30% of the image)."""
+    return small_objects_dir(root, style="hard", **kwargs)

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from hub_ccrop import data as data_lib
 from hub_ccrop.boxes import BoxTable, pairwise_box_iou
-from hub_ccrop.crop import object_miss_rate
+from hub_ccrop.crop import FULL_BOX, object_miss_rate
 from hub_ccrop.data import DatasetSpec
 from hub_ccrop.distributed import default_autocast_dtype
 from hub_ccrop.errors import TrainingInterrupted, UserError, run_command
@@ -699,8 +699,11 @@ def _final_metrics(recipe: Recipe, run_data: RunData, state: TrainState, images_
                 metrics.setdefault(key, record[key])
     if "knn_top1" in metrics:
         metrics |= {"knn_k": recipe.train.knn_k, "knn_temperature": recipe.train.knn_temperature,
-                    "eval_split": run_data.spec.test_split}
+                    "eval_split": run_data.spec.test_split, "knn_chance": 100 / run_data.spec.num_classes}
     if run_data.gt_boxes is not None:
+        # IoU of whole-image boxes with the objects = the objects' mean area: the no-localization baseline.
+        metrics["box_iou_whole_image"] = float(pairwise_box_iou(torch.tensor([FULL_BOX]).expand_as(run_data.gt_boxes),
+                                                                run_data.gt_boxes).mean())
         sizes = torch.tensor([[run_data.spec.image_size] * 2]).expand(run_data.num_rows, 2)
         miss = object_miss_rate(run_data.gt_boxes, state.boxes.boxes, sizes, scale=c.scale, ratio=c.ratio,
                                 alpha=c.alpha)
@@ -714,13 +717,15 @@ def _summary(recipe: Recipe, metrics: dict[str, Any], out: Path) -> str:
     lines = [f"\n{recipe.name} finished in {metrics['wall_seconds'] / 60:.1f} min "
              f"({metrics['train_images_per_s']:.0f} images/s in training)"]
     if "knn_top1" in metrics:
-        lines.append(f"  kNN top-1 (k={recipe.train.knn_k}, T={recipe.train.knn_temperature}): {metrics['knn_top1']:.2f}%")
+        lines.append(f"  kNN top-1 (k={recipe.train.knn_k}, T={recipe.train.knn_temperature}): {metrics['knn_top1']:.2f}% "
+                     f"(chance {metrics['knn_chance']:.0f}%): test images classified by their nearest training "
+                     "images in the frozen backbone's features, no labels used in training")
     if "box_iou" in metrics:
-        lines.append(f"  learned boxes vs ground truth: mean IoU {metrics['box_iou']:.3f}, "
-                     f"mean box area {metrics['box_area']:.2f}")
+        lines.append(f"  learned boxes vs ground truth: mean IoU {metrics['box_iou']:.3f} (whole-image boxes: "
+                     f"{metrics['box_iou_whole_image']:.3f}), mean box area {metrics['box_area']:.2f}")
     if "miss_rate_ccrop" in metrics:
-        lines.append(f"  view pairs where a view misses the object (< 20% of it): "
-                     f"RandomResizedCrop {metrics['miss_rate_rcrop']:.3f}, ContrastiveCrop {metrics['miss_rate_ccrop']:.3f}")
+        lines.append(f"  view pairs where a view misses the object (< 20% of it), the false positives ContrastiveCrop "
+                     f"avoids: RandomResizedCrop {metrics['miss_rate_rcrop']:.3f}, ContrastiveCrop {metrics['miss_rate_ccrop']:.3f}")
     if metrics["skipped_images"]:
         lines.append(f"  skipped {metrics['skipped_images']} undecodable images (distinct ids, listed in "
                      f"{out / 'skipped.json'})")

@@ -47,9 +47,14 @@ def tiny_recipe(data_dir: Path, **sections):
     return load_recipe(raw)
 
 
-def test_warmup_then_localization_then_contrastive_crop(tiny_objects, tmp_path):
+def test_warmup_then_localization_then_contrastive_crop(tiny_objects, tmp_path, capsys):
     out = tmp_path / "run"
     metrics = train(tiny_recipe(tiny_objects), out)
+    gt = torch.tensor(load_images(get_spec("small_objects", data_dir=str(tiny_objects)))["gt_box"])
+    gt_area = float((gt[:, 2:] - gt[:, :2]).prod(dim=1).mean())
+    assert metrics["box_iou_whole_image"] == pytest.approx(gt_area, rel=1e-5) and metrics["knn_chance"] == 10
+    summary = capsys.readouterr().out
+    assert "(chance 10%)" in summary and f"(whole-image boxes: {gt_area:.3f})" in summary
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert [h["crop"] for h in history] == ["rcrop", "ccrop", "ccrop"]
     assert [("box_iou" in h) for h in history] == [True, True, False]  # passes after epochs 1 and 2
@@ -236,7 +241,8 @@ def test_two_processes_match_one(tiny_objects, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        ids, boxes = localize_boxes(backbone, loader, k=0.1, progress=False)
+        ids, boxes = localize_boxes(backbone, loader, k=load_recipe(REPO / "recipes" / "quickstart.yaml").crop.k,
+                                    progress=False)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(ids, torch.arange(192))
