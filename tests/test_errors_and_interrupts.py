@@ -51,7 +51,7 @@ def _one_error_line(capsys) -> str:
     ("model.name=resnet_tny_cifar", r"model.name: unknown timm model 'resnet_tny_cifar' \(did you mean resnet_tiny_cifar"),
     ("method.name=simclrr", r"method.name: unknown method 'simclrr' \(did you mean simclr\?\)"),
     ("method.options.temprature=0.2", r"method.options: unknown option\(s\) 'temprature'.*temperature"),
-    ("data.dataset=small_object", r"data.dataset: unknown dataset 'small_object' \(did you mean small_objects\?\)"),
+    ("data.dataset=small_object", r"data.dataset: unknown dataset 'small_object' \(did you mean small_objects or small_objects_hard\?\)"),
     ("data.data_dir=/no/such/folder", r"data.data_dir: folder /no/such/folder does not exist: fix the path"),
 ], ids=["model", "method", "method-option", "dataset", "data-dir"])
 def test_recipe_names_are_checked_before_any_data_is_read(override, expected, tmp_path, capsys):
