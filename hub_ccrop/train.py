@@ -61,8 +61,8 @@ from hub_ccrop.views import (
 )
 from hub_ccrop.viz import draw_localization_grid, to_uint8
 
-__all__ = ["NonFiniteLossError", "NonFiniteWatch", "RunData", "SeededCollate", "TrainBatches", "build_data", "main",
-           "train"]
+__all__ = ["LoaderViews", "NonFiniteLossError", "NonFiniteWatch", "ResidentViews", "Run", "RunData", "SeededCollate",
+           "StreamViews", "ViewSource", "build_data", "end_of_epoch", "main", "train", "train_one_epoch", "view_source"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -248,59 +248,93 @@ def build_data(recipe: Recipe, accelerator: Accelerator | None = None) -> RunDat
     return RunData(spec, pretrain, num_rows, data_lib.dataset_fingerprint(spec), knn_train, knn_test, gt)
 
 
-class TrainBatches:
-    """The training views of one epoch, from a DataLoader (map-style or streaming) or device-resident images."""
+class ViewSource:
+    """The training views of one epoch, from one data path: ``len()`` steps of ``(view1, view2)`` on the device.
 
-    def __init__(self, recipe: Recipe, run_data: RunData, collate: SeededCollate, accelerator: Accelerator) -> None:
-        d, self.accelerator, self.collate, self.seed = recipe.data, accelerator, collate, recipe.train.seed
-        world = accelerator.num_processes
-        self.batch_size = batch = recipe.per_process_batch_size(world)  # data.batch_size is the global batch
-        self.resident = self.loader = self.stream = None
-        if d.device_resident:
-            self.resident = run_data.resident["pretrain"] = DeviceResidentImages(
-                run_data.pretrain, accelerator.device, skipped=collate.collate.skipped)
-            self.steps = self.resident.num_batches(batch, world_size=world)
-        elif d.streaming:
-            shard = split_dataset_by_node(run_data.pretrain, rank=accelerator.process_index, world_size=world)
-            self.stream = shard.shuffle(seed=self.seed, buffer_size=10 * batch)
-            self.loader = _loader(self.stream, collate, batch_size=batch, num_workers=d.num_workers,
-                                  drop_last=True, seed=self.seed, persistent=True)
-            # Processes get different rows (whole row groups): all stop after the same, safe number of steps.
-            # Each DataLoader worker also drops its own last partial batch.
-            self.steps = data_lib.min_rows_per_process(run_data.spec, world) // batch - max(0, d.num_workers - 1)
-        else:
-            loader = _loader(run_data.pretrain, collate, batch_size=batch, num_workers=d.num_workers,
-                             shuffle=True, drop_last=True, seed=self.seed, persistent=True)
-            self.loader = accelerator.prepare_data_loader(loader)
-            self.steps = len(self.loader)
-        if self.steps < 1:
-            raise RecipeError(f"data.batch_size ({d.batch_size}, the global batch) is larger than the "
-                              f"dataset ({run_data.num_rows} rows): lower data.batch_size")
+    :func:`view_source` picks the path: :class:`ResidentViews` (``data.device_resident``), :class:`StreamViews`
+    (``data.streaming``) or :class:`LoaderViews` (a map-style DataLoader).
+    """
+
+    def __init__(self, recipe: Recipe, collate: SeededCollate, accelerator: Accelerator) -> None:
+        self.accelerator, self.collate, self.seed = accelerator, collate, recipe.train.seed
+        self.batch_size = recipe.per_process_batch_size(accelerator.num_processes)  # data.batch_size is global
+        self.steps = 0
 
     def __len__(self) -> int:
         return self.steps
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(view1, view2)`` on the training device for batches ``start .. steps - 1`` of ``epoch``."""
-        device = self.accelerator.device
-        if self.resident is not None:
-            for raw in self.resident.iter_batches(
-                self.batch_size, self.collate.collate.crops, epoch=epoch, seed=self.seed, start_batch=start,
-                rank=self.accelerator.process_index, world_size=self.accelerator.num_processes,
-                generator=torch.Generator().manual_seed(self.collate.batch_seed([epoch, start])),
-            ):
-                yield self.collate.views(raw, device)
-            return
-        if self.stream is not None:  # streaming: this process's shard of the stream
-            self.stream.set_epoch(epoch)
-            batches = itertools.islice(self.loader, start, self.steps)
-        else:
-            self.loader.set_epoch(epoch)
-            batches = self.accelerator.skip_first_batches(self.loader, start) if start else self.loader
-        for batch in batches:
-            view1, view2 = self.collate.views(batch, device)
+        for batch in self.batches(epoch, start):
+            view1, view2 = self.collate.views(batch, self.accelerator.device)
             if len(view1):  # a batch of only undecodable images (each skipped with a warning) is empty
                 yield view1, view2
+
+    def batches(self, epoch: int, start: int) -> Iterator[Any]:
+        """The collated batches ``start .. steps - 1`` of ``epoch``, before :meth:`SeededCollate.views`."""
+        raise NotImplementedError
+
+
+class ResidentViews(ViewSource):
+    """The pretraining images decoded once onto the device; batches cropped there (no DataLoader)."""
+
+    def __init__(self, recipe: Recipe, run_data: RunData, collate: SeededCollate, accelerator: Accelerator) -> None:
+        super().__init__(recipe, collate, accelerator)
+        self.images = run_data.resident["pretrain"] = DeviceResidentImages(
+            run_data.pretrain, accelerator.device, skipped=collate.collate.skipped)
+        self.steps = self.images.num_batches(self.batch_size, world_size=accelerator.num_processes)
+
+    def batches(self, epoch: int, start: int) -> Iterator[Any]:
+        return self.images.iter_batches(
+            self.batch_size, self.collate.collate.crops, epoch=epoch, seed=self.seed, start_batch=start,
+            rank=self.accelerator.process_index, world_size=self.accelerator.num_processes,
+            generator=torch.Generator().manual_seed(self.collate.batch_seed([epoch, start])),
+        )
+
+
+class StreamViews(ViewSource):
+    """This process's shard of a streamed dataset, shuffled in a buffer, through a DataLoader."""
+
+    def __init__(self, recipe: Recipe, run_data: RunData, collate: SeededCollate, accelerator: Accelerator) -> None:
+        super().__init__(recipe, collate, accelerator)
+        d, world = recipe.data, accelerator.num_processes
+        shard = split_dataset_by_node(run_data.pretrain, rank=accelerator.process_index, world_size=world)
+        self.stream = shard.shuffle(seed=self.seed, buffer_size=10 * self.batch_size)
+        self.loader = _loader(self.stream, collate, batch_size=self.batch_size, num_workers=d.num_workers,
+                              drop_last=True, seed=self.seed, persistent=True)
+        # Processes get different rows (whole row groups): all stop after the same, safe number of steps.
+        # Each DataLoader worker also drops its own last partial batch.
+        self.steps = data_lib.min_rows_per_process(run_data.spec, world) // self.batch_size - max(0, d.num_workers - 1)
+
+    def batches(self, epoch: int, start: int) -> Iterator[Any]:
+        self.stream.set_epoch(epoch)
+        return itertools.islice(self.loader, start, self.steps)
+
+
+class LoaderViews(ViewSource):
+    """A map-style dataset through accelerate's prepared DataLoader (seedable sampler, exact skip on resume)."""
+
+    def __init__(self, recipe: Recipe, run_data: RunData, collate: SeededCollate, accelerator: Accelerator) -> None:
+        super().__init__(recipe, collate, accelerator)
+        loader = _loader(run_data.pretrain, collate, batch_size=self.batch_size, num_workers=recipe.data.num_workers,
+                         shuffle=True, drop_last=True, seed=self.seed, persistent=True)
+        self.loader = accelerator.prepare_data_loader(loader)
+        self.steps = len(self.loader)
+
+    def batches(self, epoch: int, start: int) -> Iterator[Any]:
+        self.loader.set_epoch(epoch)
+        return self.accelerator.skip_first_batches(self.loader, start) if start else self.loader
+
+
+def view_source(recipe: Recipe, run_data: RunData, collate: SeededCollate, accelerator: Accelerator) -> ViewSource:
+    """The recipe's data path; refuses a global batch larger than the data."""
+    d = recipe.data
+    kind = ResidentViews if d.device_resident else StreamViews if d.streaming else LoaderViews
+    source = kind(recipe, run_data, collate, accelerator)
+    if len(source) < 1:
+        raise RecipeError(f"data.batch_size ({d.batch_size}, the global batch) is larger than the "
+                          f"dataset ({run_data.num_rows} rows): lower data.batch_size")
+    return source
 
 
 class NonFiniteWatch:
@@ -519,8 +553,47 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, resume: bool = F
         GradientState._reset_state()
 
 
+@dataclass
+class Run:
+    """What the loop's pieces share: one run's accelerator, data, model, optimizer and running totals."""
+
+    recipe: Recipe
+    accelerator: Accelerator
+    out: Path
+    run_data: RunData
+    state: TrainState
+    collate: SeededCollate
+    batches: ViewSource
+    method: Any  # the prepared (possibly DDP-wrapped) method
+    optimizer: Any
+    base_lr: float
+    stop: StopRequest
+    watch: NonFiniteWatch
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)  # the latest step's, on the device until logged
+    train_seconds: float = 0.0
+    images_seen: int = 0
+
+    @property
+    def online(self) -> Any:
+        return self.accelerator.unwrap_model(self.method)
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.batches) * self.recipe.train.epochs
+
+    def check_finite(self) -> None:
+        """Before anything that would keep or use weights trained on a bad loss."""
+        self.watch.check(_latest_checkpoint(self.out))
+
+    def checkpoint(self) -> Path:
+        return _save_checkpoint(self.accelerator, self.out, self.state, self.recipe.train.keep_checkpoints)
+
+    def interrupted(self, signum: int) -> TrainingInterrupted:
+        return _interrupted(self.accelerator, self.out, self.state, self.recipe.train.keep_checkpoints, signum)
+
+
 def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool, stop: StopRequest) -> dict[str, Any]:
-    t, c = recipe.train, recipe.crop
+    t = recipe.train
     out = Path(output_dir or t.output_dir or Path("runs") / recipe.name)
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum, log_with="tensorboard",
@@ -528,11 +601,32 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool, stop: St
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     set_seed(t.seed)
-    is_main = accelerator.is_main_process
     if not resume and _latest_checkpoint(out) is not None:
         raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --output-dir")
+    run = _prepare_run(recipe, accelerator, out, stop)
+    if resume:
+        _resume(run)
+    accelerator.init_trackers(recipe.name, config=_flat(recipe.to_dict()))
+    run_start = time.perf_counter()
+    accelerator.print(f"{recipe.name}: {recipe.method.name} on {run.run_data.spec.name} ({run.run_data.num_rows} "
+                      f"images), {recipe.model.name}, {t.epochs} epochs x {len(run.batches)} steps, "
+                      f"{batch_split(recipe.data.batch_size, accelerator.num_processes, t.grad_accum)}, "
+                      f"{accelerator.num_processes} process(es) on {accelerator.device.type}; run folder {out}")
 
-    # -- data and the shared box table ----------------------------------------------------------
+    stop.install()  # from here on, Ctrl-C/SIGTERM stop after the current step with a checkpoint
+    while run.state.epoch < t.epochs:
+        if signum := stop.agreed(accelerator):
+            raise run.interrupted(signum)
+        record = train_one_epoch(run)
+        if record is None:  # train.max_steps reached
+            return {"stopped_at_step": run.state.global_step}
+        end_of_epoch(run, record)
+    return _finish(run, time.perf_counter() - run_start)
+
+
+def _prepare_run(recipe: Recipe, accelerator: Accelerator, out: Path, stop: StopRequest) -> Run:
+    """Data, the shared box table, the seeded views, model, method and optimizer; then the run folder."""
+    c = recipe.crop
     run_data = build_data(recipe, accelerator)
     spec = run_data.spec
     table = BoxTable(run_data.num_rows, {"dataset": spec.hub_id or spec.name, "split": "+".join(spec.pretrain_splits),
@@ -541,17 +635,16 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool, stop: St
         init = load_boxes(c.init_boxes, dataset_num_rows=run_data.num_rows, fingerprint=run_data.fingerprint)
         table.load_state(init.boxes, {"init_boxes": c.init_boxes})
     state = TrainState(table, skipped=SkipCounter(run_data.num_rows))
+    on_gpu = recipe.data.batched_views and accelerator.device.type == "cuda"  # crop on the host, augment on the GPU
     collate = SeededCollate(
         TwoViewCollate.from_spec(spec, table, scale=c.scale, ratio=c.ratio, alpha=c.alpha, blur=c.blur or spec.blur,
                                  mode=recipe.crop_mode(0), batched=recipe.data.batched_views,
-                                 raw=recipe.data.batched_views and accelerator.device.type == "cuda",
-                                 device_decode=recipe.data.batched_views and accelerator.device.type == "cuda"),
-        seed=t.seed,
+                                 raw=on_gpu, device_decode=on_gpu),
+        seed=recipe.train.seed,
     )
     collate.collate.skipped = state.skipped
-    batches = TrainBatches(recipe, run_data, collate, accelerator)
+    batches = view_source(recipe, run_data, collate, accelerator)
 
-    # -- model, method, optimizer ---------------------------------------------------------------
     method = build_method(recipe.method.name, create_backbone(recipe.model.name, **recipe.model.args),
                           **recipe.method.options)
     method.check_dataset_size(run_data.num_rows)  # MoCo warns when its queue outgrows the data
@@ -561,110 +654,126 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool, stop: St
     base_lr = recipe.optim.lr * (world_batch / 256 if recipe.optim.lr_scaling == "linear" else 1.0)
     optimizer = build_optimizer(method.param_groups(base_lr, recipe.optim.weight_decay), recipe.optim, base_lr)
     method, optimizer = accelerator.prepare(method, optimizer)
-    online = accelerator.unwrap_model(method)
-    if is_main:  # only now: a run that fails before training leaves no folder behind
+    if accelerator.is_main_process:  # only now: a run that fails before training leaves no folder behind
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(recipe.to_yaml())
     accelerator.register_for_checkpointing(state)
-    if resume:
-        ckpt = _latest_checkpoint(out)
-        if ckpt is None:
-            accelerator.print(f"--resume: no checkpoint under {out / 'checkpoints'}, starting from scratch")
-        else:
-            accelerator.load_state(str(ckpt))
-            accelerator.print(f"resumed from {ckpt}: epoch {state.epoch + 1}, step {state.step_in_epoch} of it")
-    accelerator.init_trackers(recipe.name, config=_flat(recipe.to_dict()))
+    return Run(recipe, accelerator, out, run_data, state, collate, batches, method, optimizer, base_lr, stop,
+               NonFiniteWatch(accelerator.device))
 
-    loc_epochs = set(recipe.localization_epochs())
-    total_steps = len(batches) * t.epochs
-    run_start = time.perf_counter()
-    train_seconds, images_seen = 0.0, 0
-    accelerator.print(f"{recipe.name}: {recipe.method.name} on {spec.name} ({run_data.num_rows} images), "
-                      f"{recipe.model.name}, {t.epochs} epochs x {len(batches)} steps, "
-                      f"{batch_split(world_batch, accelerator.num_processes, t.grad_accum)}, "
-                      f"{accelerator.num_processes} process(es) on {accelerator.device.type}; run folder {out}")
 
-    # -- epochs ---------------------------------------------------------------------------------
-    logs: dict[str, torch.Tensor] = {}  # the latest step's, kept on the device until they are logged
-    watch = NonFiniteWatch(accelerator.device)
+def _resume(run: Run) -> None:
+    """Load the latest checkpoint (weights, optimizer, RNGs, loop position, boxes), if there is one."""
+    ckpt = _latest_checkpoint(run.out)
+    if ckpt is None:
+        run.accelerator.print(f"--resume: no checkpoint under {run.out / 'checkpoints'}, starting from scratch")
+        return
+    run.accelerator.load_state(str(ckpt))
+    run.accelerator.print(f"resumed from {ckpt}: epoch {run.state.epoch + 1}, step {run.state.step_in_epoch} of it")
 
-    def check_finite() -> None:  # before anything that would keep or use weights trained on a bad loss
-        watch.check(_latest_checkpoint(out))
-    stop.install()  # from here on, Ctrl-C/SIGTERM stop after the current step with a checkpoint
-    while state.epoch < t.epochs:
-        if signum := stop.agreed(accelerator):
-            raise _interrupted(accelerator, out, state, t.keep_checkpoints, signum)
-        epoch = state.epoch
-        mode = recipe.crop_mode(epoch)
-        collate.set_epoch(epoch, mode)
-        lr = set_epoch_lr(optimizer, recipe.optim, epoch, t.epochs, base_lr)
-        method.train()
-        bar = tqdm(batches.epoch(epoch, state.step_in_epoch), total=len(batches), initial=state.step_in_epoch,
-                   disable=not is_main, desc=f"epoch {epoch + 1}/{t.epochs} [{mode}]", leave=False)
-        tic = time.perf_counter()
-        for view1, view2 in bar:
-            with accelerator.accumulate(method):
-                loss, logs = method(view1, view2)
-                watch.update(loss, epoch + 1, state.step_in_epoch + 1)
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if accelerator.sync_gradients:
-                    online.after_optimizer_step((state.global_step + 1) / total_steps)
-            state.step_in_epoch += 1
-            state.global_step += 1
-            images_seen += view1.shape[0] * accelerator.num_processes
-            if state.global_step % t.log_every == 0 or state.step_in_epoch == len(batches):
-                check_finite()
-                numbers = _floats(logs)
-                rate = images_seen / max(train_seconds + time.perf_counter() - tic, 1e-9)
-                bar.set_postfix(loss=f"{numbers['loss']:.3f}", img_s=f"{rate:.0f}", lr=f"{lr:.3g}")
-                accelerator.log({f"train/{k}": v for k, v in numbers.items()} | {"train/lr": lr, "train/images_per_s": rate},
-                                step=state.global_step)
-            if t.checkpoint_every_steps and state.global_step % t.checkpoint_every_steps == 0:
-                check_finite()
-                _save_checkpoint(accelerator, out, state, t.keep_checkpoints)
-            # Mid-epoch only after a full accumulation cycle (exact resume); the last step's stop waits for
-            # the epoch's end (localization, kNN) and is taken at the next epoch's start.
-            if (accelerator.sync_gradients and state.step_in_epoch < len(batches)
-                    and (signum := stop.agreed(accelerator, state.global_step, t.log_every))):
-                check_finite()  # never checkpoint weights trained on a bad loss
-                raise _interrupted(accelerator, out, state, t.keep_checkpoints, signum)
-            if t.max_steps is not None and state.global_step >= t.max_steps:
-                check_finite()
-                accelerator.print(f"stopped at train.max_steps={t.max_steps}; continue with --resume")
-                accelerator.end_training()
-                return {"stopped_at_step": state.global_step}
-        bar.close()
-        check_finite()
-        epoch_seconds = time.perf_counter() - tic
-        train_seconds += epoch_seconds
-        numbers = _floats(logs)
-        record: dict[str, Any] = {"epoch": epoch + 1, "loss": numbers.get("loss"), "pos_cosine": numbers.get("pos_cosine"),
-                                  "lr": lr, "crop": mode, "epoch_seconds": epoch_seconds,
-                                  "images_per_s": (state.step_in_epoch * world_batch / t.grad_accum) / epoch_seconds}
-        state.epoch += 1
-        state.step_in_epoch = 0
-        _sync_buffers(accelerator, online)
-        if state.epoch in loc_epochs:
-            record |= _localization_pass(accelerator, online.localization_encoder, run_data, state, recipe, out)
-            accelerator.print(f"epoch {state.epoch}: localized {record['loc_images']} images in "
-                              f"{record['loc_seconds']:.1f}s, mean box area {record['box_area']:.2f}"
-                              + (f", IoU with ground truth {record['box_iou']:.3f}" if "box_iou" in record else ""))
-        if run_data.knn_test is not None and (state.epoch % t.knn_every == 0 or state.epoch == t.epochs):
-            record |= {f"knn_{k}": v for k, v in _knn(accelerator, online.localization_encoder, run_data, recipe).items()}
-            accelerator.print(f"epoch {state.epoch}: kNN top-1 {record['knn_top1']:.2f}%")
-        state.history.append(record)
-        accelerator.log({f"epoch/{k}": v for k, v in record.items() if isinstance(v, int | float)},
-                        step=state.global_step)
-        if state.epoch % t.checkpoint_every == 0 or state.epoch == t.epochs:
-            _save_checkpoint(accelerator, out, state, t.keep_checkpoints)
 
-    # -- the end --------------------------------------------------------------------------------
-    metrics = _final_metrics(recipe, run_data, state, images_seen / max(train_seconds, 1e-9),
-                             time.perf_counter() - run_start, len(state.sync_skipped(accelerator)))
-    if is_main:
-        backbone = online.localization_encoder
+def train_one_epoch(run: Run) -> dict[str, Any] | None:
+    """Train the rest of epoch ``state.epoch``; its history record, or None when train.max_steps stopped the run."""
+    recipe, accelerator, state, online = run.recipe, run.accelerator, run.state, run.online
+    epoch, t = state.epoch, recipe.train
+    mode = recipe.crop_mode(epoch)
+    run.collate.set_epoch(epoch, mode)
+    lr = set_epoch_lr(run.optimizer, recipe.optim, epoch, t.epochs, run.base_lr)
+    run.method.train()
+    bar = tqdm(run.batches.epoch(epoch, state.step_in_epoch), total=len(run.batches), initial=state.step_in_epoch,
+               disable=not accelerator.is_main_process, desc=f"epoch {epoch + 1}/{t.epochs} [{mode}]", leave=False)
+    tic = time.perf_counter()
+    for view1, view2 in bar:
+        with accelerator.accumulate(run.method):
+            loss, run.logs = run.method(view1, view2)
+            run.watch.update(loss, epoch + 1, state.step_in_epoch + 1)
+            accelerator.backward(loss)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            if accelerator.sync_gradients:
+                online.after_optimizer_step((state.global_step + 1) / run.total_steps)
+        state.step_in_epoch += 1
+        state.global_step += 1
+        run.images_seen += view1.shape[0] * accelerator.num_processes
+        if state.global_step % t.log_every == 0 or state.step_in_epoch == len(run.batches):
+            _log_step(run, bar, lr, time.perf_counter() - tic)
+        _step_checkpoint_or_stop(run)
+        if _max_steps_reached(run):
+            return None
+    bar.close()
+    run.check_finite()
+    epoch_seconds = time.perf_counter() - tic
+    run.train_seconds += epoch_seconds
+    numbers = _floats(run.logs)
+    return {"epoch": epoch + 1, "loss": numbers.get("loss"), "pos_cosine": numbers.get("pos_cosine"), "lr": lr,
+            "crop": mode, "epoch_seconds": epoch_seconds,
+            "images_per_s": (state.step_in_epoch * recipe.data.batch_size / t.grad_accum) / epoch_seconds}
+
+
+def _log_step(run: Run, bar: tqdm, lr: float, epoch_seconds: float) -> None:
+    """The latest step's numbers and the training rate, to the progress bar and the trackers (one host sync)."""
+    run.check_finite()
+    numbers = _floats(run.logs)
+    rate = run.images_seen / max(run.train_seconds + epoch_seconds, 1e-9)
+    bar.set_postfix(loss=f"{numbers['loss']:.3f}", img_s=f"{rate:.0f}", lr=f"{lr:.3g}")
+    run.accelerator.log({f"train/{k}": v for k, v in numbers.items()} | {"train/lr": lr, "train/images_per_s": rate},
+                        step=run.state.global_step)
+
+
+def _step_checkpoint_or_stop(run: Run) -> None:
+    """train.checkpoint_every_steps; a stop request (Ctrl-C/SIGTERM) saves a checkpoint here and raises."""
+    t, state, accelerator = run.recipe.train, run.state, run.accelerator
+    if t.checkpoint_every_steps and state.global_step % t.checkpoint_every_steps == 0:
+        run.check_finite()
+        run.checkpoint()
+    # Mid-epoch only after a full accumulation cycle (exact resume); the last step's stop waits for
+    # the epoch's end (localization, kNN) and is taken at the next epoch's start.
+    if (accelerator.sync_gradients and state.step_in_epoch < len(run.batches)
+            and (signum := run.stop.agreed(accelerator, state.global_step, t.log_every))):
+        run.check_finite()  # never checkpoint weights trained on a bad loss
+        raise run.interrupted(signum)
+
+
+def _max_steps_reached(run: Run) -> bool:
+    """train.max_steps: stop here (the run continues with --resume from its last checkpoint)."""
+    max_steps = run.recipe.train.max_steps
+    if max_steps is None or run.state.global_step < max_steps:
+        return False
+    run.check_finite()
+    run.accelerator.print(f"stopped at train.max_steps={max_steps}; continue with --resume")
+    run.accelerator.end_training()
+    return True
+
+
+def end_of_epoch(run: Run, record: dict[str, Any]) -> None:
+    """Close the epoch: the localization pass and kNN monitor when due, the history record, a checkpoint."""
+    recipe, accelerator, state, t = run.recipe, run.accelerator, run.state, run.recipe.train
+    state.epoch += 1
+    state.step_in_epoch = 0
+    online = run.online
+    _sync_buffers(accelerator, online)
+    if state.epoch in recipe.localization_epochs():
+        record |= _localization_pass(accelerator, online.localization_encoder, run.run_data, state, recipe, run.out)
+        accelerator.print(f"epoch {state.epoch}: localized {record['loc_images']} images in "
+                          f"{record['loc_seconds']:.1f}s, mean box area {record['box_area']:.2f}"
+                          + (f", IoU with ground truth {record['box_iou']:.3f}" if "box_iou" in record else ""))
+    if run.run_data.knn_test is not None and (state.epoch % t.knn_every == 0 or state.epoch == t.epochs):
+        knn = _knn(accelerator, online.localization_encoder, run.run_data, recipe)
+        record |= {f"knn_{k}": v for k, v in knn.items()}
+        accelerator.print(f"epoch {state.epoch}: kNN top-1 {record['knn_top1']:.2f}%")
+    state.history.append(record)
+    accelerator.log({f"epoch/{k}": v for k, v in record.items() if isinstance(v, int | float)}, step=state.global_step)
+    if state.epoch % t.checkpoint_every == 0 or state.epoch == t.epochs:
+        run.checkpoint()
+
+
+def _finish(run: Run, wall_seconds: float) -> dict[str, Any]:
+    """The final metrics; the main process writes the backbone, run.json, metrics.json and the boxes."""
+    recipe, accelerator, state, out, run_data = run.recipe, run.accelerator, run.state, run.out, run.run_data
+    metrics = _final_metrics(recipe, run_data, state, run.images_seen / max(run.train_seconds, 1e-9),
+                             wall_seconds, len(state.sync_skipped(accelerator)))
+    if accelerator.is_main_process:
+        backbone = run.online.localization_encoder
         weights = {k: v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()}
         save_file(weights, str(out / "backbone.safetensors"), metadata={"format": "pt"})
         _run_info(recipe, run_data, backbone, accelerator.num_processes).save(out)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -57,20 +59,21 @@ class LookupCollate:
         self.table = table
 
     def __call__(self, ids):
-        return self.table.lookup(torch.tensor(ids))
+        return self.table.lookup(torch.tensor(ids)), os.getpid()  # the worker process that read the table
 
 
 def test_update_seen_by_persistent_workers():
     table = BoxTable(8)
     loader = DataLoader(IdDataset(), batch_size=4, num_workers=2, persistent_workers=True,
                         collate_fn=LookupCollate(table))
-    first = torch.cat(list(loader))
-    assert torch.equal(first, torch.tensor([[0.0, 0, 1, 1]] * 8))
+    first, first_pids = zip(*loader, strict=True)
+    assert torch.equal(torch.cat(first), torch.tensor([[0.0, 0, 1, 1]] * 8))
     new = random_boxes(8, seed=3)
     table.update(torch.arange(8), new)
-    second = torch.cat(list(loader))  # same worker processes, no restart
-    assert torch.equal(second, new)
-    assert loader._iterator is not None and loader._iterator._workers  # workers were reused
+    second, second_pids = zip(*loader, strict=True)
+    assert torch.equal(torch.cat(second), new)
+    # The same two worker processes read both epochs: the update reached workers that were not restarted.
+    assert set(second_pids) == set(first_pids) and len(set(first_pids)) == 2 and os.getpid() not in first_pids
 
 
 def test_mismatch_errors(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from functools import cache
@@ -21,7 +22,7 @@ from hub_ccrop.methods import build_method
 from hub_ccrop.models import create_backbone
 from hub_ccrop.recipe import load_recipe
 from hub_ccrop.synthetic import small_objects_dir
-from hub_ccrop.train import NonFiniteLossError, main, train
+from hub_ccrop.train import NonFiniteLossError, _summary, main, train
 from hub_ccrop.views import EvalCollate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,28 +38,38 @@ def tiny_recipe(data_dir: Path, **sections):
         "name": "tiny",
         "model": {"name": "resnet_tiny_cifar"},
         "method": {"name": "simclr"},
-        "data": {"dataset": "small_objects", "data_dir": str(data_dir), "batch_size": 64, "num_workers": 0},
+        # 32 px (the data is 64 px) keeps the runs short; pictures only where a test looks at them.
+        "data": {"dataset": "small_objects", "data_dir": str(data_dir), "batch_size": 64, "num_workers": 0,
+                 "image_size": 32},
         "crop": {"alpha": 0.6, "warmup_epochs": 1, "loc_interval": 1},
         "optim": {"lr": 0.1},
-        "train": {"epochs": 3, "knn_every": 3, "knn_k": 20, "log_every": 1, "show_images": 4},
+        "train": {"epochs": 3, "knn_every": 3, "knn_k": 20, "log_every": 1, "show_images": 0},
     }
     for section, values in sections.items():
         raw[section] = {**raw.get(section, {}), **values}
     return load_recipe(raw)
 
 
-def test_warmup_then_localization_then_contrastive_crop(tiny_objects, tmp_path, capsys):
-    out = tmp_path / "run"
-    metrics = train(tiny_recipe(tiny_objects), out)
+@pytest.fixture(scope="module")
+def shared_run(tiny_objects, tmp_path_factory) -> tuple[Path, dict]:
+    """One 3-epoch run (warm-up, two passes, pictures, kNN) for the tests that only read its folder."""
+    out = tmp_path_factory.mktemp("shared") / "run"
+    return out, train(tiny_recipe(tiny_objects, train={"show_images": 4}), out)
+
+
+def test_warmup_then_localization_then_contrastive_crop(shared_run, tiny_objects):
+    out, metrics = shared_run
     gt = torch.tensor(load_images(get_spec("small_objects", data_dir=str(tiny_objects)))["gt_box"])
     gt_area = float((gt[:, 2:] - gt[:, :2]).prod(dim=1).mean())
     assert metrics["box_iou_whole_image"] == pytest.approx(gt_area, rel=1e-5) and metrics["knn_chance"] == 10
-    summary = capsys.readouterr().out
+    summary = _summary(tiny_recipe(tiny_objects), metrics, out)  # what the run printed at its end
     assert "(chance 10%)" in summary and f"(whole-image boxes: {gt_area:.3f})" in summary
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert [h["crop"] for h in history] == ["rcrop", "ccrop", "ccrop"]
     assert [("box_iou" in h) for h in history] == [True, True, False]  # passes after epochs 1 and 2
-    assert 0 <= metrics["knn_top1"] <= 100 and 0 < metrics["box_iou"] <= 1
+    assert [("knn_top1" in h) for h in history] == [False, False, True]  # train.knn_every=3
+    assert metrics["knn_top1"] == history[-1]["knn_top1"] <= history[-1]["knn_top5"]
+    assert 0 < metrics["box_iou"] <= 1
     assert 0 <= metrics["miss_rate_ccrop"] <= 1 and metrics["skipped_images"] == 0
     for epoch in (1, 2):
         for suffix in (".parquet", ".safetensors"):
@@ -68,7 +79,7 @@ def test_warmup_then_localization_then_contrastive_crop(tiny_objects, tmp_path, 
     assert len(table) == 192 and table.metadata["epoch"] == 2 and table.metadata["id_scheme"] == "row-index-v1"
     assert not torch.equal(table.boxes, BoxTable(192).boxes)  # the pass changed the boxes
     run = json.loads((out / "run.json").read_text())
-    assert run["model"] == "resnet_tiny_cifar" and run["input_size"] == [3, 64, 64]
+    assert run["model"] == "resnet_tiny_cifar" and run["input_size"] == [3, 32, 32]
     assert run["schedule"]["loc_epochs"] == [1, 2] and run["dataset"]["num_rows"] == 192
     assert (run["batch_size"], run["num_processes"], run["grad_accum"], run["per_process_batch_size"]) == (64, 1, 1, 64)
     assert run["dataset"]["test_split"] == "test" and metrics["eval_split"] == "test"
@@ -144,9 +155,8 @@ def test_gradient_accumulation_lars_and_bf16_run(tiny_objects, tmp_path):
     assert metrics["epochs"] == 2 and torch.isfinite(torch.tensor(metrics["final_loss"]))
 
 
-def test_published_boxes_start_contrastive_crop_without_warmup(tiny_objects, tmp_path):
-    first = tmp_path / "first"
-    train(tiny_recipe(tiny_objects, train={"epochs": 2, "knn_every": 0}), first)
+def test_published_boxes_start_contrastive_crop_without_warmup(tiny_objects, shared_run, tmp_path):
+    first, _ = shared_run
     learned = BoxTable.load(first / "boxes.parquet")
     second = tmp_path / "second"
     recipe = tiny_recipe(tiny_objects, crop={"init_boxes": str(first / "boxes.parquet"), "loc_interval": 5},
@@ -161,13 +171,13 @@ def test_published_boxes_start_contrastive_crop_without_warmup(tiny_objects, tmp
         train(other, tmp_path / "third")
 
 
-def test_show_draws_a_picture_for_a_run_and_for_own_images(tiny_objects, tmp_path):
+def test_show_draws_a_picture_for_a_run_and_for_own_images(shared_run, tmp_path):
     from PIL import Image
 
     from hub_ccrop.cli import main as cli
 
     run = tmp_path / "run"
-    train(tiny_recipe(tiny_objects, train={"epochs": 2, "knn_every": 0}, data={"dataset": "small_objects"}), run)
+    shutil.copytree(shared_run[0], run)  # show writes into the run's pictures/: a copy keeps the shared run as it is
     photos = tmp_path / "photos"
     photos.mkdir()
     for k in range(3):
@@ -179,12 +189,12 @@ def test_show_draws_a_picture_for_a_run_and_for_own_images(tiny_objects, tmp_pat
     assert sorted(p.name for p in (run / "pictures").glob("show_*.png")) == ["show_0001.png", "show_0002.png"]
 
 
-def test_refuses_to_overwrite_a_run(tiny_objects, tmp_path):
-    recipe = tiny_recipe(tiny_objects, train={"epochs": 2, "max_steps": 1, "checkpoint_every_steps": 1,
-                                              "knn_every": 0})
-    train(recipe, tmp_path)
+def test_refuses_to_overwrite_a_run(tiny_objects, shared_run):
+    out, _ = shared_run
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     with pytest.raises(UserError, match="--resume"):
-        train(recipe, tmp_path)
+        train(tiny_recipe(tiny_objects), out)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before  # nothing written
 
 
 def test_non_finite_loss_stops_with_a_usable_checkpoint(tiny_objects, tmp_path):
@@ -225,7 +235,8 @@ def test_two_processes_match_one(tiny_objects, tmp_path):
            "-m", "hub_ccrop.train", str(REPO / "recipes" / "quickstart.yaml"), "--output-dir", str(out),
            "--set", f"data.data_dir={tiny_objects}", "--set", "data.batch_size=64", "--set", "data.num_workers=0",
            "--set", "train.epochs=2", "--set", "crop.warmup_epochs=1", "--set", "crop.loc_epochs=[2]",
-           "--set", "train.knn_every=2", "--set", "train.knn_k=20"]
+           "--set", "train.knn_every=2", "--set", "train.knn_k=20", "--set", "data.image_size=32",
+           "--set", "train.show_images=0"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
