@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_autograd
+from accelerate.state import AcceleratorState, GradientState
 from torch import Tensor, nn
 
 __all__ = [
@@ -184,3 +185,11 @@ def convert_cpu_sync_bn(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
         setattr(module, name, convert_cpu_sync_bn(child))
     return module
+
+
+def release_accelerate_state() -> None:
+    """Forget accelerate's process-wide mixed-precision/gradient state (the process group stays), so the
+    next ``Accelerator`` in this process (a training run after an eval, in a notebook or a test) can pick
+    its own settings instead of failing."""
+    AcceleratorState._reset_state()
+    GradientState._reset_state()

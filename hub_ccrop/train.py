@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
 from datasets import IterableDataset
 from datasets.distributed import split_dataset_by_node
@@ -41,7 +40,7 @@ from hub_ccrop import data as data_lib
 from hub_ccrop.boxes import BoxTable, pairwise_box_iou
 from hub_ccrop.crop import FULL_BOX, object_miss_rate
 from hub_ccrop.data import DatasetSpec
-from hub_ccrop.distributed import default_autocast_dtype
+from hub_ccrop.distributed import default_autocast_dtype, release_accelerate_state
 from hub_ccrop.errors import TrainingInterrupted, UserError, run_command
 from hub_ccrop.evaluate import extract_features, knn_accuracy
 from hub_ccrop.hub import load_boxes
@@ -543,14 +542,12 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, resume: bool = F
     SIGINT/SIGTERM save a checkpoint at the current step and raise :class:`TrainingInterrupted`.
     """
     stop = StopRequest()
+    release_accelerate_state()  # e.g. an eval before this run left its own mixed precision behind
     try:
         return _train(recipe, output_dir, resume, stop)
     finally:
         stop.restore()
-        # accelerate keeps one mixed-precision/gradient state per process; release it (the process
-        # group stays) so that a next run in this process, e.g. in a notebook, can pick its own.
-        AcceleratorState._reset_state()
-        GradientState._reset_state()
+        release_accelerate_state()
 
 
 @dataclass
