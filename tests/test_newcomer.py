@@ -85,7 +85,8 @@ def test_readme_on_a_fresh_clone_without_shared(tmp_path):
     assert "../shared" not in readme and "DESIGN.md" not in readme
     for link in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", readme):
         assert (clone / link).exists(), f"README links to {link}, which a clone does not have"
-    assert "source .venv/bin/activate" in readme and "~/.cache/hub_ccrop" in readme and "chance: 10%" in readme
+    assert "source .venv/bin/activate" in readme and "~/.cache/hub_ccrop" in readme
+    assert re.search(r"chance:? 10%", readme)  # the quickstart's expected numbers come with the chance level
     assert "DESIGN.md" not in user.run("hub-ccrop train --help").stdout
     commands = readme_commands(readme)
     quickstart, resume, show, cifar, knn, export = (
