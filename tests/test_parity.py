@@ -36,23 +36,19 @@ OFFICIAL = Path("/work/official")  # an unpacked copy of xyupeng/ContrastiveCrop
 
 # The official settings of each paper recipe, transcribed from the official config named in "file"
 # (test_transcription_matches_the_official_files checks them against the files when a copy is at hand).
+# What every official small-dataset config (configs/small/cifar10/*_ccrop.py) sets alike.
+SMALL = dict(depth=18, maxpool=False, blur=False, batch_size=512, lr=0.5, momentum=0.9, weight_decay=1e-4,
+             lr_cfg=dict(type="Cosine", decay_rate=0.1), epochs=500, warmup_epochs=100, loc_interval=100,
+             box_thresh=0.1, alpha=0.1)
 OFFICIAL_SETTINGS = {
     "simclr_cifar10_ccrop": dict(
-        file="configs/small/cifar10/simclr_ccrop.py", depth=18, maxpool=False, blur=False, batch_size=512, lr=0.5, momentum=0.9, weight_decay=1e-4,
-        lr_cfg=dict(type="Cosine", decay_rate=0.1), epochs=500, warmup_epochs=100, loc_interval=100,
-        box_thresh=0.1, alpha=0.1, temperature=0.5, base_temperature=0.07, sync_bn=True, zero_init=False),
+        file="configs/small/cifar10/simclr_ccrop.py", **SMALL, temperature=0.5, base_temperature=0.07, sync_bn=True, zero_init=False),
     "moco_v2_cifar10_ccrop": dict(
-        file="configs/small/cifar10/moco_ccrop.py", depth=18, maxpool=False, blur=False, batch_size=512, lr=0.5, momentum=0.9, weight_decay=1e-4,
-        lr_cfg=dict(type="Cosine", decay_rate=0.1), epochs=500, warmup_epochs=100, loc_interval=100,
-        box_thresh=0.1, alpha=0.1, temperature=0.2, queue_size=65536, ema=0.999, sync_bn=False, zero_init=False),
+        file="configs/small/cifar10/moco_ccrop.py", **SMALL, temperature=0.2, queue_size=65536, ema=0.999, sync_bn=False, zero_init=False),
     "byol_cifar10_ccrop": dict(
-        file="configs/small/cifar10/byol_ccrop.py", depth=18, maxpool=False, blur=False, batch_size=512, lr=0.5, momentum=0.9, weight_decay=1e-4,
-        lr_cfg=dict(type="Cosine", decay_rate=0.1), epochs=500, warmup_epochs=100, loc_interval=100,
-        box_thresh=0.1, alpha=0.1, ema=0.996, sync_bn=True, zero_init=False),
+        file="configs/small/cifar10/byol_ccrop.py", **SMALL, ema=0.996, sync_bn=True, zero_init=False),
     "simsiam_cifar10_ccrop": dict(
-        file="configs/small/cifar10/simsiam_ccrop.py", depth=18, maxpool=False, blur=False, batch_size=512, lr=0.5, momentum=0.9, weight_decay=1e-4,
-        lr_cfg=dict(type="Cosine", decay_rate=0.1), epochs=500, warmup_epochs=100, loc_interval=100,
-        box_thresh=0.1, alpha=0.1, fix_pred_lr=True, sync_bn=True, zero_init=True),
+        file="configs/small/cifar10/simsiam_ccrop.py", **SMALL, fix_pred_lr=True, sync_bn=True, zero_init=True),
     "moco_v2_imagenet1k_ccrop": dict(
         file="configs/IN1K/mocov2_ccrop.py", depth=50, maxpool=True, blur=True, batch_size=256, lr=0.03, momentum=0.9, weight_decay=1e-4,
         lr_cfg=dict(type="Cosine", decay_rate=0.0), epochs=100, warmup_epochs=20, loc_interval=20,
