@@ -64,11 +64,13 @@ def parse_data_files(values: Sequence[str] | None) -> dict[str, list[str]] | Non
     return files
 
 
-def default_output_dir(source: str, output: str | None) -> Path:
-    """Results go next to the run (a local source folder) unless ``--output`` says otherwise."""
+def default_output_dir(source: str, output: str | None, *, subfolder: str | None = None) -> Path:
+    """Results go next to the run (a local source folder; else ``.``), in ``subfolder`` of it when given,
+    unless ``--output`` says otherwise."""
     if output:
         return Path(output)
-    return Path(source) if Path(source).is_dir() else Path(".")
+    base = Path(source) if Path(source).is_dir() else Path(".")
+    return base / subfolder if subfolder else base
 
 
 def write_results(output_dir: str | Path, filename: str, results: dict[str, Any]) -> Path:

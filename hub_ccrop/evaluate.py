@@ -337,33 +337,18 @@ def _fit_linear(
     history: list[dict[str, float]] = []
     bar = tqdm(range(epochs), desc="linear probe", disable=not (progress and is_main_process(accelerator)))
     for epoch in bar:
-        head.train()
-        loss_sum, seen = 0.0, 0
-        for feats, labels in epoch_batches(epoch):
-            loss = F.cross_entropy(head(feats), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if is_distributed(accelerator):
-                for p in head.parameters():
-                    p.grad = accelerator.reduce(p.grad, reduction="mean")
-            optimizer.step()
-            loss_sum += loss.item() * labels.numel()
-            seen += labels.numel()
         lr_now = optimizer.param_groups[0]["lr"]
+        train_loss = _train_head_epoch(head, epoch_batches(epoch), optimizer, accelerator)
         scheduler.step()
-        if is_distributed(accelerator):  # the epoch's loss over all processes
-            loss_sum, seen = accelerator.reduce(torch.tensor([loss_sum, seen], device=device), "sum").tolist()
-        head.eval()
-        with torch.no_grad():
-            logits = torch.cat([head(c) for c in test_feats.split(4096)])
-        acc = topk_accuracy(logits, test_labels)
-        train_loss, test_loss = loss_sum / max(seen, 1), F.cross_entropy(logits, test_labels).item()
+        test_loss, acc = _evaluate_head(head, test_feats, test_labels)
         history.append(
             {"epoch": epoch + 1, "lr": lr_now, "train_loss": train_loss, "test_loss": test_loss, **acc}
         )
         bar.set_postfix(loss=f"{train_loss:.3f}", top1=f"{acc['top1']:.2f}")
     last = history[-1]
     best = max(history, key=lambda h: h["top1"])
+    sgd = {"name": "sgd", "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+           "milestones": list(milestones), "gamma": gamma}
     return {
         "top1": last["top1"],
         "top5": last["top5"],
@@ -371,16 +356,39 @@ def _fit_linear(
         "best_top1": best["top1"],
         "best_epoch": best["epoch"],
         "note": BEST_EPOCH_NOTE,
-        "optimizer": {
-            "name": "sgd",
-            "lr": lr,
-            "momentum": momentum,
-            "weight_decay": weight_decay,
-            "milestones": list(milestones),
-            "gamma": gamma,
-        },
+        "optimizer": sgd,
         "history": history,
     }
+
+
+def _train_head_epoch(
+    head: nn.Linear, batches: Iterable[tuple[Tensor, Tensor]], optimizer: torch.optim.Optimizer, accelerator: Any
+) -> float:
+    """One epoch of ``head`` on ``(features, labels)`` batches; the mean training loss over all processes."""
+    head.train()
+    loss_sum, seen = 0.0, 0
+    for feats, labels in batches:
+        loss = F.cross_entropy(head(feats), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if is_distributed(accelerator):
+            for p in head.parameters():
+                p.grad = accelerator.reduce(p.grad, reduction="mean")
+        optimizer.step()
+        loss_sum += loss.item() * labels.numel()
+        seen += labels.numel()
+    if is_distributed(accelerator):
+        device = head.weight.device
+        loss_sum, seen = accelerator.reduce(torch.tensor([loss_sum, seen], device=device), "sum").tolist()
+    return loss_sum / max(seen, 1)
+
+
+@torch.no_grad()
+def _evaluate_head(head: nn.Linear, test_feats: Tensor, test_labels: Tensor) -> tuple[float, dict[str, float]]:
+    """``(test loss, top-1/top-5)`` of ``head`` on cached test features."""
+    head.eval()
+    logits = torch.cat([head(c) for c in test_feats.split(4096)])
+    return F.cross_entropy(logits, test_labels).item(), topk_accuracy(logits, test_labels)
 
 
 def _new_head(dim: int, num_classes: int, device: torch.device, seed: int) -> nn.Linear:
@@ -391,6 +399,25 @@ def _new_head(dim: int, num_classes: int, device: torch.device, seed: int) -> nn
         head.weight.normal_(0.0, 0.01, generator=generator)
         head.bias.zero_()
     return head.to(device)
+
+
+def _backbone_batches(
+    backbone: nn.Module,
+    train_loader: Iterable,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    channels_last: bool,
+) -> Callable[[int], Iterator[tuple[Tensor, Tensor]]]:
+    """``epoch -> (features, labels)`` batches of the frozen ``backbone`` over ``train_loader``'s images."""
+
+    def epoch_batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        set_loader_epoch(train_loader, epoch)
+        for images, _ids, labels in train_loader:
+            with torch.no_grad():
+                feats = _forward(backbone, images, device, autocast_dtype, channels_last)
+            yield feats, torch.as_tensor(labels, dtype=torch.int64).to(device)
+
+    return epoch_batches
 
 
 def linear_probe(
@@ -425,37 +452,14 @@ def linear_probe(
     device = _model_device(backbone, accelerator)
     with _frozen(backbone):
         _, test_feats, test_labels = extract_features(
-            backbone,
-            test_loader,
-            accelerator=accelerator,
-            autocast_dtype=autocast_dtype,
-            channels_last=channels_last,
-            normalize=False,
-            progress=progress,
-            desc="linear test features",
+            backbone, test_loader, accelerator=accelerator, autocast_dtype=autocast_dtype,
+            channels_last=channels_last, normalize=False, progress=progress, desc="linear test features",
         )
         head = _new_head(test_feats.shape[1], num_classes, device, seed)
-
-        def epoch_batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-            set_loader_epoch(train_loader, epoch)
-            for images, _ids, labels in train_loader:
-                with torch.no_grad():
-                    feats = _forward(backbone, images, device, autocast_dtype, channels_last)
-                yield feats, torch.as_tensor(labels, dtype=torch.int64).to(device)
-
+        epoch_batches = _backbone_batches(backbone, train_loader, device, autocast_dtype, channels_last)
         result = _fit_linear(
-            head,
-            epoch_batches,
-            test_feats,
-            test_labels,
-            epochs=epochs,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            milestones=milestones,
-            gamma=gamma,
-            accelerator=accelerator,
-            progress=progress,
+            head, epoch_batches, test_feats, test_labels, epochs=epochs, lr=lr, momentum=momentum,
+            weight_decay=weight_decay, milestones=milestones, gamma=gamma, accelerator=accelerator, progress=progress,
         )
     return {
         "protocol": LINEAR_PROTOCOL,
@@ -647,6 +651,57 @@ def freeze_except(model: nn.Module, trainable: Sequence[str]) -> list[str]:
     return frozen
 
 
+def _classifier_optimizer(
+    model: nn.Module, name: str, *, lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """SGD (with momentum) or AdamW over the parameters that still require gradients."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {name!r}")
+
+
+def _warmup_cosine(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step schedule: linear warm-up over ``warmup`` steps, then cosine to 0 at step ``total``."""
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+def _finetune_epoch(
+    model: nn.Module,
+    train_loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    accelerator: Any,
+    *,
+    label_smoothing: float,
+    desc: str,
+    progress: bool,
+) -> float:
+    """One epoch of classification training (the scheduler steps per batch); the mean training loss."""
+    model.train()
+    loss_sum, seen = 0.0, 0
+    bar = tqdm(train_loader, desc=desc, leave=False, disable=not (progress and is_main_process(accelerator)))
+    for images, _ids, labels in bar:
+        images, labels = images.to(accelerator.device), torch.as_tensor(labels).to(accelerator.device)
+        with accelerator.autocast():
+            loss = F.cross_entropy(model(images).float(), labels, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.item() * labels.numel()
+        seen += labels.numel()
+    return loss_sum / max(seen, 1)
+
+
 def finetune(
     model: nn.Module,
     train_loader: Iterable,
@@ -672,55 +727,21 @@ def finetune(
     from accelerate import Accelerator
 
     accelerator = accelerator or Accelerator()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    elif optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    else:
-        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+    opt = _classifier_optimizer(model, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     steps_per_epoch = max(len(train_loader), 1)  # type: ignore[arg-type]
-    total, warmup = epochs * steps_per_epoch, int(warmup_epochs * steps_per_epoch)
-
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    scheduler = _warmup_cosine(opt, epochs * steps_per_epoch, int(warmup_epochs * steps_per_epoch))
     wrapped, opt = accelerator.prepare(model, opt)
     history: list[dict[str, float]] = []
     for epoch in range(epochs):
-        wrapped.train()
         set_loader_epoch(train_loader, epoch)
-        loss_sum, seen = 0.0, 0
-        bar = tqdm(
-            train_loader,
-            desc=f"finetune {epoch + 1}/{epochs}",
-            leave=False,
-            disable=not (progress and is_main_process(accelerator)),
+        train_loss = _finetune_epoch(
+            wrapped, train_loader, opt, scheduler, accelerator,
+            label_smoothing=label_smoothing, desc=f"finetune {epoch + 1}/{epochs}", progress=progress,
         )
-        for images, _ids, labels in bar:
-            images, labels = images.to(accelerator.device), torch.as_tensor(labels).to(accelerator.device)
-            with accelerator.autocast():
-                loss = F.cross_entropy(wrapped(images).float(), labels, label_smoothing=label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            opt.step()
-            scheduler.step()
-            loss_sum += loss.item() * labels.numel()
-            seen += labels.numel()
         _, logits, labels = extract_features(
-            wrapped,
-            test_loader,
-            accelerator=accelerator,
-            normalize=False,
-            progress=progress,
-            desc="finetune test",
+            wrapped, test_loader, accelerator=accelerator, normalize=False, progress=progress, desc="finetune test"
         )
-        history.append(
-            {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), **topk_accuracy(logits, labels)}
-        )
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, **topk_accuracy(logits, labels)})
     last = history[-1] if history else {}
     return {
         "protocol": "finetune",
@@ -858,13 +879,19 @@ def _classification_loaders(
     return train_loader, test_loader, num_classes, info
 
 
+def _cli_backbone(args: argparse.Namespace, accelerator: Any) -> nn.Module:
+    """The backbone of ``eval knn|linear``: ``args.source`` on the accelerator's device, ``--channels-last`` applied."""
+    model = load_backbone(args.source).to(accelerator.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 def _run_knn(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate import Accelerator
 
     accelerator = Accelerator()
-    model = load_backbone(args.source).to(accelerator.device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = _cli_backbone(args, accelerator)
     # kNN uses un-augmented images for the feature bank (the monitor's convention)
     train_loader, test_loader, num_classes, info = _classification_loaders(
         args, model, accelerator, train_augment=False
@@ -888,60 +915,56 @@ def _run_knn(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _run_linear(args: argparse.Namespace) -> dict[str, Any]:
-    from accelerate import Accelerator
-
-    accelerator = Accelerator()
-    model = load_backbone(args.source).to(accelerator.device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    autocast_dtype = default_autocast_dtype(accelerator.device)
+def _apply_linear_protocol(args: argparse.Namespace, accelerator: Any) -> LinearProtocol:
+    """Fill ``--lr``/``--batch-size`` from the dataset's linear protocol where not given, and say so."""
     protocol = linear_protocol(_classification_spec(args))
     args.lr = protocol.lr if args.lr is None else args.lr
     args.batch_size = protocol.batch_size if args.batch_size is None else args.batch_size
     accelerator.print(f"linear protocol for {args.dataset}: {protocol.name} (lr {protocol.lr}, global batch "
                       f"{protocol.batch_size}); this run: lr {args.lr}, global batch {args.batch_size}")
+    return protocol
+
+
+def _fast_linear_probe(
+    model: nn.Module, train_loader: Iterable, test_loader: Iterable, *, num_classes: int, batch_size: int,
+    accelerator: Any, autocast_dtype: torch.dtype | None, channels_last: bool, progress: bool, **hyper: Any,
+) -> dict[str, Any]:
+    """``eval linear --fast``: raw features of both splits extracted once, then ``linear_probe_on_features``."""
+    kw = dict(accelerator=accelerator, autocast_dtype=autocast_dtype, channels_last=channels_last,
+              normalize=False, progress=progress)
+    _, train_feats, train_labels = extract_features(model, train_loader, desc="train features", **kw)
+    _, test_feats, test_labels = extract_features(model, test_loader, desc="test features", **kw)
+    return linear_probe_on_features(
+        train_feats, train_labels, test_feats, test_labels,
+        num_classes=num_classes, batch_size=batch_size, device=accelerator.device, progress=progress, **hyper,
+    )
+
+
+def _run_linear(args: argparse.Namespace) -> dict[str, Any]:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    model = _cli_backbone(args, accelerator)
+    autocast_dtype = default_autocast_dtype(accelerator.device)
+    protocol = _apply_linear_protocol(args, accelerator)
     train_loader, test_loader, num_classes, info = _classification_loaders(
         args, model, accelerator, train_augment=not args.fast
     )
-    hyper = dict(
+    kw = dict(
+        num_classes=num_classes,
         epochs=args.epochs,
         lr=args.lr,
         milestones=tuple(args.milestones),
         seed=args.seed,
+        accelerator=accelerator,
+        autocast_dtype=autocast_dtype,
+        channels_last=args.channels_last,
         progress=not args.no_progress,
     )
     if args.fast:
-        kw = dict(
-            accelerator=accelerator,
-            autocast_dtype=autocast_dtype,
-            channels_last=args.channels_last,
-            normalize=False,
-            progress=not args.no_progress,
-        )
-        _, train_feats, train_labels = extract_features(model, train_loader, desc="train features", **kw)
-        _, test_feats, test_labels = extract_features(model, test_loader, desc="test features", **kw)
-        result = linear_probe_on_features(
-            train_feats,
-            train_labels,
-            test_feats,
-            test_labels,
-            num_classes=num_classes,
-            batch_size=args.batch_size,
-            device=accelerator.device,
-            **hyper,
-        )
+        result = _fast_linear_probe(model, train_loader, test_loader, batch_size=args.batch_size, **kw)
     else:
-        result = linear_probe(
-            model,
-            train_loader,
-            test_loader,
-            num_classes=num_classes,
-            accelerator=accelerator,
-            autocast_dtype=autocast_dtype,
-            channels_last=args.channels_last,
-            **hyper,
-        )
+        result = linear_probe(model, train_loader, test_loader, **kw)
         result["batch_size"] = args.batch_size
     result = {**result, "source": args.source, "linear_protocol": protocol.name, **info}
     if accelerator.is_main_process:
@@ -987,7 +1010,7 @@ def _run_finetune(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         **info,
     }
-    out = Path(args.output) if args.output else default_output_dir(args.source, None) / "finetune"
+    out = default_output_dir(args.source, args.output, subfolder="finetune")
     if accelerator.is_main_process:
         from timm.models import save_for_hf
 
