@@ -309,6 +309,58 @@ def evaluate_detection(
     return out
 
 
+def _warmup_multistep(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, decay_steps: Sequence[int], gamma: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step schedule: linear warm-up from 0.001x over ``warmup_steps``, x``gamma`` at each of ``decay_steps``."""
+
+    def lr_factor(step: int) -> float:
+        warm = 1.0 if step >= warmup_steps else 0.001 + (1 - 0.001) * step / warmup_steps
+        return warm * gamma ** sum(step >= s for s in decay_steps)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+def _train_detector(
+    model: nn.Module,
+    train_loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    accelerator: Any,
+    *,
+    steps: int,
+    progress: bool,
+) -> list[dict[str, float]]:
+    """``steps`` iterations over ``train_loader`` (as many epochs as that takes); the per-step losses."""
+    model.train()
+    step, epoch, history = 0, 0, []
+    bar = tqdm(
+        total=steps, desc="detection finetune", disable=not (progress and is_main_process(accelerator))
+    )
+    while step < steps:
+        set_loader_epoch(train_loader, epoch)
+        for images, targets in train_loader:
+            images, targets = _to_device(images, targets, accelerator.device)
+            with accelerator.autocast():
+                losses = model(images, targets)
+            loss = sum(losses.values())
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"non-finite detection loss at step {step}: {losses}")
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            history.append({"step": step, "loss": loss.item(), **{k: v.item() for k, v in losses.items()}})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if step >= steps:
+                break
+        epoch += 1
+    bar.close()
+    return history
+
+
 def finetune_detection(
     model: nn.Module,
     train_loader: Iterable,
@@ -340,39 +392,11 @@ def finetune_detection(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     decay_steps = [int(m * steps) for m in milestones]
-
-    def lr_factor(step: int) -> float:
-        warm = 1.0 if step >= warmup_steps else 0.001 + (1 - 0.001) * step / warmup_steps
-        return warm * gamma ** sum(step >= s for s in decay_steps)
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = _warmup_multistep(optimizer, warmup_steps, decay_steps, gamma)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
-    wrapped.train()
-    step, epoch, history = 0, 0, []
-    bar = tqdm(
-        total=steps, desc="detection finetune", disable=not (progress and is_main_process(accelerator))
+    history = _train_detector(
+        wrapped, train_loader, optimizer, scheduler, accelerator, steps=steps, progress=progress
     )
-    while step < steps:
-        set_loader_epoch(train_loader, epoch)
-        for images, targets in train_loader:
-            images, targets = _to_device(images, targets, accelerator.device)
-            with accelerator.autocast():
-                losses = wrapped(images, targets)
-            loss = sum(losses.values())
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"non-finite detection loss at step {step}: {losses}")
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            history.append({"step": step, "loss": loss.item(), **{k: v.item() for k, v in losses.items()}})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if step >= steps:
-                break
-        epoch += 1
-    bar.close()
     result: dict[str, Any] = {
         "protocol": "faster-rcnn-fpn (torchvision), COCO-style box mAP (percent)",
         "steps": steps,
@@ -540,35 +564,23 @@ def _num_categories(data: Any, objects_column: str | None, category_key: str) ->
     return 1 + int(max(categories, default=-1))
 
 
-def _run_finetune_detection(args: argparse.Namespace) -> dict[str, Any]:
-    from accelerate import Accelerator
-
-    accelerator = Accelerator()
-    load = dict(name=args.config_name, data_dir=args.data_dir, data_files=args.data_files)
-    train_data = _load_split(args.dataset, args.train_split, **load)
-    test_data = _load_split(args.dataset, args.test_split, **load) if args.test_split else None
-    image_column = _image_column_of(train_data, args.image_column)
-    objects_column = None if args.objects_column in ("", "none") else args.objects_column
-    num_categories = args.num_categories or _num_categories(train_data, objects_column, args.category_key)
-    model = build_faster_rcnn(
-        args.source,
-        num_categories,
-        out_indices=args.out_indices,
-        fpn_channels=args.fpn_channels,
-        frozen_bn=not args.trainable_bn,
-        trainable_stages=args.trainable_stages,
-        min_size=args.min_size,
-        max_size=args.max_size,
-    )
-    columns = dict(
-        image_column=image_column,
-        objects_column=objects_column,
+def _detection_columns(args: argparse.Namespace, train_data: Any) -> dict[str, Any]:
+    """``DetectionDataset`` options from the command line (``--image-column``, else found in ``train_data``)."""
+    return dict(
+        image_column=_image_column_of(train_data, args.image_column),
+        objects_column=None if args.objects_column in ("", "none") else args.objects_column,
         bbox_key=args.bbox_key,
         category_key=args.category_key,
         box_format=args.box_format,
         normalized=args.normalized_boxes,
         category_offset=args.category_offset,
     )
+
+
+def _detection_loaders(
+    args: argparse.Namespace, accelerator: Any, columns: dict[str, Any], train_data: Any, test_data: Any | None
+) -> tuple[DataLoader, DataLoader | None]:
+    """Sharded train (shuffled, flipped, last batch dropped) and test loaders of ``DetectionDataset`` items."""
     per_process = per_process_batch(args.batch_size, accelerator.num_processes, key="--batch-size")
 
     def loader(data: Any, train: bool) -> DataLoader:
@@ -584,6 +596,60 @@ def _run_finetune_detection(args: argparse.Namespace) -> dict[str, Any]:
 
     train_loader = accelerator.prepare(loader(train_data, True))
     test_loader = accelerator.prepare(loader(test_data, False)) if test_data is not None else None
+    return train_loader, test_loader
+
+
+def _detection_settings(args: argparse.Namespace, columns: dict[str, Any], num_categories: int) -> dict[str, Any]:
+    """What ``detection.json`` records of the command line besides the training result."""
+    return {
+        "source": args.source,
+        "dataset": args.dataset,
+        "train_split": args.train_split,
+        "test_split": args.test_split,
+        "image_column": columns["image_column"],
+        "objects_column": columns["objects_column"],
+        "bbox_key": args.bbox_key,
+        "category_key": args.category_key,
+        "box_format": args.box_format,
+        "num_categories": num_categories,
+        "batch_size": args.batch_size,
+        "frozen_bn": not args.trainable_bn,
+        "trainable_stages": args.trainable_stages,
+        "min_size": args.min_size,
+        "max_size": args.max_size,
+    }
+
+
+def _save_detector(out: Path, model: nn.Module, result: dict[str, Any]) -> Path:
+    """``detector.safetensors`` and ``detection.json`` in ``out``; returns the results path."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "detector.safetensors"))
+    return write_results(out, "detection.json", result)
+
+
+def _run_finetune_detection(args: argparse.Namespace) -> dict[str, Any]:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    load = dict(name=args.config_name, data_dir=args.data_dir, data_files=args.data_files)
+    train_data = _load_split(args.dataset, args.train_split, **load)
+    test_data = _load_split(args.dataset, args.test_split, **load) if args.test_split else None
+    columns = _detection_columns(args, train_data)
+    num_categories = args.num_categories or _num_categories(train_data, columns["objects_column"], args.category_key)
+    model = build_faster_rcnn(
+        args.source,
+        num_categories,
+        out_indices=args.out_indices,
+        fpn_channels=args.fpn_channels,
+        frozen_bn=not args.trainable_bn,
+        trainable_stages=args.trainable_stages,
+        min_size=args.min_size,
+        max_size=args.max_size,
+    )
+    train_loader, test_loader = _detection_loaders(args, accelerator, columns, train_data, test_data)
     result = finetune_detection(
         model,
         train_loader,
@@ -595,34 +661,11 @@ def _run_finetune_detection(args: argparse.Namespace) -> dict[str, Any]:
         accelerator=accelerator,
         progress=not args.no_progress,
     )
-    result = {
-        **result,
-        "source": args.source,
-        "dataset": args.dataset,
-        "train_split": args.train_split,
-        "test_split": args.test_split,
-        "image_column": image_column,
-        "objects_column": objects_column,
-        "bbox_key": args.bbox_key,
-        "category_key": args.category_key,
-        "box_format": args.box_format,
-        "num_categories": num_categories,
-        "batch_size": args.batch_size,
-        "frozen_bn": not args.trainable_bn,
-        "trainable_stages": args.trainable_stages,
-        "min_size": args.min_size,
-        "max_size": args.max_size,
-    }
-    out = Path(args.output) if args.output else default_output_dir(args.source, None) / "detection"
+    result = {**result, **_detection_settings(args, columns, num_categories)}
+    out = default_output_dir(args.source, args.output, subfolder="detection")
     if accelerator.is_main_process:
-        from safetensors.torch import save_file
-
-        out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
-        save_file(state, str(out / "detector.safetensors"))
-        path = write_results(out, "detection.json", result)
-        box_map = result.get("metrics", {}).get("map")
-        print(f"detection: box mAP {box_map}  -> {path}")
+        path = _save_detector(out, accelerator.unwrap_model(model), result)
+        print(f"detection: box mAP {result.get('metrics', {}).get('map')}  -> {path}")
     accelerator.wait_for_everyone()
     return result
 
