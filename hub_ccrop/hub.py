@@ -21,7 +21,8 @@ import re
 import shutil
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -262,6 +263,88 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
         )
 
 
+def _require_preprocessing(run: RunInfo, run_dir: Path) -> None:
+    """The model card and timm's config need the backbone's input size and normalization."""
+    missing = [key for key in ("input_size", "mean", "std") if getattr(run, key) is None]
+    if missing:
+        raise UserError(f"{run_dir / RUN_FILE} lacks {', '.join(missing)}: add them (the model's input size and "
+                        "normalization) or re-run `hub-ccrop train`")
+
+
+def _run_metrics(run_dir: Path) -> dict[str, Any]:
+    """``metrics.json`` of the run, with the ``eval_knn``/``eval_linear`` results written next to it."""
+    metrics = _read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
+    for name in ("eval_knn", "eval_linear"):  # written next to the run by `hub-ccrop eval-knn/eval-linear RUN`
+        if (run_dir / f"{name}.json").is_file():
+            metrics[name] = _read_json(run_dir / f"{name}.json")
+    return metrics
+
+
+@contextmanager
+def _staged_folder(out_dir: Path) -> Iterator[Path]:
+    """A fresh folder next to ``out_dir`` that replaces ``out_dir`` when the block succeeds; removed otherwise."""
+    tmp = out_dir.parent / f".{out_dir.name}.tmp{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_weights(run_dir: Path, run: RunInfo, folder: Path) -> tuple[torch.nn.Module, bool]:
+    """Weights + config through timm's own writer, with a clean pretrained_cfg.
+
+    Returns the backbone and whether loading it needs ``import hub_ccrop`` (an architecture timm lacks).
+    """
+    import safetensors.torch
+    from timm.models import save_for_hf
+
+    weights = run_dir / "backbone.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found (the run's final backbone)")
+    state_dict = safetensors.torch.load_file(str(weights), device="cpu")
+    model = _build_backbone(run, state_dict)
+    needs_import = _ensure_architecture(run.model)
+    cfg = _clean_pretrained_cfg(model, run)
+    model.pretrained_cfg = cfg
+    model.default_cfg = cfg
+    data_config = {k: cfg[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")}
+    save_for_hf(model, str(folder), safe_serialization=True, data_config=data_config)
+    return model, needs_import
+
+
+def _write_boxes(run_dir: Path, run: RunInfo, folder: Path) -> BoxTable | None:
+    """The run's box table in both formats, its metadata completed and checked against the run's dataset."""
+    table = _load_run_boxes(run_dir)
+    if table is None:
+        return None
+    spec = run.dataset
+    table.metadata.setdefault("dataset", (spec.hub_id or spec.name) if spec is not None else None)
+    table.metadata.setdefault("split", "+".join(spec.pretrain_splits) if spec is not None else None)
+    table.metadata.setdefault("backbone", run.model)
+    table.metadata.setdefault("k", run.schedule.k if run.schedule is not None else None)
+    if run.fingerprint is not None:
+        table.metadata.setdefault("fingerprint", run.fingerprint)
+    table.check_compatible(num_rows=run.num_rows, fingerprint=run.fingerprint, source=f"{run_dir}/boxes")
+    table.save(folder / "boxes.parquet")
+    table.save(folder / "boxes.safetensors")
+    return table
+
+
+def _write_recipe_and_metrics(run_dir: Path, metrics: Mapping[str, Any], folder: Path) -> None:
+    """``recipe.yaml`` (credentials redacted) and ``metrics.json`` of the export."""
+    if (run_dir / "recipe.yaml").is_file():
+        _write_recipe(run_dir / "recipe.yaml", folder / "recipe.yaml")
+    with (folder / "metrics.json").open("w", encoding="utf-8") as f:
+        json.dump(metrics, f, indent=2, sort_keys=True)
+
+
 def export_run(
     run_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -277,78 +360,26 @@ def export_run(
     ``out_dir`` and moved into place at the end; ``verify`` reloads it with ``timm.create_model("local-dir:...")``
     and checks that the weights are bit-identical. Returns ``out_dir``.
     """
-    import safetensors.torch
-    from timm.models import save_for_hf
-
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     run = RunInfo.load(run_dir)
-    missing = [key for key in ("input_size", "mean", "std") if getattr(run, key) is None]
-    if missing:  # the model card and timm's config need the backbone's preprocessing
-        raise UserError(f"{run_dir / RUN_FILE} lacks {', '.join(missing)}: add them (the model's input size and "
-                        "normalization) or re-run `hub-ccrop train`")
-    metrics = _read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
-    for name in ("eval_knn", "eval_linear"):  # written next to the run by `hub-ccrop eval-knn/eval-linear RUN`
-        if (run_dir / f"{name}.json").is_file():
-            metrics[name] = _read_json(run_dir / f"{name}.json")
+    _require_preprocessing(run, run_dir)
+    metrics = _run_metrics(run_dir)
     _prepare_out_dir(out_dir, overwrite)
-
-    tmp = out_dir.parent / f".{out_dir.name}.tmp{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        # 1. weights + config through timm's own writer, with a clean pretrained_cfg
-        weights = run_dir / "backbone.safetensors"
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights} not found (the run's final backbone)")
-        state_dict = safetensors.torch.load_file(str(weights), device="cpu")
-        model = _build_backbone(run, state_dict)
-        needs_import = _ensure_architecture(run.model)
-        cfg = _clean_pretrained_cfg(model, run)
-        model.pretrained_cfg = cfg
-        model.default_cfg = cfg
-        data_config = {k: cfg[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")}
-        save_for_hf(model, str(tmp), safe_serialization=True, data_config=data_config)
-
-        # 2. box table (both formats), checked against the run's dataset
-        table = _load_run_boxes(run_dir)
-        if table is not None:
-            spec = run.dataset
-            table.metadata.setdefault("dataset", (spec.hub_id or spec.name) if spec is not None else None)
-            table.metadata.setdefault("split", "+".join(spec.pretrain_splits) if spec is not None else None)
-            table.metadata.setdefault("backbone", run.model)
-            table.metadata.setdefault("k", run.schedule.k if run.schedule is not None else None)
-            if run.fingerprint is not None:
-                table.metadata.setdefault("fingerprint", run.fingerprint)
-            table.check_compatible(num_rows=run.num_rows, fingerprint=run.fingerprint, source=f"{run_dir}/boxes")
-            table.save(tmp / "boxes.parquet")
-            table.save(tmp / "boxes.safetensors")
-
-        # 3. recipe, metrics, picture
-        if (run_dir / "recipe.yaml").is_file():
-            _write_recipe(run_dir / "recipe.yaml", tmp / "recipe.yaml")
-        with (tmp / "metrics.json").open("w", encoding="utf-8") as f:
-            json.dump(metrics, f, indent=2, sort_keys=True)
+    with _staged_folder(out_dir) as tmp:
+        model, needs_import = _write_weights(run_dir, run, tmp)
+        table = _write_boxes(run_dir, run, tmp)
+        _write_recipe_and_metrics(run_dir, metrics, tmp)
         picture = _table_picture(run_dir, table)
         if picture is not None:
             shutil.copyfile(picture, tmp / PICTURE_NAME)
-
-        # 4. model card
         card = build_model_card(
             run, metrics, repo_id=repo_id, boxes=table, picture=PICTURE_NAME if picture else None,
             needs_import=needs_import, num_features=int(getattr(model, "num_features", 0)),
             has_recipe=(tmp / "recipe.yaml").is_file(), template=template,
         )
         card.save(tmp / "README.md")
-
         if verify:
             _verify_export(tmp, model)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     logger.info("exported %s to %s", run_dir, out_dir)
     return out_dir
 
@@ -426,45 +457,40 @@ def _format_epochs(epochs: Sequence[Any] | None) -> str:
     return ", ".join(str(e) for e in epochs) if epochs else "none"
 
 
-def build_model_card(
-    run: RunInfo,
-    metrics: Mapping[str, Any],
-    *,
-    repo_id: str | None = None,
-    boxes: BoxTable | None = None,
-    picture: str | None = None,
-    needs_import: bool = False,
-    num_features: int = 0,
-    has_recipe: bool = True,
-    template: str | os.PathLike | None = None,
-):
-    """Render the model card (``huggingface_hub.ModelCard``) from ``model_cards/template.md``."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+_CCROP_NAMES = ("ccrop", "c-crop", "contrastivecrop", "contrastive_crop")
 
-    template = Path(template) if template else TEMPLATE_PATH
-    if not template.is_file():
-        raise FileNotFoundError(f"model card template not found: {template}")
-    repo_id = repo_id or _PLACEHOLDER_REPO
-    schedule = run.schedule
-    method_key = _method_key(run.method or "unknown")
-    method = _METHOD_NAMES.get(method_key, run.method or "unknown")
-    dataset_display, dkey, hub_id = _dataset_names(run, "unknown")
-    uses_ccrop = schedule is not None and schedule.crop in ("ccrop", "c-crop", "contrastivecrop", "contrastive_crop")
-    results = _card_results(run, metrics)
-    eval_results = []
-    for kind in ("knn", "linear"):
-        if results[f"{kind}_top1"] is not None:
-            eval_results.append(EvalResult(
-                task_type="image-classification", task_name="Image Classification",
-                dataset_type=str(hub_id or dkey), dataset_name=dataset_display, dataset_split=results[f"{kind}_split"],
-                metric_type="accuracy", metric_name=results[f"{kind}_name"], metric_value=results[f"{kind}_top1"],
-            ))
+
+def _card_eval_results(results: Mapping[str, Any], dataset_type: str, dataset_name: str) -> list[Any]:
+    """The card metadata's ``model-index`` entries: kNN and linear top-1, where measured."""
+    from huggingface_hub import EvalResult
+
+    return [
+        EvalResult(
+            task_type="image-classification", task_name="Image Classification",
+            dataset_type=dataset_type, dataset_name=dataset_name, dataset_split=results[f"{kind}_split"],
+            metric_type="accuracy", metric_name=results[f"{kind}_name"], metric_value=results[f"{kind}_top1"],
+        )
+        for kind in ("knn", "linear")
+        if results[f"{kind}_top1"] is not None
+    ]
+
+
+def _card_model_name(run: RunInfo, repo_id: str, method_key: str, uses_ccrop: bool, dataset_key: str) -> str:
+    """The repo's name, else (no repo id yet) ``ARCH-METHOD-ccrop|rcrop-DATASET``."""
+    if repo_id != _PLACEHOLDER_REPO:
+        return repo_id.split("/")[-1]
+    return f"{run.model}-{method_key.replace('_', '')}-{'ccrop' if uses_ccrop else 'rcrop'}-{dataset_key}"
+
+
+def _card_metadata(
+    run: RunInfo, model_name: str, method_key: str, hub_id: str | None, eval_results: list[Any]
+) -> Any:
+    """The card's YAML header (``huggingface_hub.ModelCardData``)."""
+    from huggingface_hub import ModelCardData
 
     tags = ["timm", "image-feature-extraction", "self-supervised-learning", "contrastive-learning",
             "contrastive-crop", "hub-ccrop", method_key.replace("_", "-"), f"arxiv:{PAPER_ARXIV_ID}"]
-    model_name = repo_id.split("/")[-1] if repo_id != _PLACEHOLDER_REPO else (
-        f"{run.model}-{method_key.replace('_', '')}-{'ccrop' if uses_ccrop else 'rcrop'}-{dkey}")
-    card_data = ModelCardData(
+    return ModelCardData(
         library_name="timm",
         pipeline_tag="image-feature-extraction",
         license=run.license,
@@ -475,24 +501,12 @@ def build_model_card(
         eval_results=eval_results or None,
     )
 
-    ref = paper_reference(method_key, dkey)
-    paper_setting = PAPER_SETTINGS["imagenet-1k" if dkey == "imagenet-1k" else "small"]
+
+def _card_training(run: RunInfo) -> dict[str, Any]:
+    """The template's pretraining section: data, schedule and preprocessing."""
+    schedule = run.schedule
     input_size = list(run.input_size or ())
-    box_meta = dict(boxes.metadata) if boxes is not None else {}
-    extra_metrics = {k: _number(v, 4) if isinstance(v, float) else v for k, v in metrics.items()
-                     if k not in ("knn_top1", "linear_top1", "box_iou") and isinstance(v, (int, float, str))}
-    context = dict(
-        repo_id=repo_id,
-        model_name=model_name,
-        architecture=run.model,
-        needs_import=needs_import,
-        num_features=num_features,
-        method=method,
-        method_key=method_key,
-        crop_name="ContrastiveCrop (C-Crop)" if uses_ccrop else "RandomResizedCrop (R-Crop)",
-        uses_ccrop=uses_ccrop,
-        dataset_name=dataset_display,
-        dataset_hub_id=hub_id,
+    return dict(
         dataset_splits=", ".join(run.dataset.pretrain_splits) if run.dataset is not None else "unknown",
         dataset_num_rows=run.num_rows,
         epochs=run.epochs,
@@ -507,15 +521,33 @@ def build_model_card(
         std=list(run.std or ()),
         interpolation=run.interpolation,
         crop_pct=run.eval_crop_pct,
-        **results,
-        box_iou=_number(metrics.get("box_iou"), 4),
-        extra_metrics=extra_metrics,
+    )
+
+
+def _card_metrics(results: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The template's results section: kNN/linear top-1 (``_card_results``), box IoU, the other metrics."""
+    extra_metrics = {k: _number(v, 4) if isinstance(v, float) else v for k, v in metrics.items()
+                     if k not in ("knn_top1", "linear_top1", "box_iou") and isinstance(v, (int, float, str))}
+    return dict(**results, box_iou=_number(metrics.get("box_iou"), 4), extra_metrics=extra_metrics)
+
+
+def _card_paper(method_key: str, dataset_key: str) -> dict[str, Any]:
+    """The template's comparison with the paper and its citation."""
+    ref = paper_reference(method_key, dataset_key)
+    return dict(
         paper_rcrop=ref[0] if ref else None,
         paper_ccrop=ref[1] if ref else None,
-        paper_setting=paper_setting,
+        paper_setting=PAPER_SETTINGS["imagenet-1k" if dataset_key == "imagenet-1k" else "small"],
         paper_title=PAPER_TITLE,
         paper_arxiv_id=PAPER_ARXIV_ID,
         citation=PAPER_CITATION,
+    )
+
+
+def _card_files(boxes: BoxTable | None, picture: str | None, has_recipe: bool) -> dict[str, Any]:
+    """The template's section on the other files of the repo: picture, recipe, box table."""
+    box_meta = dict(boxes.metadata) if boxes is not None else {}
+    return dict(
         picture=picture,
         picture_epoch=box_meta.get("epoch"),
         has_recipe=has_recipe,
@@ -524,6 +556,51 @@ def build_model_card(
         boxes_epoch=box_meta.get("epoch"),
         boxes_fingerprint=box_meta.get("fingerprint"),
         boxes_id_scheme=box_meta.get("id_scheme", ID_SCHEME),
+    )
+
+
+def build_model_card(
+    run: RunInfo,
+    metrics: Mapping[str, Any],
+    *,
+    repo_id: str | None = None,
+    boxes: BoxTable | None = None,
+    picture: str | None = None,
+    needs_import: bool = False,
+    num_features: int = 0,
+    has_recipe: bool = True,
+    template: str | os.PathLike | None = None,
+):
+    """Render the model card (``huggingface_hub.ModelCard``) from ``model_cards/template.md``."""
+    from huggingface_hub import ModelCard
+
+    template = Path(template) if template else TEMPLATE_PATH
+    if not template.is_file():
+        raise FileNotFoundError(f"model card template not found: {template}")
+    repo_id = repo_id or _PLACEHOLDER_REPO
+    method_key = _method_key(run.method or "unknown")
+    dataset_display, dkey, hub_id = _dataset_names(run, "unknown")
+    uses_ccrop = run.schedule is not None and run.schedule.crop in _CCROP_NAMES
+    results = _card_results(run, metrics)
+    eval_results = _card_eval_results(results, str(hub_id or dkey), dataset_display)
+    model_name = _card_model_name(run, repo_id, method_key, uses_ccrop, dkey)
+    card_data = _card_metadata(run, model_name, method_key, hub_id, eval_results)
+    context = dict(
+        repo_id=repo_id,
+        model_name=model_name,
+        architecture=run.model,
+        needs_import=needs_import,
+        num_features=num_features,
+        method=_METHOD_NAMES.get(method_key, run.method or "unknown"),
+        method_key=method_key,
+        crop_name="ContrastiveCrop (C-Crop)" if uses_ccrop else "RandomResizedCrop (R-Crop)",
+        uses_ccrop=uses_ccrop,
+        dataset_name=dataset_display,
+        dataset_hub_id=hub_id,
+        **_card_training(run),
+        **_card_metrics(results, metrics),
+        **_card_paper(method_key, dkey),
+        **_card_files(boxes, picture, has_recipe),
     )
     return ModelCard.from_template(card_data, template_path=str(template), **context)
 
@@ -619,6 +696,47 @@ def export_boxes_dataset(
     return out_dir
 
 
+def _folder_to_publish(
+    run_dir: Path, repo_id: str, export_dir: str | os.PathLike | None, template: str | os.PathLike | None
+) -> Path:
+    """An export folder as it is, else a fresh export of the run (``export_dir``, default ``RUN/export``)."""
+    if _is_export_dir(run_dir):
+        return run_dir
+    folder = Path(export_dir) if export_dir else run_dir / "export"
+    export_run(run_dir, folder, repo_id=repo_id, template=template, overwrite=True)
+    return folder
+
+
+def _rerun_command(folder: Path, repo_id: str, private: bool, revision: str | None, boxes_repo_id: str | None) -> str:
+    """The ``hub-ccrop publish`` command that uploads ``folder`` again, as a failed publish suggests it."""
+    command = f"hub-ccrop publish {folder} --repo-id {repo_id}"
+    command += " --private" if private else ""
+    command += f" --revision {revision}" if revision else ""
+    command += f" --boxes-repo-id {boxes_repo_id}" if boxes_repo_id else ""
+    return command
+
+
+def _upload_model_folder(api: Any, repo_id: str, folder: Path, revision: str | None, commit_message: str | None) -> Any:
+    """Upload the export folder to the model repo; returns huggingface_hub's ``CommitInfo``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*about to commit a data file.*")
+        return api.upload_folder(
+            repo_id=repo_id, folder_path=str(folder), revision=revision,
+            commit_message=commit_message or "Upload ContrastiveCrop backbone (hub_ccrop)",
+        )
+
+
+def _publish_boxes(api: Any, folder: Path, repo_id: str, boxes_repo_id: str, private: bool, token: str) -> str:
+    """Export the box table of ``folder`` as a dataset repo folder next to it and upload it; returns its URL."""
+    boxes_dir = folder.parent / f"{folder.name}-boxes"
+    export_boxes_dataset(folder, boxes_dir, repo_id=boxes_repo_id, model_repo_id=repo_id)
+    _check_no_token(boxes_dir, token)
+    boxes_url = str(api.create_repo(boxes_repo_id, private=private, exist_ok=True, repo_type="dataset"))
+    api.upload_folder(repo_id=boxes_repo_id, repo_type="dataset", folder_path=str(boxes_dir),
+                      commit_message="Upload ContrastiveCrop box table (hub_ccrop)")
+    return boxes_url
+
+
 def publish_run(
     run_dir: str | os.PathLike,
     repo_id: str,
@@ -640,44 +758,27 @@ def publish_run(
     """
     from huggingface_hub import HfApi, get_token
 
-    run_dir = Path(run_dir)
-    if _is_export_dir(run_dir):
-        folder = run_dir
-    else:
-        folder = Path(export_dir) if export_dir else run_dir / "export"
-        export_run(run_dir, folder, repo_id=repo_id, template=template, overwrite=True)
+    folder = _folder_to_publish(Path(run_dir), repo_id, export_dir, template)
     token = token or get_token()
     if not token:
         raise PublishError("no Hugging Face token found: run `hf auth login` or set HF_TOKEN, then re-run")
     _check_no_token(folder, token)
 
-    rerun = f"hub-ccrop publish {folder} --repo-id {repo_id}" + (" --private" if private else "") + (
-        f" --revision {revision}" if revision else "") + (f" --boxes-repo-id {boxes_repo_id}" if boxes_repo_id else "")
     api = HfApi(endpoint=endpoint, token=token)
-    step = "create the repo"
+    step, boxes_url = "create the repo", None
     try:
         repo_url = str(api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"))
         if revision and revision != "main":
             step = f"create the branch {revision!r}"
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         step = "upload the folder"
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*about to commit a data file.*")
-            info = api.upload_folder(
-                repo_id=repo_id, folder_path=str(folder), revision=revision,
-                commit_message=commit_message or "Upload ContrastiveCrop backbone (hub_ccrop)",
-            )
-        boxes_url = None
+        info = _upload_model_folder(api, repo_id, folder, revision, commit_message)
         if boxes_repo_id:
             step = f"publish the box table to the dataset repo {boxes_repo_id}"
-            boxes_dir = folder.parent / f"{folder.name}-boxes"
-            export_boxes_dataset(folder, boxes_dir, repo_id=boxes_repo_id, model_repo_id=repo_id)
-            _check_no_token(boxes_dir, token)
-            boxes_url = str(api.create_repo(boxes_repo_id, private=private, exist_ok=True, repo_type="dataset"))
-            api.upload_folder(repo_id=boxes_repo_id, repo_type="dataset", folder_path=str(boxes_dir),
-                              commit_message="Upload ContrastiveCrop box table (hub_ccrop)")
+            boxes_url = _publish_boxes(api, folder, repo_id, boxes_repo_id, private, token)
     except Exception as e:  # any failure gets the same advice
         message = _redact(f"{type(e).__name__}: {e}", token)
+        rerun = _rerun_command(folder, repo_id, private, revision, boxes_repo_id)
         raise PublishError(
             f"publishing to {repo_id} failed while trying to {step}: {message}\n"
             f"The export at {folder} is intact. Re-run: {rerun}\n"
