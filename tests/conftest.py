@@ -12,6 +12,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist runs one worker per core: one intra-op thread each, so workers do not oversubscribe.
+    torch.set_num_threads(1)
+
 SHARED = Path(os.environ.get("HUB_CCROP_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 
