@@ -117,15 +117,22 @@ def knn_and_probe(backbone: torch.nn.Module, run_data: RunData, recipe: Recipe, 
     """kNN (the monitor's k, T) and the cached-features linear probe (raw features, paper's optimizer)."""
     train_raw, train_labels = features(backbone, run_data.knn_train, run_data, workers, normalize=False)
     test_raw, test_labels = features(backbone, run_data.knn_test, run_data, workers, normalize=False)
+    return knn_and_probe_on_features(train_raw, train_labels, test_raw, test_labels, recipe,
+                                     run_data.spec.num_classes, probe_epochs)
+
+
+def knn_and_probe_on_features(train_raw: torch.Tensor, train_labels: torch.Tensor, test_raw: torch.Tensor,
+                              test_labels: torch.Tensor, recipe: Recipe, num_classes: int,
+                              probe_epochs: int) -> dict[str, Any]:
+    """``knn_and_probe`` on raw (un-normalized) features already extracted."""
     norm = torch.nn.functional.normalize
     knn = knn_accuracy(norm(train_raw, dim=1), train_labels, norm(test_raw, dim=1), test_labels,
-                       num_classes=run_data.spec.num_classes, k=recipe.train.knn_k,
-                       temperature=recipe.train.knn_temperature)
+                       num_classes=num_classes, k=recipe.train.knn_k, temperature=recipe.train.knn_temperature)
     out: dict[str, Any] = {"knn_top1": knn["top1"], "knn_top5": knn["top5"]}
     if probe_epochs:
         m1, m2 = int(0.6 * probe_epochs), int(0.8 * probe_epochs)
         probe = linear_probe_on_features(train_raw, train_labels, test_raw, test_labels,
-                                         num_classes=run_data.spec.num_classes, epochs=probe_epochs,
+                                         num_classes=num_classes, epochs=probe_epochs,
                                          milestones=(m1, m2), progress=False)
         out |= {"linear_top1": probe["top1"], "linear_best_top1": probe["best_top1"],
                 "linear_protocol": probe["protocol"], "linear_epochs": probe_epochs}
