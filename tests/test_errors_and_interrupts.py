@@ -32,8 +32,8 @@ def tiny_objects(tmp_path_factory) -> Path:
 
 
 def _overrides(data_dir: Path) -> list[str]:
-    """12 steps per epoch, a localization pass after epoch 1, a checkpoint every 2 steps."""
-    return [f"data.data_dir={data_dir}", "data.batch_size=16", "train.epochs=3", "crop.warmup_epochs=1",
+    """12 steps per epoch, a localization pass after epoch 1, then ContrastiveCrop; a checkpoint every 2 steps."""
+    return [f"data.data_dir={data_dir}", "data.batch_size=16", "train.epochs=2", "crop.warmup_epochs=1",
             "crop.loc_interval=1", "train.knn_every=0", "train.checkpoint_every_steps=2"]
 
 
@@ -223,7 +223,7 @@ def test_skipped_images_are_warned_once_and_listed_in_the_run_folder(tiny_object
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
-    # 3 epochs (in 2 DataLoader workers) and 2 localization passes meet each bad image: one warning each,
+    # 2 epochs (in 2 DataLoader workers) and a localization pass meet each bad image: one warning each,
     # although PYTHONWARNINGS=always would print every repeat
     assert log.count("sample id 5: cannot decode image (broken_5.png)") == 1, log[-3000:]
     assert log.count("sample id 77: cannot decode image (broken_77.png)") == 1

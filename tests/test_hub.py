@@ -383,11 +383,17 @@ def test_card_says_which_models_need_hub_ccrop_and_both_loads_work_as_it_says(ru
     assert "python train.py" not in card and "timm's `train.py` does not import `hub_ccrop`" in card
     seed_hf_cache(tmp_path / "hub", repo_id, out)
     env = clean_env(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "home"), HF_HUB_CACHE=str(tmp_path / "hub"))
-    plain = subprocess.run([sys.executable, "-c", f"import timm; timm.create_model('hf-hub:{repo_id}', pretrained=True)"],
-                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert plain.returncode != 0 and "Unknown model (resnet_tiny_cifar)" in plain.stderr
+    # One fresh process, as a user's: plain timm fails first, then the same load works after `import hub_ccrop`.
     run_py(f"""
-        import timm, torch, hub_ccrop
+        import sys, timm, torch
+        try:
+            timm.create_model("hf-hub:{repo_id}", pretrained=True)
+        except RuntimeError as error:
+            assert "Unknown model (resnet_tiny_cifar)" in str(error), error
+        else:
+            sys.exit("plain timm loaded an architecture it does not know")
+        assert "hub_ccrop" not in sys.modules
+        import hub_ccrop
         from safetensors.torch import load_file
         model = timm.create_model("hf-hub:{repo_id}", pretrained=True).eval()
         ref = hub_ccrop.create_backbone("resnet_tiny_cifar")
