@@ -385,6 +385,8 @@ def _save_checkpoint(accelerator: Accelerator, out: Path, state: TrainState, kee
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        # Not ProjectConfiguration(total_limit=...): accelerate rotates only the folders it names itself
+        # (automatic_checkpoint_naming), which leaves no place for the rename above.
         for old in sorted((out / "checkpoints").glob("checkpoint_*"))[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
