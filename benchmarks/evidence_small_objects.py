@@ -257,7 +257,34 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         s["final_pos_cosine"] = mean_spread([r["history"][-1]["pos_cosine"] for r in mine])
         s["wall_seconds"] = mean_spread([r["wall_seconds"] for r in mine])
         out[mode] = s
+    out["ccrop_minus_rcrop_per_seed"] = paired_differences(runs)
     return out
+
+
+def paired_differences(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """C-Crop minus R-Crop of the same seed (both share the seed's warm-up exactly), and how many are > 0."""
+    by = {(r["mode"], r["seed"]): r["final"] for r in runs}
+    seeds = sorted(seed for mode, seed in by if mode == "ccrop" and ("rcrop", seed) in by)
+    out: dict[str, Any] = {"seeds": seeds}
+    for key in ("knn_top1", "linear_top1"):
+        diffs = [by["ccrop", seed][key] - by["rcrop", seed][key] for seed in seeds]
+        out[key] = mean_spread(diffs) | {"per_seed": diffs, "positive": sum(d > 0 for d in diffs)}
+    return out
+
+
+SAME_STUDY = ("dataset", "overrides", "epochs", "warmup", "loc_interval", "knn_every", "probe_epochs")
+
+
+def previous_runs(path: Path, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The runs of an earlier result file of the same study (same settings, other seeds), to add seeds to."""
+    earlier = json.loads(path.read_text())
+    settings = earlier["meta"]["settings"]
+    differ = [key for key in SAME_STUDY if settings[key] != getattr(args, key)]
+    if differ:
+        raise SystemExit(f"--add-to {path}: not the same study ({', '.join(differ)} differ); use its settings")
+    if set(settings["seeds"]) & set(args.seeds):
+        raise SystemExit(f"--add-to {path}: seeds {sorted(set(settings['seeds']) & set(args.seeds))} are in it already")
+    return earlier["runs"], earlier["meta"]
 
 
 def plots(runs: list[dict[str, Any]], tag: str) -> list[str]:
@@ -321,10 +348,13 @@ def main() -> None:
     parser.add_argument("--runs-dir", default="/tmp/evidence_runs")
     parser.add_argument("--tag", default="", help="suffix of the output files (e.g. smoke)")
     parser.add_argument("--keep-runs", action="store_true")
+    parser.add_argument("--add-to", type=Path, metavar="JSON",
+                        help="an earlier result file of the same settings: run more seeds and summarize all of them")
     args = parser.parse_args()
     tag = f"_{args.tag}" if args.tag else ""
     EVIDENCE.mkdir(parents=True, exist_ok=True)
-    started, runs = time.perf_counter(), []
+    earlier_runs, earlier_meta = previous_runs(args.add_to, args) if args.add_to else ([], None)
+    started, runs = time.perf_counter(), list(earlier_runs)
     run_data = None
     for seed in args.seeds:
         for mode in MODES:
@@ -338,7 +368,7 @@ def main() -> None:
             result = analyse_run(recipe, run, run_data, args)
             runs.append(result)
             print(json.dumps({k: result[k] for k in ("mode", "seed", "final", "passes")}, indent=1), flush=True)
-            if seed == args.seeds[0]:
+            if seed == args.seeds[0] and not args.add_to:  # the pictures of the first study's first seed stay
                 picture(recipe, run, run_data, backbone_from_state(recipe, load_file(str(run / "backbone.safetensors"))),
                         EVIDENCE / f"small_objects{tag}_boxes_{mode}.png", args.show)
                 trained = sorted((run / "pictures").glob("localization_epoch_*.png"))
@@ -350,8 +380,12 @@ def main() -> None:
         "meta": {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
                  "command": " ".join([".venv/bin/python", *[Path(sys.argv[0]).as_posix(), *sys.argv[1:]]]),
                  "recipe": "recipes/quickstart.yaml + dataset/crop.mode/seed/epochs/warm-up/interval (+ --set) overrides",
-                 "settings": vars(args), "loc_epochs_evaluated": loc_epochs(args),
-                 "total_seconds": time.perf_counter() - started,
+                 "settings": vars(args) | {"seeds": sorted({r["seed"] for r in runs}),
+                                           "add_to": str(args.add_to) if args.add_to else None},
+                 "earlier_commands": [earlier_meta["command"], *earlier_meta.get("earlier_commands", [])]
+                 if earlier_meta else [],
+                 "loc_epochs_evaluated": loc_epochs(args),
+                 "total_seconds": time.perf_counter() - started + (earlier_meta["total_seconds"] if earlier_meta else 0),
                  "notes": ["kNN: k=200, T=0.1, cosine, 4,000 train / 1,000 test images.",
                            "linear_top1: linear-probe-cached-features (fast check, not the paper's protocol): "
                            "raw un-augmented features, SGD lr 10, momentum 0.9, wd 0, batch 512, x0.1 at 60%/80% "
