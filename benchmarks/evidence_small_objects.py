@@ -287,7 +287,7 @@ def previous_runs(path: Path, args: argparse.Namespace) -> tuple[list[dict[str, 
     return earlier["runs"], earlier["meta"]
 
 
-def plots(runs: list[dict[str, Any]], tag: str) -> list[str]:
+def plots(runs: list[dict[str, Any]], tag: str, warmup: int) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -312,6 +312,8 @@ def plots(runs: list[dict[str, Any]], tag: str) -> list[str]:
               [[p["miss_rate_rcrop"] for p in r["passes"]] for r in rr], "rcrop", marker="x")
     axes[2].lines[-1].set_label("RandomResizedCrop views (whole image)")
     axes[2].lines[-1].set_linestyle("--")
+    for ax in (axes[0], axes[3]):
+        ax.axvline(warmup + 0.5, color="gray", linestyle=":", label="C-Crop starts (end of warm-up)")
     axes[0].set(title="kNN top-1 on the 1,000 test images", xlabel="epoch", ylabel="%")
     axes[1].set(title="IoU(localized box, ground truth) per pass", xlabel="epoch of the pass (backbone)",
                 ylabel="mean IoU")
@@ -399,7 +401,7 @@ def main() -> None:
         "summary": summarize(runs),
         "runs": runs,
     }
-    results["plots"] = plots(runs, tag)
+    results["plots"] = plots(runs, tag, args.warmup)
     path = EVIDENCE / f"small_objects{tag}.json"
     path.write_text(json.dumps(results, indent=1))
     print(json.dumps(results["summary"], indent=1))

@@ -142,7 +142,9 @@ def _resume_argv(command: str) -> tuple[list[str], dict[str, str]]:
 
 
 def _check_interrupted_then_resumed(result, cwd: Path, out: Path, sig: signal.Signals, reference: Path,
-                                    world: int) -> None:
+                                    world: int, capfd=None) -> None:
+    """The printed command finishes the run with the uninterrupted run's weights. With ``capfd`` a
+    ``hub-ccrop`` command runs in this process (the same ``cli.main``, without a second interpreter start)."""
     lines = INTERRUPT_LINE.findall(result.stderr)
     assert len(lines) == 1, result.stderr[-3000:]  # one line, once (not once per process)
     name, checkpoint, command = lines[0]
@@ -153,10 +155,21 @@ def _check_interrupted_then_resumed(result, cwd: Path, out: Path, sig: signal.Si
     assert step > 2 and saved == sorted((cwd / out / "checkpoints").glob("checkpoint_*"))[-1]
     assert {f"random_states_{rank}.pkl" for rank in range(world)} <= {p.name for p in saved.iterdir()}
     argv, extra_env = _resume_argv(command)
-    env = {**os.environ, **extra_env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    resumed = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {checkpoint}" in resumed.stdout + resumed.stderr
+    if capfd is not None and argv[1:3] == ["-m", "hub_ccrop.cli"] and not extra_env:
+        cwd_before = Path.cwd()
+        os.chdir(cwd)  # the command names the run folder relative to where it was printed
+        try:
+            code = cli.main(argv[3:])
+        finally:
+            os.chdir(cwd_before)
+        captured = capfd.readouterr()
+        assert code == 0, captured.err[-3000:]
+        assert f"resumed from {checkpoint}" in captured.out + captured.err
+    else:
+        env = {**os.environ, **extra_env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        resumed = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"resumed from {checkpoint}" in resumed.stdout + resumed.stderr
     a, b = load_file(reference / "backbone.safetensors"), load_file(cwd / out / "backbone.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -164,7 +177,7 @@ def _check_interrupted_then_resumed(result, cwd: Path, out: Path, sig: signal.Si
 @pytest.mark.parametrize("sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
                          ids=["SIGINT", "SIGTERM"])
 def test_signal_saves_the_current_step_and_resume_ends_where_an_uninterrupted_run_does(
-        sig, tiny_objects, tmp_path, one_thread):
+        sig, tiny_objects, tmp_path, one_thread, capfd):
     reference = tmp_path / "reference"
     train(load_recipe(QUICKSTART, [*_overrides(tiny_objects), "data.num_workers=0"]), reference)
     out = Path("run")  # relative, as users type it: the printed command is run from the same folder
@@ -174,7 +187,7 @@ def test_signal_saves_the_current_step_and_resume_ends_where_an_uninterrupted_ru
         cmd += ["--set", item]
     result = _interrupt(cmd, out, tmp_path, sig, whole_group=sig == signal.SIGINT)
     assert result.returncode == 128 + sig, result.stderr[-3000:]  # 130 / 143
-    _check_interrupted_then_resumed(result, tmp_path, out, sig, reference, world=1)
+    _check_interrupted_then_resumed(result, tmp_path, out, sig, reference, world=1, capfd=capfd)
 
 
 @pytest.mark.slow
