@@ -288,13 +288,11 @@ def previous_runs(path: Path, args: argparse.Namespace) -> tuple[list[dict[str, 
 
 
 def plots(runs: list[dict[str, Any]], tag: str, warmup: int) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     written = []
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4))
+    fig = Figure(figsize=(19, 4))
+    axes = fig.subplots(1, 4)
     for mode in MODES:
         mine = [r for r in runs if r["mode"] == mode]
         if not mine:
@@ -329,7 +327,6 @@ def plots(runs: list[dict[str, Any]], tag: str, warmup: int) -> list[str]:
     fig.tight_layout()
     path = EVIDENCE / f"small_objects{tag}_curves.png"
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     written.append(str(path.relative_to(REPO)))
     return written
 
