@@ -65,7 +65,7 @@ from evidence_small_objects import (  # noqa: E402
     loader,
     machine,
     mean_spread,
-    plot_band,
+    plot_knn_and_cosine,
 )
 from safetensors.torch import load_file  # noqa: E402
 
@@ -220,14 +220,7 @@ def plots(runs: list[dict[str, Any]], summary: dict[str, Any], tag: str, args: a
 
     fig = Figure(figsize=(11, 5))
     axes = fig.subplots(1, 2)
-    for mode in MODES:
-        mine = [r for r in runs if r["mode"] == mode]
-        if not mine:
-            continue
-        knn = [[h for h in r["history"] if h.get("knn_top1") is not None] for r in mine]
-        plot_band(axes[0], [[h["epoch"] for h in k] for k in knn], [[h["knn_top1"] for h in k] for k in knn], mode)
-        plot_band(axes[1], [[h["epoch"] for h in r["history"]] for r in mine],
-                  [[h["pos_cosine"] for h in r["history"]] for r in mine], mode)
+    plot_knn_and_cosine(axes[0], axes[1], runs)
     passes = loc_epochs(args)
     for ax in axes:
         ax.axvline(args.warmup + 0.5, color="gray", linestyle="--", linewidth=1,

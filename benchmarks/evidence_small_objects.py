@@ -157,6 +157,18 @@ def plot_band(ax, xs_by_seed: list[list[float]], ys_by_seed: list[list[float]], 
         ax.fill_between(xs, [min(c) for c in ys], [max(c) for c in ys], color=COLORS[mode], alpha=0.2)
 
 
+def plot_knn_and_cosine(ax_knn, ax_cosine, runs: list[dict[str, Any]], cosine_marker: str = "o") -> None:
+    """Per mode: kNN top-1 per monitored epoch and the positive-pair cosine per epoch, with seed bands."""
+    for mode in MODES:
+        mine = [r for r in runs if r["mode"] == mode]
+        if not mine:
+            continue
+        knn = [[h for h in r["history"] if h.get("knn_top1") is not None] for r in mine]
+        plot_band(ax_knn, [[h["epoch"] for h in k] for k in knn], [[h["knn_top1"] for h in k] for k in knn], mode)
+        plot_band(ax_cosine, [[h["epoch"] for h in r["history"]] for r in mine],
+                  [[h["pos_cosine"] for h in r["history"]] for r in mine], mode, marker=cosine_marker)
+
+
 # -- this benchmark ---------------------------------------------------------------------------------
 
 
@@ -293,18 +305,15 @@ def plots(runs: list[dict[str, Any]], tag: str, warmup: int) -> list[str]:
     written = []
     fig = Figure(figsize=(19, 4))
     axes = fig.subplots(1, 4)
+    plot_knn_and_cosine(axes[0], axes[3], runs, cosine_marker=".")
     for mode in MODES:
         mine = [r for r in runs if r["mode"] == mode]
         if not mine:
             continue
-        knn = [[h for h in r["history"] if h.get("knn_top1") is not None] for r in mine]
-        plot_band(axes[0], [[h["epoch"] for h in k] for k in knn], [[h["knn_top1"] for h in k] for k in knn], mode)
         plot_band(axes[1], [[p["epoch"] for p in r["passes"]] for r in mine],
                   [[p["box_iou"] for p in r["passes"]] for r in mine], mode)
         plot_band(axes[2], [[p["epoch"] for p in r["passes"]] for r in mine],
                   [[p["miss_rate_ccrop_with_these_boxes"] for p in r["passes"]] for r in mine], mode)
-        plot_band(axes[3], [[h["epoch"] for h in r["history"]] for r in mine],
-                  [[h["pos_cosine"] for h in r["history"]] for r in mine], mode, marker=".")
     rr = [r for r in runs if r["mode"] == "rcrop"] or runs
     plot_band(axes[2], [[p["epoch"] for p in r["passes"]] for r in rr],
               [[p["miss_rate_rcrop"] for p in r["passes"]] for r in rr], "rcrop", marker="x")
