@@ -65,6 +65,7 @@ from evidence_small_objects import (  # noqa: E402
     loader,
     machine,
     mean_spread,
+    paired_differences,
     plot_knn_and_cosine,
 )
 from safetensors.torch import load_file  # noqa: E402
@@ -199,14 +200,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         s["wall_seconds"] = mean_spread([r["wall_seconds"] for r in mine])
         s["train_images_per_s"] = mean_spread([r["train_images_per_s"] for r in mine])
         out[mode] = s
-    by = {(r["mode"], r["seed"]): r for r in runs}
-    seeds = sorted({r["seed"] for r in runs if ("rcrop", r["seed"]) in by and ("ccrop", r["seed"]) in by})
-    diffs: dict[str, Any] = {}
-    for key in ("knn_top1", "knn_top1_full_bank", "linear_top1"):
-        per_seed = {s: by["ccrop", s]["final"].get(key) - by["rcrop", s]["final"].get(key) for s in seeds
-                    if by["ccrop", s]["final"].get(key) is not None and by["rcrop", s]["final"].get(key) is not None}
-        diffs[key] = {"per_seed": per_seed, **mean_spread(list(per_seed.values()))}
-    out["ccrop_minus_rcrop"] = diffs
+    out["ccrop_minus_rcrop"] = paired_differences(runs, ("knn_top1", "knn_top1_full_bank", "linear_top1"))
     return out
 
 

@@ -33,6 +33,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -273,12 +274,12 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def paired_differences(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def paired_differences(runs: list[dict[str, Any]], keys: Sequence[str] = ("knn_top1", "linear_top1")) -> dict[str, Any]:
     """C-Crop minus R-Crop of the same seed (both share the seed's warm-up exactly), and how many are > 0."""
     by = {(r["mode"], r["seed"]): r["final"] for r in runs}
     seeds = sorted(seed for mode, seed in by if mode == "ccrop" and ("rcrop", seed) in by)
     out: dict[str, Any] = {"seeds": seeds}
-    for key in ("knn_top1", "linear_top1"):
+    for key in keys:
         diffs = [by["ccrop", seed][key] - by["rcrop", seed][key] for seed in seeds]
         out[key] = mean_spread(diffs) | {"per_seed": diffs, "positive": sum(d > 0 for d in diffs)}
     return out
