@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import socket
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,6 @@ from hub_ccrop.evaluate import (
     finetune,
     freeze_except,
     knn_accuracy,
-    knn_evaluate,
     knn_predict,
     linear_probe,
     linear_probe_on_features,
@@ -161,71 +159,6 @@ def test_gather_by_id_drops_duplicates_single_process():
     out_ids, out_values = gather_by_id(ids, values)
     assert out_ids.tolist() == [0, 1, 2, 3]
     assert out_values.flatten().tolist() == [0.0, 10.0, 20.0, 30.0]  # first occurrence kept
-
-
-def _gather_worker() -> None:
-    """Run in 2 processes: uneven shards with a padded duplicate, gathered by id."""
-    from accelerate import Accelerator
-
-    acc = Accelerator(cpu=True)
-    rank = acc.process_index
-    shards = {0: torch.tensor([4, 0, 2]), 1: torch.tensor([3, 1, 4, 5, 6])}  # id 4 twice (padding)
-    ids = shards[rank]
-    feats = ids[:, None].float().repeat(1, 3)
-    ids_out, feats_out, labels_out = gather_by_id(ids, feats, ids % 2, accelerator=acc)
-    assert ids_out.tolist() == list(range(7)), ids_out
-    assert torch.equal(feats_out[:, 0], torch.arange(7).float())
-    assert torch.equal(labels_out, torch.arange(7) % 2)
-
-
-def _distributed_eval_worker() -> None:
-    """2 processes: kNN and the linear probe on sharded loaders agree with the single-process numbers."""
-    from accelerate import Accelerator
-    from accelerate.utils import gather_object
-
-    acc = Accelerator(cpu=True)
-    torch.manual_seed(0)
-    model = tiny_cnn()
-    train_x, train_y = color_images(40)
-    test_x, test_y = color_images(22, seed=1)  # 22 rows over 2 processes x batch 4: padded duplicates
-    single = knn_evaluate(model, loader_of(train_x, train_y, 4), loader_of(test_x, test_y, 4), progress=False)
-    train_loader, test_loader = acc.prepare(loader_of(train_x, train_y, 4), loader_of(test_x, test_y, 4))
-    sharded = knn_evaluate(model, train_loader, test_loader, accelerator=acc, progress=False)
-    assert sharded == single, (sharded, single)
-    result = linear_probe(
-        model, train_loader, test_loader, num_classes=2, epochs=2, lr=1.0, accelerator=acc, progress=False
-    )
-    histories = gather_object([result["history"]])
-    assert histories[0] == histories[1]  # gradients averaged: identical heads on both processes
-    assert result["num_test"] == 22
-
-
-def _distributed_worker() -> None:
-    _gather_worker()
-    _distributed_eval_worker()
-
-
-def test_distributed_two_processes(tmp_path):
-    """Two fresh CPU processes (gloo). Spawned, not forked: forking after torch has started its thread
-    pools can deadlock the children."""
-    from accelerate.utils import PrepareForLaunch, patch_environment
-    from torch.multiprocessing import start_processes
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = dict(
-        world_size=2,
-        master_addr="127.0.0.1",
-        master_port=str(port),
-        accelerate_mixed_precision="no",
-        accelerate_debug_rdv_file=str(tmp_path / "rdv"),
-        accelerate_use_cpu="yes",
-        gloo_socket_ifname="lo",
-        omp_num_threads=1,
-    )
-    with patch_environment(**env):
-        start_processes(PrepareForLaunch(_distributed_worker, debug=True), nprocs=2, start_method="spawn")
 
 
 # ----------------------------------------------------------------------------------------- linear probe

@@ -358,50 +358,47 @@ LOAD_AND_COMPARE = """
 """
 
 
-def test_hf_hub_load_from_seeded_cache_offline(run_and_export, tmp_path):
-    run_dir, out, _ = run_and_export
-    repo_id = "test-user/resnet10t-simclr-ccrop"
-    seed_hf_cache(tmp_path / "hub", repo_id, out)
-    env = clean_env(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "home"), HF_HUB_CACHE=str(tmp_path / "hub"),
-                    HF_ENDPOINT="http://127.0.0.1:9")  # nothing listens there: any request would fail
-    proc = run_py(LOAD_AND_COMPARE, env, repo_id, str(run_dir))
-    assert "LOADED OK" in proc.stdout
-
-
-def test_card_says_which_models_need_hub_ccrop_and_both_loads_work_as_it_says(run_and_export, tmp_path):
-    """A stock timm architecture loads with plain timm (tested above); a CIFAR-stem one fails in plain timm and
-    loads after ``import hub_ccrop``, exactly as each card says."""
-    _, stock_export, _ = run_and_export
+def test_offline_cache_loads_each_export_as_its_card_says(run_and_export, tmp_path):
+    """One fresh offline process, as a user's, with both exports in a seeded HF cache: the stock timm architecture
+    loads with plain timm (no ``import hub_ccrop``); the CIFAR-stem one fails in plain timm and loads after
+    ``import hub_ccrop``, exactly as each card says."""
+    stock_run, stock_export, _ = run_and_export
+    stock_repo, tiny_repo = "test-user/resnet10t-simclr-ccrop", "test-user/tiny-cifar"
     stock_card = (stock_export / "README.md").read_text()
     assert "`pip install timm` is all it needs (no `import hub_ccrop`)" in stock_card
-    assert "python train.py --model hf-hub:test-user/resnet10t-simclr-ccrop" in stock_card
-    run_dir, _ = make_run(tmp_path / "run", model_name="resnet_tiny_cifar")
-    repo_id = "test-user/tiny-cifar"
-    out = export_run(run_dir, tmp_path / "export", repo_id=repo_id)
-    card = (out / "README.md").read_text()
+    assert f"python train.py --model hf-hub:{stock_repo}" in stock_card
+    tiny_run, _ = make_run(tmp_path / "run", model_name="resnet_tiny_cifar")
+    tiny_export = export_run(tiny_run, tmp_path / "export", repo_id=tiny_repo)
+    card = (tiny_export / "README.md").read_text()
     assert "plain timm does not know it" in card and "pip install -e ." in card and "pip install hub-ccrop" not in card
     assert "python train.py" not in card and "timm's `train.py` does not import `hub_ccrop`" in card
-    seed_hf_cache(tmp_path / "hub", repo_id, out)
-    env = clean_env(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "home"), HF_HUB_CACHE=str(tmp_path / "hub"))
-    # One fresh process, as a user's: plain timm fails first, then the same load works after `import hub_ccrop`.
-    run_py(f"""
-        import sys, timm, torch
-        try:
-            timm.create_model("hf-hub:{repo_id}", pretrained=True)
-        except RuntimeError as error:
-            assert "Unknown model (resnet_tiny_cifar)" in str(error), error
-        else:
-            sys.exit("plain timm loaded an architecture it does not know")
-        assert "hub_ccrop" not in sys.modules
-        import hub_ccrop
-        from safetensors.torch import load_file
-        model = timm.create_model("hf-hub:{repo_id}", pretrained=True).eval()
-        ref = hub_ccrop.create_backbone("resnet_tiny_cifar")
-        ref.load_state_dict(load_file("{run_dir}/backbone.safetensors"))
-        x = torch.randn(2, 3, 32, 32)
-        with torch.no_grad():
-            assert torch.equal(model(x), ref.eval()(x))
-    """, env)
+    seed_hf_cache(tmp_path / "hub", stock_repo, stock_export)
+    seed_hf_cache(tmp_path / "hub", tiny_repo, tiny_export)
+    env = clean_env(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "home"), HF_HUB_CACHE=str(tmp_path / "hub"),
+                    HF_ENDPOINT="http://127.0.0.1:9")  # nothing listens there: any request would fail
+    tiny_fails_in_plain_timm = f"""
+    import sys, timm
+    try:
+        timm.create_model("hf-hub:{tiny_repo}", pretrained=True)
+    except RuntimeError as error:
+        assert "Unknown model (resnet_tiny_cifar)" in str(error), error
+    else:
+        sys.exit("plain timm loaded an architecture it does not know")
+    """
+    tiny_loads_after_import = f"""
+    import hub_ccrop
+    model = timm.create_model("hf-hub:{tiny_repo}", pretrained=True).eval()
+    ref = hub_ccrop.create_backbone("resnet_tiny_cifar")
+    ref.load_state_dict(load_file("{tiny_run}/backbone.safetensors"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref.eval()(x))
+    print("TINY OK")
+    """
+    code = textwrap.dedent(tiny_fails_in_plain_timm) + textwrap.dedent(LOAD_AND_COMPARE) + textwrap.dedent(
+        tiny_loads_after_import)
+    proc = run_py(code, env, stock_repo, str(stock_run))
+    assert "LOADED OK" in proc.stdout and "TINY OK" in proc.stdout
 
 
 @pytest.fixture

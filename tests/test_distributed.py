@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo): SimCLR's global-batch loss/gradients and MoCo's queue across ranks."""
+"""Two CPU processes (gloo), one launch: SimCLR's global-batch loss/gradients, MoCo's queue across ranks, DDP
+steps of every method, the gather by id, and kNN / linear probe on sharded loaders."""
 
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from hub_ccrop.methods import build_method
 from hub_ccrop.models import create_backbone
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _dist_methods_worker import DDP_STEP_OPTIONS, ddp_step_views  # noqa: E402
+from _two_process_worker import DDP_STEP_OPTIONS, ddp_step_views  # noqa: E402
 
 WORLD = 2
-WORKER = Path(__file__).with_name("_dist_methods_worker.py")
+WORKER = Path(__file__).with_name("_two_process_worker.py")
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(
@@ -47,12 +48,18 @@ def runs(tmp_path_factory) -> dict:
         os.environ,
         OMP_NUM_THREADS="1",
         PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        ACCELERATE_USE_CPU="1",
+        ACCELERATE_DEBUG_MODE="true",  # accelerate checks that the gathered shapes agree across ranks
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        WORLD_SIZE=str(WORLD),
+        LOCAL_WORLD_SIZE=str(WORLD),
+        GLOO_SOCKET_IFNAME="lo",
     )
-    port = free_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), str(rank), str(WORLD), str(port), str(workdir)],
-            env=env,
+            [sys.executable, str(WORKER), str(workdir)],
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -113,3 +120,19 @@ def test_every_method_trains_under_ddp(runs: dict) -> None:
             loss.backward()
             grads.append(torch.cat([p.grad.flatten() for p in method.parameters() if p.requires_grad]))
         torch.testing.assert_close(steps[0][name], torch.stack(grads).mean(0), rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gather_by_id_across_processes(runs: dict) -> None:
+    """Uneven shards with a padded duplicate: every rank gets each id once, in id order, with its rows."""
+    for result in (r["gather"] for r in runs["ranks"]):
+        assert result["ids"].tolist() == list(range(7))
+        assert torch.equal(result["feats"], torch.arange(7).float()[:, None].repeat(1, 3))
+        assert torch.equal(result["labels"], torch.arange(7) % 2)
+
+
+def test_sharded_knn_and_linear_probe_equal_single_process(runs: dict) -> None:
+    for result in (r["evaluation"] for r in runs["ranks"]):
+        assert result["knn_sharded"] == result["knn_single"]  # padded duplicates dropped before voting
+        histories = result["probe_histories"]
+        assert len(histories) == WORLD and histories[0] == histories[1]  # gradients averaged: identical heads
+        assert result["probe_num_test"] == 22

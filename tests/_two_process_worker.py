@@ -1,6 +1,8 @@
-"""One process of the 2-process (gloo, CPU) checks in test_methods_distributed.py.
+"""One process of the 2-process (gloo, CPU) checks in test_distributed.py: one launch for all of them, as
+each fresh interpreter costs seconds of imports.
 
-Usage: python tests/_dist_methods_worker.py RANK WORLD_SIZE PORT WORKDIR
+Usage: python tests/_two_process_worker.py WORKDIR, with accelerate's environment (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT, ACCELERATE_USE_CPU) set by the test.
 Reads WORKDIR/inputs.pt (written by the test), writes WORKDIR/rank{RANK}.pt.
 """
 
@@ -12,12 +14,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from test_evaluate import color_images, loader_of, tiny_cnn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from hub_ccrop.distributed import gather_by_id
+from hub_ccrop.evaluate import knn_evaluate, linear_probe
 from hub_ccrop.methods import build_method
 from hub_ccrop.models import create_backbone
 
-# Options of the one-step DDP check, shared with its single-process reference in test_methods_distributed.py.
+# Options of the one-step DDP check, shared with its single-process reference in test_distributed.py.
 # MoCo without shuffle-BN (its random permutation is checked by moco_queue) so that each rank's loss
 # depends on its own images only, as in the reference.
 DDP_STEP_OPTIONS = {"moco_v1": {"queue_size": 16, "shuffle_bn": False, "split_bn": 1}, "byol": {}, "simsiam": {}}
@@ -94,16 +101,42 @@ def every_method_one_ddp_step(rank: int) -> dict:
     return out
 
 
+def gather_uneven_shards(acc: Accelerator) -> dict:
+    """Uneven shards with a padded duplicate (id 4 on both ranks), gathered by id."""
+    shards = {0: torch.tensor([4, 0, 2]), 1: torch.tensor([3, 1, 4, 5, 6])}
+    ids = shards[acc.process_index]
+    ids_out, feats_out, labels_out = gather_by_id(ids, ids[:, None].float().repeat(1, 3), ids % 2, accelerator=acc)
+    return {"ids": ids_out, "feats": feats_out, "labels": labels_out}
+
+
+def sharded_evaluation(acc: Accelerator) -> dict:
+    """kNN and the linear probe on sharded loaders, and the single-process kNN on the whole data."""
+    torch.manual_seed(0)
+    model = tiny_cnn()
+    train_x, train_y = color_images(40)
+    test_x, test_y = color_images(22, seed=1)  # 22 rows over 2 processes x batch 4: padded duplicates
+    single = knn_evaluate(model, loader_of(train_x, train_y, 4), loader_of(test_x, test_y, 4), progress=False)
+    train_loader, test_loader = acc.prepare(loader_of(train_x, train_y, 4), loader_of(test_x, test_y, 4))
+    sharded = knn_evaluate(model, train_loader, test_loader, accelerator=acc, progress=False)
+    probe = linear_probe(model, train_loader, test_loader, num_classes=2, epochs=2, lr=1.0, accelerator=acc,
+                         progress=False)
+    return {"knn_single": single, "knn_sharded": sharded, "probe_histories": gather_object([probe["history"]]),
+            "probe_num_test": probe["num_test"]}
+
+
 def main() -> None:
-    rank, world, port, workdir = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+    workdir = Path(sys.argv[1])
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    acc = Accelerator(cpu=True)  # joins the gloo process group from the environment
+    rank, world = acc.process_index, acc.num_processes
     try:
         inputs = torch.load(workdir / "inputs.pt")
         results = {
             "simclr": simclr_split_batch(inputs, rank, world),
             "moco": moco_queue(inputs, rank, world),
             "ddp_step": every_method_one_ddp_step(rank),
+            "gather": gather_uneven_shards(acc),
+            "evaluation": sharded_evaluation(acc),
         }
         torch.save(results, workdir / f"rank{rank}.pt")
     finally:
