@@ -1,9 +1,9 @@
 """One process of the 2-process (gloo, CPU) checks in test_distributed.py: one launch for all of them, as
 each fresh interpreter costs seconds of imports.
 
-Usage: python tests/_two_process_worker.py WORKDIR, with accelerate's environment (RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR, MASTER_PORT, ACCELERATE_USE_CPU) set by the test.
-Reads WORKDIR/inputs.pt (written by the test), writes WORKDIR/rank{RANK}.pt.
+Usage: accelerate launch --multi_gpu --num_processes 2 tests/_two_process_worker.py WORKDIR TRAIN_ARGS...
+Reads WORKDIR/inputs.pt (written by the test), writes WORKDIR/rank{RANK}.pt, then trains as
+``python -m hub_ccrop.train TRAIN_ARGS...`` would in the same launch.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from hub_ccrop.distributed import gather_by_id
 from hub_ccrop.evaluate import knn_evaluate, linear_probe
 from hub_ccrop.methods import build_method
 from hub_ccrop.models import create_backbone
+from hub_ccrop.train import main as train_main
 
 # Options of the one-step DDP check, shared with its single-process reference in test_distributed.py.
 # MoCo without shuffle-BN (its random permutation is checked by moco_queue) so that each rank's loss
@@ -124,24 +125,22 @@ def sharded_evaluation(acc: Accelerator) -> dict:
             "probe_num_test": probe["num_test"]}
 
 
-def main() -> None:
-    workdir = Path(sys.argv[1])
+def main() -> int:
+    workdir, train_args = Path(sys.argv[1]), sys.argv[2:]
     torch.set_num_threads(1)
-    acc = Accelerator(cpu=True)  # joins the gloo process group from the environment
+    acc = Accelerator(cpu=True)  # joins the gloo process group that accelerate launch set up
     rank, world = acc.process_index, acc.num_processes
-    try:
-        inputs = torch.load(workdir / "inputs.pt")
-        results = {
-            "simclr": simclr_split_batch(inputs, rank, world),
-            "moco": moco_queue(inputs, rank, world),
-            "ddp_step": every_method_one_ddp_step(rank),
-            "gather": gather_uneven_shards(acc),
-            "evaluation": sharded_evaluation(acc),
-        }
-        torch.save(results, workdir / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    inputs = torch.load(workdir / "inputs.pt")
+    results = {
+        "simclr": simclr_split_batch(inputs, rank, world),
+        "moco": moco_queue(inputs, rank, world),
+        "ddp_step": every_method_one_ddp_step(rank),
+        "gather": gather_uneven_shards(acc),
+        "evaluation": sharded_evaluation(acc),
+    }
+    torch.save(results, workdir / f"rank{rank}.pt")
+    return train_main(train_args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,8 +1,9 @@
 """Two CPU processes (gloo), one launch: SimCLR's global-batch loss/gradients, MoCo's queue across ranks, DDP
-steps of every method, the gather by id, and kNN / linear probe on sharded loaders."""
+steps of every method, the gather by id, kNN / linear probe on sharded loaders, and a training run."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -12,9 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 
+from hub_ccrop.boxes import BoxTable
+from hub_ccrop.data import get_spec, load_images
+from hub_ccrop.localize import localize_boxes
 from hub_ccrop.methods import build_method
 from hub_ccrop.models import create_backbone
+from hub_ccrop.recipe import load_recipe
+from hub_ccrop.synthetic import small_objects_dir
+from hub_ccrop.views import EvalCollate
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _two_process_worker import DDP_STEP_OPTIONS, ddp_step_views  # noqa: E402
@@ -22,6 +30,7 @@ from _two_process_worker import DDP_STEP_OPTIONS, ddp_step_views  # noqa: E402
 WORLD = 2
 WORKER = Path(__file__).with_name("_two_process_worker.py")
 REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is needed"
@@ -36,46 +45,35 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    """Run both ranks once; return the single-process reference and each rank's results."""
-    workdir = tmp_path_factory.mktemp("dist_methods")
+    """One ``accelerate launch`` of both ranks for every check in this file (each fresh interpreter costs
+    seconds of imports): the unit checks, then a 2-epoch training run. Returns the single-process
+    reference, each rank's results, the run folder and the launch's output."""
+    workdir = tmp_path_factory.mktemp("two_processes")
     torch.manual_seed(0)
     reference = build_method("simclr", create_backbone("resnet_tiny_cifar"))
     g = torch.Generator().manual_seed(1)
     v1, v2 = torch.randn(8, 3, 16, 16, generator=g), torch.randn(8, 3, 16, 16, generator=g)
     torch.save({"simclr_state": reference.state_dict(), "v1": v1, "v2": v2}, workdir / "inputs.pt")
-
+    objects = small_objects_dir(workdir / "objects", train=192, test=64)
+    run_dir = workdir / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(WORLD),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(WORKER), str(workdir),
+           str(QUICKSTART), "--output-dir", str(run_dir)]
+    for item in [f"data.data_dir={objects}", "data.batch_size=64", "data.num_workers=0", "train.epochs=2",
+                 "crop.warmup_epochs=1", "crop.loc_epochs=[2]", "train.knn_every=2", "train.knn_k=20",
+                 "data.image_size=32", "train.show_images=0"]:
+        cmd += ["--set", item]
     env = dict(
         os.environ,
         OMP_NUM_THREADS="1",
         PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         ACCELERATE_USE_CPU="1",
         ACCELERATE_DEBUG_MODE="true",  # accelerate checks that the gathered shapes agree across ranks
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-        WORLD_SIZE=str(WORLD),
-        LOCAL_WORLD_SIZE=str(WORLD),
         GLOO_SOCKET_IFNAME="lo",
     )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(workdir)],
-            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(WORLD)
-    ]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=180)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for rank, (proc, out) in enumerate(zip(procs, outputs, strict=False)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{out}"
+    launch = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert launch.returncode == 0, launch.stderr[-3000:]
 
     # single process, whole batch
     reference.eval()
@@ -83,7 +81,8 @@ def runs(tmp_path_factory) -> dict:
     loss.backward()
     grads = {name: p.grad.clone() for name, p in reference.named_parameters()}
     ranks = [torch.load(workdir / f"rank{rank}.pt") for rank in range(WORLD)]
-    return {"loss": loss.item(), "logs": logs, "grads": grads, "ranks": ranks}
+    return {"loss": loss.item(), "logs": logs, "grads": grads, "ranks": ranks, "run_dir": run_dir,
+            "objects": objects, "log": launch.stdout + launch.stderr}
 
 
 def test_simclr_split_batch_equals_single_process(runs: dict) -> None:
@@ -136,3 +135,26 @@ def test_sharded_knn_and_linear_probe_equal_single_process(runs: dict) -> None:
         histories = result["probe_histories"]
         assert len(histories) == WORLD and histories[0] == histories[1]  # gradients averaged: identical heads
         assert result["probe_num_test"] == 22
+
+
+def test_training_with_two_processes_matches_one(runs: dict) -> None:
+    """The pass gathers by id; both ranks hold the same table (checked in the loop); and the saved boxes
+    equal a single-process pass with the same weights."""
+    out = runs["run_dir"]
+    assert "2 process(es)" in runs["log"]
+    saved = BoxTable.load(out / "boxes" / "epoch_0002.parquet")
+    size = json.loads((out / "run.json").read_text())["input_size"][-1]  # the recipe's data.image_size
+    spec = get_spec("small_objects", data_dir=str(runs["objects"]), image_size=size)
+    backbone = create_backbone("resnet_tiny_cifar")
+    backbone.load_state_dict(load_file(out / "backbone.safetensors"))
+    # Same per-process localization batches (default global 2 x data.batch_size = 128 = 2 processes x 64) and
+    # one thread, as in the launched run: the same float sums.
+    loader = torch.utils.data.DataLoader(load_images(spec), batch_size=64, collate_fn=EvalCollate(spec, purpose="localize"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ids, boxes = localize_boxes(backbone, loader, k=load_recipe(QUICKSTART).crop.k, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(ids, torch.arange(192))
+    assert torch.equal(boxes, saved.boxes)

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from functools import cache
 from pathlib import Path
 
@@ -17,13 +14,11 @@ from safetensors.torch import load_file
 from hub_ccrop.boxes import BoxTable
 from hub_ccrop.data import get_spec, load_images
 from hub_ccrop.errors import UserError
-from hub_ccrop.localize import localize_boxes
 from hub_ccrop.methods import build_method
 from hub_ccrop.models import create_backbone
 from hub_ccrop.recipe import load_recipe
 from hub_ccrop.synthetic import small_objects_dir
 from hub_ccrop.train import NonFiniteLossError, _summary, main, train
-from hub_ccrop.views import EvalCollate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -224,37 +219,3 @@ def test_every_recipe_builds_model_method_and_data_spec(path):
     assert _built(recipe.model.name, recipe.method.name, tuple(sorted(recipe.method.options.items())))
     if recipe.crop.mode == "ccrop":
         assert recipe.localization_epochs() and recipe.localization_epochs()[0] == recipe.crop.warmup_epochs
-
-
-def test_two_processes_match_one(tiny_objects, tmp_path):
-    """2 CPU processes (gloo): the pass gathers by id; both ranks hold the same table (checked in the loop);
-    and the saved boxes equal a single-process pass with the same weights."""
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "hub_ccrop.train", str(REPO / "recipes" / "quickstart.yaml"), "--output-dir", str(out),
-           "--set", f"data.data_dir={tiny_objects}", "--set", "data.batch_size=64", "--set", "data.num_workers=0",
-           "--set", "train.epochs=2", "--set", "crop.warmup_epochs=1", "--set", "crop.loc_epochs=[2]",
-           "--set", "train.knn_every=2", "--set", "train.knn_k=20", "--set", "data.image_size=32",
-           "--set", "train.show_images=0"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es)" in result.stdout + result.stderr
-    saved = BoxTable.load(out / "boxes" / "epoch_0002.parquet")
-    size = json.loads((out / "run.json").read_text())["input_size"][-1]  # the recipe's data.image_size
-    spec = get_spec("small_objects", data_dir=str(tiny_objects), image_size=size)
-    backbone = create_backbone("resnet_tiny_cifar")
-    backbone.load_state_dict(load_file(out / "backbone.safetensors"))
-    # Same per-process localization batches (default global 2 x data.batch_size = 128 = 2 processes x 64) and
-    # one thread, as in the launched run: the same float sums.
-    loader = torch.utils.data.DataLoader(load_images(spec), batch_size=64, collate_fn=EvalCollate(spec, purpose="localize"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        ids, boxes = localize_boxes(backbone, loader, k=load_recipe(REPO / "recipes" / "quickstart.yaml").crop.k,
-                                    progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(ids, torch.arange(192))
-    assert torch.equal(boxes, saved.boxes)
