@@ -29,12 +29,12 @@ INTERRUPT_LINE = re.compile(r"^interrupted \((SIGINT|SIGTERM)\): saved (\S+); co
 
 @pytest.fixture(scope="module")
 def tiny_objects(tmp_path_factory) -> Path:
-    return small_objects_dir(tmp_path_factory.mktemp("objects"), train=192, test=64)
+    return small_objects_dir(tmp_path_factory.mktemp("objects"), train=96, test=32)
 
 
 def _overrides(data_dir: Path) -> list[str]:
-    """12 steps per epoch, a localization pass after epoch 1, then ContrastiveCrop; a checkpoint every 2 steps."""
-    return [f"data.data_dir={data_dir}", "data.batch_size=16", "train.epochs=2", "crop.warmup_epochs=1",
+    """12 steps of 8 per epoch, a localization pass after epoch 1, then ContrastiveCrop; a checkpoint every 2 steps."""
+    return [f"data.data_dir={data_dir}", "data.batch_size=8", "train.epochs=2", "crop.warmup_epochs=1",
             "crop.loc_interval=1", "train.knn_every=0", "train.checkpoint_every_steps=2"]
 
 

@@ -21,11 +21,12 @@ from hub_ccrop.synthetic import small_objects_dir
 from hub_ccrop.train import NonFiniteLossError, _summary, main, train
 
 REPO = Path(__file__).resolve().parents[1]
+TRAIN_ROWS, TEST_ROWS = 96, 32
 
 
 @pytest.fixture(scope="module")
 def tiny_objects(tmp_path_factory) -> Path:
-    return small_objects_dir(tmp_path_factory.mktemp("objects"), train=192, test=64)
+    return small_objects_dir(tmp_path_factory.mktemp("objects"), train=TRAIN_ROWS, test=TEST_ROWS)
 
 
 def tiny_recipe(data_dir: Path, **sections):
@@ -33,8 +34,8 @@ def tiny_recipe(data_dir: Path, **sections):
         "name": "tiny",
         "model": {"name": "resnet_tiny_cifar"},
         "method": {"name": "simclr"},
-        # 32 px (the data is 64 px) keeps the runs short; pictures only where a test looks at them.
-        "data": {"dataset": "small_objects", "data_dir": str(data_dir), "batch_size": 64, "num_workers": 0,
+        # 32 px (the data is 64 px) and 3 steps of 32 keep the runs short; pictures only where a test looks at them.
+        "data": {"dataset": "small_objects", "data_dir": str(data_dir), "batch_size": 32, "num_workers": 0,
                  "image_size": 32},
         "crop": {"alpha": 0.6, "warmup_epochs": 1, "loc_interval": 1},
         "optim": {"lr": 0.1},
@@ -71,12 +72,12 @@ def test_warmup_then_localization_then_contrastive_crop(shared_run, tiny_objects
             assert (out / "boxes" / f"epoch_{epoch:04d}{suffix}").is_file()
         assert (out / "pictures" / f"localization_epoch_{epoch:04d}.png").stat().st_size > 10_000
     table = BoxTable.load(out / "boxes.parquet")
-    assert len(table) == 192 and table.metadata["epoch"] == 2 and table.metadata["id_scheme"] == "row-index-v1"
-    assert not torch.equal(table.boxes, BoxTable(192).boxes)  # the pass changed the boxes
+    assert len(table) == TRAIN_ROWS and table.metadata["epoch"] == 2 and table.metadata["id_scheme"] == "row-index-v1"
+    assert not torch.equal(table.boxes, BoxTable(TRAIN_ROWS).boxes)  # the pass changed the boxes
     run = json.loads((out / "run.json").read_text())
     assert run["model"] == "resnet_tiny_cifar" and run["input_size"] == [3, 32, 32]
-    assert run["schedule"]["loc_epochs"] == [1, 2] and run["dataset"]["num_rows"] == 192
-    assert (run["batch_size"], run["num_processes"], run["grad_accum"], run["per_process_batch_size"]) == (64, 1, 1, 64)
+    assert run["schedule"]["loc_epochs"] == [1, 2] and run["dataset"]["num_rows"] == TRAIN_ROWS
+    assert (run["batch_size"], run["num_processes"], run["grad_accum"], run["per_process_batch_size"]) == (32, 1, 1, 32)
     assert run["dataset"]["test_split"] == "test" and metrics["eval_split"] == "test"
     backbone = create_backbone("resnet_tiny_cifar")
     backbone.load_state_dict(load_file(out / "backbone.safetensors"))
@@ -108,9 +109,9 @@ def test_resume_continues_to_the_same_final_state(tiny_objects, tmp_path):
 def test_every_data_path_trains_and_localizes(tiny_objects, tmp_path, data):
     train(tiny_recipe(tiny_objects, data=data, train={"epochs": 2, "knn_every": 0}), tmp_path)
     history = json.loads((tmp_path / "metrics.json").read_text())["history"]
-    assert [h["crop"] for h in history] == ["rcrop", "ccrop"] and history[0]["loc_images"] == 192
+    assert [h["crop"] for h in history] == ["rcrop", "ccrop"] and history[0]["loc_images"] == TRAIN_ROWS
     table = BoxTable.load(tmp_path / "boxes.parquet")
-    assert not torch.equal(table.boxes, BoxTable(192).boxes)
+    assert not torch.equal(table.boxes, BoxTable(TRAIN_ROWS).boxes)
 
 
 def test_device_resident_passes_and_knn_decode_nothing(tiny_objects, tmp_path, monkeypatch):
@@ -127,7 +128,7 @@ def test_device_resident_passes_and_knn_decode_nothing(tiny_objects, tmp_path, m
     metrics = train(recipe, tmp_path)
     history = json.loads((tmp_path / "metrics.json").read_text())["history"]
     assert sum("loc_images" in h for h in history) == 2 and all("knn_top1" in h for h in history)
-    assert sorted(decoded) == [64, 192]  # the test split and the training images, once each
+    assert sorted(decoded) == [TEST_ROWS, TRAIN_ROWS]  # the test split and the training images, once each
     assert metrics["skipped_images"] == 0
 
 
@@ -144,7 +145,7 @@ def test_non_finite_watch_reports_the_first_bad_step():
 
 
 def test_gradient_accumulation_lars_and_bf16_run(tiny_objects, tmp_path):
-    recipe = tiny_recipe(tiny_objects, data={"batch_size": 32}, optim={"name": "lars", "lr": 0.3},
+    recipe = tiny_recipe(tiny_objects, data={"batch_size": 16}, optim={"name": "lars", "lr": 0.3},
                          train={"epochs": 2, "grad_accum": 2, "knn_every": 0, "mixed_precision": "bf16"})
     metrics = train(recipe, tmp_path)
     assert metrics["epochs"] == 2 and torch.isfinite(torch.tensor(metrics["final_loss"]))
@@ -160,7 +161,7 @@ def test_published_boxes_start_contrastive_crop_without_warmup(tiny_objects, sha
     history = json.loads((second / "metrics.json").read_text())["history"]
     assert history[0]["crop"] == "ccrop" and "box_iou" not in history[0]  # no warm-up, no pass
     assert torch.equal(BoxTable.load(second / "boxes.parquet").boxes, learned.boxes)
-    other = tiny_recipe(tiny_objects, data={"splits": ["train[:100]"]},
+    other = tiny_recipe(tiny_objects, data={"splits": ["train[:50]"]},
                         crop={"init_boxes": str(first / "boxes.parquet")}, train={"epochs": 1, "knn_every": 0})
     with pytest.raises(ValueError, match="does not match"):
         train(other, tmp_path / "third")
