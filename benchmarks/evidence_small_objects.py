@@ -300,10 +300,10 @@ def previous_runs(path: Path, args: argparse.Namespace) -> tuple[list[dict[str, 
     return earlier["runs"], earlier["meta"]
 
 
-def plots(runs: list[dict[str, Any]], tag: str, warmup: int) -> list[str]:
+def plots(runs: list[dict[str, Any]], tag: str, settings: dict[str, Any]) -> list[str]:
     from matplotlib.figure import Figure
 
-    written = []
+    written, warmup = [], settings["warmup"]
     fig = Figure(figsize=(19, 4))
     axes = fig.subplots(1, 4)
     plot_knn_and_cosine(axes[0], axes[3], runs, cosine_marker=".")
@@ -331,7 +331,9 @@ def plots(runs: list[dict[str, Any]], tag: str, warmup: int) -> list[str]:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("small_objects: SimCLR resnet_tiny_cifar, R-Crop vs C-Crop (mean, min-max band over seeds). "
+    schedule = ", ".join([f"{settings['dataset']}, {settings['epochs']} epochs, warm-up {warmup}",
+                          *settings["overrides"]])
+    fig.suptitle(f"{schedule}: SimCLR resnet_tiny_cifar, R-Crop vs C-Crop (mean, min-max band over seeds). "
                  "C-Crop curves on the right 3 panels use its own boxes; R-Crop's are what C-Crop would use "
                  "with the R-Crop backbone", fontsize=9)
     fig.tight_layout()
@@ -408,7 +410,7 @@ def main() -> None:
         "summary": summarize(runs),
         "runs": runs,
     }
-    results["plots"] = plots(runs, tag, args.warmup)
+    results["plots"] = plots(runs, tag, results["meta"]["settings"])
     path = EVIDENCE / f"small_objects{tag}.json"
     path.write_text(json.dumps(results, indent=1))
     print(json.dumps(results["summary"], indent=1))
