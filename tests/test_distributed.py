@@ -54,13 +54,13 @@ def runs(tmp_path_factory) -> dict:
     g = torch.Generator().manual_seed(1)
     v1, v2 = torch.randn(8, 3, 16, 16, generator=g), torch.randn(8, 3, 16, 16, generator=g)
     torch.save({"simclr_state": reference.state_dict(), "v1": v1, "v2": v2}, workdir / "inputs.pt")
-    objects = small_objects_dir(workdir / "objects", train=192, test=64)
+    objects = small_objects_dir(workdir / "objects", train=96, test=32)
     run_dir = workdir / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(WORLD),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), str(WORKER), str(workdir),
            str(QUICKSTART), "--output-dir", str(run_dir)]
-    for item in [f"data.data_dir={objects}", "data.batch_size=64", "data.num_workers=0", "train.epochs=2",
+    for item in [f"data.data_dir={objects}", "data.batch_size=32", "data.num_workers=0", "train.epochs=2",
                  "crop.warmup_epochs=1", "crop.loc_epochs=[2]", "train.knn_every=2", "train.knn_k=20",
                  "data.image_size=32", "train.show_images=0"]:
         cmd += ["--set", item]
@@ -147,14 +147,14 @@ def test_training_with_two_processes_matches_one(runs: dict) -> None:
     spec = get_spec("small_objects", data_dir=str(runs["objects"]), image_size=size)
     backbone = create_backbone("resnet_tiny_cifar")
     backbone.load_state_dict(load_file(out / "backbone.safetensors"))
-    # Same per-process localization batches (default global 2 x data.batch_size = 128 = 2 processes x 64) and
+    # Same per-process localization batches (default global 2 x data.batch_size = 64 = 2 processes x 32) and
     # one thread, as in the launched run: the same float sums.
-    loader = torch.utils.data.DataLoader(load_images(spec), batch_size=64, collate_fn=EvalCollate(spec, purpose="localize"))
+    loader = torch.utils.data.DataLoader(load_images(spec), batch_size=32, collate_fn=EvalCollate(spec, purpose="localize"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         ids, boxes = localize_boxes(backbone, loader, k=load_recipe(QUICKSTART).crop.k, progress=False)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(ids, torch.arange(192))
+    assert torch.equal(ids, torch.arange(96))
     assert torch.equal(boxes, saved.boxes)

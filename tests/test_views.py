@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from scipy import stats
 from torch.utils.data import DataLoader
 
 from hub_ccrop.boxes import BoxTable
@@ -66,6 +65,8 @@ def run_views(collate: TwoViewCollate, rows: list[dict], seed: int, batch: int =
 
 
 def ks(a: torch.Tensor, b: torch.Tensor) -> float:
+    from scipy import stats  # imported where used: 1.5 s that a test worker without these tests saves
+
     return stats.ks_2samp(a.numpy(), b.numpy()).pvalue
 
 
@@ -159,6 +160,8 @@ def test_crop_position_and_size_distributions_match():
 
 
 def test_flip_and_grayscale_rates_match():
+    from scipy import stats
+
     rows = rows_of(ramp_image(), 1000)
     kw = {"size": 16, **NO_NORM, "jitter_p": 0.0}
     counts = {}
@@ -177,6 +180,7 @@ def test_flip_and_grayscale_rates_match():
 
 def test_color_jitter_distribution_is_torchvisions():
     """The batched path draws ColorJitter exactly like torchvision's per-image transform (tensor images)."""
+    from scipy import stats
     from torchvision import transforms as T
 
     color = torch.tensor([200, 100, 50]).view(3, 1, 1) / 255
