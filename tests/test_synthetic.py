@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import colorsys
-import time
 
 import numpy as np
 import pytest
@@ -136,15 +135,16 @@ def test_spec_loads_a_generated_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_spec_generates_offline_quickly(tmp_path, monkeypatch):
+def test_default_spec_generates_offline(tmp_path, monkeypatch):
+    """The quickstart's dataset from an empty cache, with the Hub offline (conftest); its time is part of
+    the quickstart's in benchmarks/README.md."""
     monkeypatch.setenv("HUB_CCROP_CACHE", str(tmp_path))
-    start = time.perf_counter()
     spec = get_spec("small_objects")
     train = load_images(spec, "train")
     test = load_images(spec, spec.test_split)
-    elapsed = time.perf_counter() - start
     assert (len(train), len(test)) == (4000, 1000)
-    assert elapsed < 40  # ~10 s on an idle 2-core machine
+    assert sorted(p.name for p in tmp_path.rglob("*.parquet")) == ["test-00000-of-00001.parquet",
+                                                                  "train-00000-of-00001.parquet"]
 
 
 @pytest.mark.parametrize(("spec_name", "style"), [("small_objects", "quickstart"), ("small_objects_hard", "hard")])
