@@ -13,21 +13,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import cache
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hub_ccrop.boxes import BoxTable  # noqa: E402
-from hub_ccrop.synthetic import small_objects_dir  # noqa: E402
+from hub_ccrop.data import get_spec, load_images  # noqa: E402
 
 
-def ground_truth(style: str) -> torch.Tensor:
-    table = pq.read_table(small_objects_dir(style=style) / "train-00000-of-00001.parquet", columns=["gt_box"])
-    return torch.tensor(np.array(table.column("gt_box").to_pylist()), dtype=torch.float32)
+@cache
+def ground_truth(dataset: str) -> torch.Tensor:
+    """The ground-truth boxes of a registered small-objects dataset's training images, in row order."""
+    return torch.tensor(load_images(get_spec(dataset))["gt_box"], dtype=torch.float32)
 
 
 def offsets(boxes: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
@@ -41,11 +41,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders trained on small_objects(_hard)")
     args = parser.parse_args()
-    truth: dict[str, torch.Tensor] = {}
     for run in args.runs:
         dataset = json.loads((run / "run.json").read_text())["dataset"]["name"]
-        style = "hard" if dataset == "small_objects_hard" else "quickstart"
-        gt = truth.setdefault(style, ground_truth(style))
+        gt = ground_truth(dataset)
         for path in [*sorted((run / "boxes").glob("epoch_*.parquet")), run / "boxes.parquet"]:
             if not path.is_file():
                 continue

@@ -137,7 +137,7 @@ def test_sharded_knn_and_linear_probe_equal_single_process(runs: dict) -> None:
         assert result["probe_num_test"] == 22
 
 
-def test_training_with_two_processes_matches_one(runs: dict) -> None:
+def test_training_with_two_processes_matches_one(runs: dict, one_thread) -> None:
     """The pass gathers by id; both ranks hold the same table (checked in the loop); and the saved boxes
     equal a single-process pass with the same weights."""
     out = runs["run_dir"]
@@ -150,11 +150,6 @@ def test_training_with_two_processes_matches_one(runs: dict) -> None:
     # Same per-process localization batches (default global 2 x data.batch_size = 64 = 2 processes x 32) and
     # one thread, as in the launched run: the same float sums.
     loader = torch.utils.data.DataLoader(load_images(spec), batch_size=32, collate_fn=EvalCollate(spec, purpose="localize"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        ids, boxes = localize_boxes(backbone, loader, k=load_recipe(QUICKSTART).crop.k, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    ids, boxes = localize_boxes(backbone, loader, k=load_recipe(QUICKSTART).crop.k, progress=False)
     assert torch.equal(ids, torch.arange(96))
     assert torch.equal(boxes, saved.boxes)
