@@ -1,7 +1,7 @@
 """Training-loop benchmarks (issue 5), on this machine's CPU:
 
 (a) one localization pass over the pretraining set / one training epoch (target <= 0.25);
-(b) training throughput of ``hub_ccrop.train`` / a minimal hand-written PyTorch loop of the same
+(b) training throughput of ``hub_ccrop.training`` / a minimal hand-written PyTorch loop of the same
     method, model, data pipeline and batch (target >= 0.95);
 (c) the quickstart: wall time, box IoU with the ground truth, and the share of view pairs in which a
     view misses the object, RandomResizedCrop vs ContrastiveCrop.
@@ -49,10 +49,10 @@ def hand_written_loop(recipe, steps: int) -> float:
     from hub_ccrop.data import get_spec, load_images, num_ids
     from hub_ccrop.methods import build_method
     from hub_ccrop.models import create_backbone
-    from hub_ccrop.views import TwoViewCollate
+    from hub_ccrop.views import ViewCollate
 
     spec = get_spec("cifar10", data_dir=str(CIFAR), pretrain_splits=tuple(recipe.data.splits))
-    collate = TwoViewCollate.from_spec(spec, BoxTable(num_ids(spec)), alpha=0.1, mode="ccrop")
+    collate = ViewCollate.from_spec(spec, BoxTable(num_ids(spec)), alpha=0.1, mode="ccrop")
     loader = DataLoader(load_images(spec), batch_size=recipe.data.batch_size, shuffle=True, drop_last=True,
                         num_workers=recipe.data.num_workers, persistent_workers=recipe.data.num_workers > 0,
                         collate_fn=collate)
@@ -77,7 +77,7 @@ def hand_written_loop(recipe, steps: int) -> float:
 
 def part_ab(rows: int, batch: int, workers: int, model: str) -> dict:
     from hub_ccrop.recipe import load_recipe
-    from hub_ccrop.train import train
+    from hub_ccrop.training import train
 
     recipe = load_recipe(_recipe(rows, batch, workers, model))
     with tempfile.TemporaryDirectory() as out:

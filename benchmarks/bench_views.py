@@ -5,8 +5,8 @@ Pipelines, each over the same in-memory rows (image bytes), batch by batch like 
 
 * ``torchvision_rrc``: the reference, torchvision's per-image pipeline (PIL decode,
   ``RandomResizedCrop``, flip, ColorJitter p=0.8, grayscale p=0.2, [blur], ``ToTensor``, ``Normalize``);
-* ``per_image_rcrop`` / ``per_image_ccrop``: ``TwoViewCollate(batched=False)`` in each mode;
-* ``batched_rcrop`` / ``batched_ccrop``: ``TwoViewCollate(batched=True)`` (roi_align + batched ops, CPU);
+* ``per_image_rcrop`` / ``per_image_ccrop``: ``ViewCollate(batched=False)`` in each mode;
+* ``batched_rcrop`` / ``batched_ccrop``: ``ViewCollate(batched=True)`` (roi_align + batched ops, CPU);
 * ``kornia_batched``: torchvision's libjpeg-turbo decode, then kornia's batched augmentation
   (``kornia.augmentation``, same-size images batched together), when kornia is installed;
 * ``before_batched_rcrop``: with ``--before REV``, the batched path of ``hub_ccrop/views.py`` at git
@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 
 from hub_ccrop.boxes import BoxTable  # noqa: E402
 from hub_ccrop.data import decode_to_tensor, get_spec, load_images  # noqa: E402
-from hub_ccrop.views import TwoViewCollate, blur_kernel_size  # noqa: E402
+from hub_ccrop.views import ViewCollate, blur_kernel_size  # noqa: E402
 
 
 def shared_cifar() -> Path:
@@ -155,7 +155,7 @@ def pipelines(info: dict, num_ids: int, before=None) -> dict:
     for batched in (False, True):
         for mode in ("rcrop", "ccrop"):
             name = f"{'batched' if batched else 'per_image'}_{mode}"
-            out[name] = TwoViewCollate.from_spec(spec, table, alpha=alpha, mode=mode, batched=batched)
+            out[name] = ViewCollate.from_spec(spec, table, alpha=alpha, mode=mode, batched=batched)
     if before is not None:
         out["before_batched_rcrop"] = before.TwoViewCollate.from_spec(spec, table, alpha=alpha, mode="rcrop", batched=True)
     try:

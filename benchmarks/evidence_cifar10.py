@@ -1,6 +1,6 @@
 """Evidence (issue 13, part 2): R-Crop vs C-Crop on CIFAR-10, tiny backbone, several seeds, CPU schedule.
 
-Trains ``recipes/simclr_cifar10_{rcrop,ccrop}.yaml`` through the real loop (``hub_ccrop.train.train``)
+Trains ``recipes/simclr_cifar10_{rcrop,ccrop}.yaml`` through the real loop (``hub_ccrop.training.train``)
 for every (mode, seed) on the CIFAR-10 train split in ``--data`` (default ``../shared/data/cifar10``):
 the last 5,000 rows are held out as the labeled test set, the first 45,000 are the full kNN bank, and
 pretraining uses ``train[:ROWS]`` of those 45,000 (``data.splits``). Only ``crop.mode`` and the seed
@@ -74,7 +74,7 @@ from hub_ccrop.boxes import BoxTable  # noqa: E402
 from hub_ccrop.data import get_spec, load_images  # noqa: E402
 from hub_ccrop.localize import localize_boxes  # noqa: E402
 from hub_ccrop.recipe import Recipe, load_recipe  # noqa: E402
-from hub_ccrop.train import train  # noqa: E402
+from hub_ccrop.training import train  # noqa: E402
 from hub_ccrop.views import EvalCollate  # noqa: E402
 
 CIFAR = REPO.parent / "shared" / "data" / "cifar10"
@@ -281,7 +281,7 @@ def gpu_plan() -> dict[str, Any]:
     return {
         "single_gpu": f"hub-ccrop train recipes/simclr_cifar10_ccrop.yaml {data} --output-dir runs/simclr_cifar10_ccrop",
         "single_gpu_rcrop": f"hub-ccrop train recipes/simclr_cifar10_rcrop.yaml {data} --output-dir runs/simclr_cifar10_rcrop",
-        "eight_gpus": ("accelerate launch --multi_gpu --num_processes 8 -m hub_ccrop.train "
+        "eight_gpus": ("accelerate launch --multi_gpu --num_processes 8 -m hub_ccrop train "
                        f"recipes/simclr_cifar10_ccrop.yaml {data} "
                        "--output-dir runs/simclr_cifar10_ccrop_8gpu"),
         "faster_views_on_gpu": "--set data.batched_views=true --set data.device_resident=true",

@@ -38,7 +38,7 @@ from hub_ccrop.boxes import pairwise_box_iou  # noqa: E402
 from hub_ccrop.crop import object_miss_rate  # noqa: E402
 from hub_ccrop.localize import heatmaps, localize_boxes, model_boxes, normalize_heatmaps  # noqa: E402
 from hub_ccrop.recipe import Recipe, load_recipe  # noqa: E402
-from hub_ccrop.train import RunData, build_data  # noqa: E402
+from hub_ccrop.training import RunData, build_data  # noqa: E402
 from hub_ccrop.views import EvalCollate  # noqa: E402
 
 KS = (0.05, 0.1, 0.2, 0.3, 0.5)

@@ -1,7 +1,7 @@
 """Evidence (issue 8, part 1): RandomResizedCrop vs ContrastiveCrop on the built-in small-objects set.
 
 Both modes train the same recipe (``recipes/quickstart.yaml``: SimCLR, ``resnet_tiny_cifar``, batch
-128) for the same epochs and seeds through the real loop (``hub_ccrop.train.train``). Only
+128) for the same epochs and seeds through the real loop (``hub_ccrop.training.train``). Only
 ``crop.mode`` differs. For every run this script then measures, from the run folder:
 
 - kNN top-1 (k=200, T=0.1, cosine) on the 1,000 test images after every ``--knn-every`` epochs (the
@@ -54,7 +54,7 @@ from hub_ccrop.evaluate import extract_features, knn_accuracy, linear_probe_on_f
 from hub_ccrop.localize import heatmaps, localize_boxes, model_boxes, picture_heatmaps  # noqa: E402
 from hub_ccrop.models import create_backbone  # noqa: E402
 from hub_ccrop.recipe import Recipe, load_recipe  # noqa: E402
-from hub_ccrop.train import RunData, build_data, train  # noqa: E402
+from hub_ccrop.training import RunData, build_data, train  # noqa: E402
 from hub_ccrop.views import EvalCollate  # noqa: E402
 from hub_ccrop.viz import draw_localization_grid, to_uint8  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 ``views``: views/s of the batched augmentation on the device at 32 px (random CIFAR-sized JPEGs) and at
 224 px (ImageNet-like JPEGs, as in ``bench_views.py``), from CPU-decoded uint8 batches, from JPEG bytes
-decoded on the device (nvJPEG, ``TwoViewCollate(device_decode=True)``) and, at 32 px, from device-resident
+decoded on the device (nvJPEG, ``ViewCollate(device_decode=True)``) and, at 32 px, from device-resident
 images; plus the host syncs one augmented batch makes (``torch.cuda.set_sync_debug_mode``).
 ``data``: writes a CIFAR-10-shaped parquet folder (random smooth 32 px JPEGs) for the training check.
 ``--device cpu --small`` dry-runs everything on a CPU.
@@ -32,7 +32,7 @@ from bench_views import imagenet_like_rows  # noqa: E402
 
 from hub_ccrop.boxes import BoxTable  # noqa: E402
 from hub_ccrop.data import get_spec  # noqa: E402
-from hub_ccrop.views import CropSampler, DeviceResidentImages, TwoViewCollate  # noqa: E402
+from hub_ccrop.views import CropSampler, DeviceResidentImages, ViewCollate  # noqa: E402
 
 
 def cifar_like_rows(n: int, seed: int = 0) -> list[dict]:
@@ -68,8 +68,8 @@ def views_check(device: torch.device, small: bool, repeats: int) -> dict:
     for name, (rows, spec, batch) in sets.items():
         batch = min(batch, len(rows))
         table = BoxTable(len(rows))
-        raw = TwoViewCollate.from_spec(spec, table, raw=True)
-        encoded = TwoViewCollate.from_spec(spec, table, device_decode=True)
+        raw = ViewCollate.from_spec(spec, table, raw=True)
+        encoded = ViewCollate.from_spec(spec, table, device_decode=True)
         augment = raw.augment.to(device)
         encoded.augment.to(device)
         batches = [rows[k : k + batch] for k in range(0, len(rows), batch)]

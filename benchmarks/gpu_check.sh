@@ -18,7 +18,7 @@ timeout 150 $PY benchmarks/gpu_check.py views --out "$OUT/views.json" 2>&1 | tee
 #    32 px JPEGs: the real data cannot be downloaded there), and a localization pass after epoch 1.
 DATA=$(mktemp -d)
 timeout 60 $PY benchmarks/gpu_check.py data --rows 50000 --out "$DATA"
-timeout 240 $PY -m hub_ccrop.train recipes/simclr_cifar10_ccrop.yaml --output-dir "$OUT/run" \
+timeout 240 $PY -m hub_ccrop train recipes/simclr_cifar10_ccrop.yaml --output-dir "$OUT/run" \
   --set data.data_dir="$DATA" --set data.device_resident=true --set data.batched_views=true \
   --set model.channels_last=true --set train.mixed_precision=bf16 --set train.epochs=2 \
   --set crop.warmup_epochs=1 --set crop.loc_epochs=[1] --set train.knn_every=0 \

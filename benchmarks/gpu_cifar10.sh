@@ -16,7 +16,7 @@ RUNS=${RUNS:-runs/gpu_cifar10}
 PY=${PY:-python}
 WARMUP=$(( EPOCHS / 5 > 0 ? EPOCHS / 5 : 1 ))
 for mode in rcrop ccrop; do
-  $PY -m hub_ccrop.train "recipes/simclr_cifar10_${mode}.yaml" --output-dir "$RUNS/$mode" \
+  $PY -m hub_ccrop train "recipes/simclr_cifar10_${mode}.yaml" --output-dir "$RUNS/$mode" \
     --set data.data_dir="$DATA" --set data.holdout=5000 --set train.epochs="$EPOCHS" \
     --set crop.warmup_epochs="$WARMUP" --set crop.loc_interval="$WARMUP" --set train.knn_every=1 \
     --set data.batched_views=true --set data.device_resident=true --set data.num_workers=4 \

@@ -25,14 +25,15 @@ COMMAND_MODULES = ("hub_ccrop.show", "hub_ccrop.evaluate", "hub_ccrop.detection"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hub_ccrop import __version__, train
+    from hub_ccrop import __version__
+    from hub_ccrop.commands import train
 
     parser = argparse.ArgumentParser(prog="hub-ccrop", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"hub-ccrop {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also after the command)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    train_parser = subparsers.add_parser("train", help="train a recipe (also: accelerate launch -m hub_ccrop.train)",
+    train_parser = subparsers.add_parser("train", help="train a recipe (also: accelerate launch -m hub_ccrop train)",
                                          description=train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_arguments(train_parser)
     train_parser.set_defaults(func=train.run_from_args)

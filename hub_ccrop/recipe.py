@@ -1,6 +1,7 @@
 """Recipes: one YAML file per training setting, validated before anything runs.
 
-A recipe has the sections ``model``, ``method``, ``data``, ``crop``, ``optim`` and ``train``.
+A recipe has the sections ``model``, ``method``, ``data``, ``crop``, ``optim`` and ``train``, and an optional
+``views`` list of view groups (default: two identical views per image, the paper's).
 Unknown keys and values of the wrong type or range are refused with the key's dotted name;
 ``--set section.key=value`` overrides any key (values parse as YAML).
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +18,19 @@ from typing import Any
 
 import yaml
 
-__all__ = ["Recipe", "RecipeError", "apply_overrides", "batch_split", "check_type", "load_recipe", "per_process_batch"]
+from hub_ccrop.checks import RecipeError, check_type
+from hub_ccrop.choices import (
+    CROP_MODES,
+    HEATMAP_ALIGNMENTS,
+    LR_SCALINGS,
+    MIXED_PRECISIONS,
+    OPTIMIZERS,
+    SCHEDULES,
+    WEIGHT_DECAY_FILTERS,
+)
 
-
-class RecipeError(ValueError):
-    """A recipe that cannot run: unknown keys, wrong types or values out of range."""
+__all__ = ["Recipe", "RecipeError", "ViewGroup", "apply_overrides", "batch_split", "check_type", "load_recipe",
+           "per_process_batch"]
 
 
 @dataclass
@@ -74,8 +82,31 @@ class CropConfig:
 
 
 @dataclass
+class ViewGroup:
+    """A group of ``count`` crops per image of one size and one augmentation (``views:`` in a recipe).
+
+    ``None`` fields follow the rest of the recipe (``Recipe.view_groups`` fills them in): ``size`` the
+    training resolution, ``scale``/``ratio`` ``crop.scale``/``crop.ratio``, ``blur_p`` 0.5 when
+    ``crop.blur`` or the dataset asks for blur, else 0.
+    """
+
+    count: int = 2
+    size: int | None = None  # pixels (square views)
+    scale: list[float] | None = None  # crop area range, fraction of the image (of the box for ccrop)
+    ratio: list[float] | None = None  # crop aspect-ratio range
+    crop: str = "ccrop"  # ccrop: Algorithm 1 inside the image's box once boxes exist | rcrop: the whole image, always
+    flip_p: float = 0.5
+    jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.1])  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: float | None = None
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    solarize_p: float = 0.0
+
+
+@dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd | lars
+    name: str = "sgd"  # sgd | lars | adamw
     lr: float = 0.5
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -85,6 +116,10 @@ class OptimConfig:
     step_factor: float = 0.1  # ... the lr is multiplied by step_factor
     warmup_epochs: int = 0  # linear LR warm-up
     lr_scaling: str = "none"  # none | linear (lr * global batch / 256)
+    per_step: bool = False  # the schedule at every step (fractional epoch) instead of once per epoch
+    weight_decay_end: float | None = None  # cosine weight-decay schedule to this value (per step); None: constant
+    weight_decay_filter: str = "all"  # all | no_norm_bias | timm: the parameters exempt from weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
 
 
 @dataclass
@@ -113,6 +148,7 @@ class Recipe:
     crop: CropConfig = field(default_factory=CropConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    views: list[ViewGroup] | None = None  # view groups; None: two identical views (the paper's)
     name: str = "run"
     target: str | None = None  # the paper's reference number for this setting (documentation)
 
@@ -131,6 +167,15 @@ class Recipe:
             return sorted(e for e in c.loc_epochs if e <= epochs)
         first = c.warmup_epochs if c.init_boxes is None else c.loc_interval
         return list(range(max(first, 1), epochs, c.loc_interval))
+
+    def view_groups(self, image_size: int, dataset_blur: bool = False) -> list[ViewGroup]:
+        """The view groups with every ``None`` filled in (see :class:`ViewGroup`)."""
+        c = self.crop
+        blur_p = 0.5 if c.blur or dataset_blur else 0.0
+        return [dataclasses.replace(
+            group, size=group.size or image_size, scale=list(group.scale or c.scale),
+            ratio=list(group.ratio or c.ratio), blur_p=blur_p if group.blur_p is None else group.blur_p)
+            for group in (self.views or [ViewGroup()])]
 
     def per_process_batch_size(self, num_processes: int) -> int:
         """``data.batch_size`` (global) / (processes x grad_accum); RecipeError when it does not divide."""
@@ -153,12 +198,13 @@ class Recipe:
 
 
 _CHOICES = {
-    "crop.mode": ("ccrop", "rcrop"),
-    "crop.heatmap_alignment": ("receptive_field", "official"),
-    "optim.name": ("sgd", "lars"),
-    "optim.schedule": ("cosine", "step", "constant"),
-    "optim.lr_scaling": ("none", "linear"),
-    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "crop.mode": CROP_MODES,
+    "crop.heatmap_alignment": HEATMAP_ALIGNMENTS,
+    "optim.name": OPTIMIZERS,
+    "optim.schedule": SCHEDULES,
+    "optim.lr_scaling": LR_SCALINGS,
+    "optim.weight_decay_filter": WEIGHT_DECAY_FILTERS,
+    "train.mixed_precision": MIXED_PRECISIONS,
 }
 _POSITIVE = {
     "data.batch_size", "data.image_size", "crop.loc_batch_size", "optim.lr", "train.epochs", "train.grad_accum", "crop.loc_interval", "crop.alpha",
@@ -167,6 +213,7 @@ _POSITIVE = {
 _NON_NEGATIVE = {
     "data.num_workers", "data.holdout", "crop.warmup_epochs", "optim.momentum", "optim.weight_decay",
     "optim.warmup_epochs", "optim.final_lr_ratio", "optim.step_factor", "train.knn_every", "train.show_images",
+    "optim.weight_decay_end",
 }
 
 
@@ -193,41 +240,6 @@ def batch_split(global_batch: int, num_processes: int, grad_accum: int = 1) -> s
     return f"global batch {global_batch} = {processes}{accum} x {per}"
 
 
-def check_type(value: Any, annotation: Any, key: str) -> Any:
-    """Return ``value`` converted to ``annotation`` (ints widen to floats) or raise RecipeError naming ``key``.
-
-    The one type check of the project: recipe keys and the methods' options (``methods.MethodOptions``)."""
-    origin = typing.get_origin(annotation)
-    if origin is typing.Literal:
-        if value not in typing.get_args(annotation):
-            raise RecipeError(f"{key}: {value!r} is not one of {', '.join(map(repr, typing.get_args(annotation)))}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(annotation):
-            return None
-        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
-        for option in inner[1:]:
-            try:
-                return check_type(value, option, key)
-            except RecipeError:
-                pass
-        return check_type(value, inner[0], key)  # the main type's error message
-    if origin is list:
-        if not isinstance(value, list | tuple):
-            raise RecipeError(f"{key}: expected a list, got {value!r}")
-        (item,) = typing.get_args(annotation)
-        return [check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise RecipeError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is Any or (isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))):
-        return value
-    raise RecipeError(f"{key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
-
-
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     if not isinstance(values, dict):
         raise RecipeError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping, got {values!r}")
@@ -242,6 +254,10 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
             raise RecipeError(f"unknown recipe key {dotted!r}{hint}; known keys: {', '.join(sorted(known))}")
         if dataclasses.is_dataclass(hints[key]):
             kwargs[key] = _build(hints[key], value or {}, f"{dotted}.")
+        elif key == "views" and value is not None:  # the one list of sections
+            if not isinstance(value, list) or not value:
+                raise RecipeError(f"{dotted}: expected a non-empty list of view groups, got {value!r}")
+            kwargs[key] = [_build(ViewGroup, group, f"{dotted}[{i}].") for i, group in enumerate(value)]
         else:
             kwargs[key] = check_type(value, hints[key], dotted)
     return cls(**kwargs)
@@ -259,10 +275,12 @@ def _validate(recipe: Recipe) -> None:
         if value is not None and (value <= 0 if key in _POSITIVE else value < 0):
             raise RecipeError(f"{key}: must be {'> 0' if key in _POSITIVE else '>= 0'}, got {value!r}")
     c = recipe.crop
-    if len(c.scale) != 2 or not 0 < c.scale[0] <= c.scale[1] <= 1:
-        raise RecipeError(f"crop.scale: expected [min, max] with 0 < min <= max <= 1, got {c.scale}")
-    if len(c.ratio) != 2 or not 0 < c.ratio[0] <= c.ratio[1]:
-        raise RecipeError(f"crop.ratio: expected [min, max] with 0 < min <= max, got {c.ratio}")
+    _check_range("crop.scale", c.scale, upper=1.0)
+    _check_range("crop.ratio", c.ratio)
+    for i, group in enumerate(recipe.views or []):
+        _check_view_group(group, f"views[{i}]")
+    if len(recipe.optim.betas) != 2 or not all(0 <= b < 1 for b in recipe.optim.betas):
+        raise RecipeError(f"optim.betas: expected [beta1, beta2] in [0, 1), got {recipe.optim.betas}")
     if not 0 <= c.k < 1:
         raise RecipeError(f"crop.k: the heatmap threshold must be in [0, 1), got {c.k}")
     if c.mode == "ccrop" and c.init_boxes is None and c.warmup_epochs >= recipe.train.epochs:
@@ -281,6 +299,34 @@ def _validate(recipe: Recipe) -> None:
     if recipe.data.device_resident and not recipe.data.batched_views:
         raise RecipeError("data.device_resident works with the batched views path: set data.batched_views: true")
     _check_names(recipe)
+
+
+def _check_range(key: str, values: list[float], upper: float | None = None) -> None:
+    """A ``[min, max]`` range with ``0 < min <= max`` (``<= upper`` when given)."""
+    if len(values) != 2 or not 0 < values[0] <= values[1] or (upper is not None and values[1] > upper):
+        bound = f" <= {upper:g}" if upper is not None else ""
+        raise RecipeError(f"{key}: expected [min, max] with 0 < min <= max{bound}, got {values}")
+
+
+def _check_view_group(group: ViewGroup, key: str) -> None:
+    if group.count < 1:
+        raise RecipeError(f"{key}.count: must be >= 1, got {group.count}")
+    if group.size is not None and group.size < 1:
+        raise RecipeError(f"{key}.size: must be > 0, got {group.size}")
+    if group.crop not in CROP_MODES:
+        raise RecipeError(f"{key}.crop: {group.crop!r} is not one of {', '.join(CROP_MODES)}")
+    if group.scale is not None:
+        _check_range(f"{key}.scale", group.scale, upper=1.0)
+    if group.ratio is not None:
+        _check_range(f"{key}.ratio", group.ratio)
+    _check_range(f"{key}.blur_sigma", group.blur_sigma)
+    if len(group.jitter) != 4 or min(group.jitter) < 0 or group.jitter[3] > 0.5:
+        raise RecipeError(f"{key}.jitter: expected [brightness, contrast, saturation, hue] >= 0 with hue <= 0.5, "
+                          f"got {group.jitter}")
+    for name in ("flip_p", "jitter_p", "gray_p", "blur_p", "solarize_p"):
+        p = getattr(group, name)
+        if p is not None and not 0 <= p <= 1:
+            raise RecipeError(f"{key}.{name}: a probability in [0, 1], got {p}")
 
 
 def _did_you_mean(name: str, known: list[str]) -> str:

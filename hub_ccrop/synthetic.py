@@ -2,7 +2,7 @@
 
 Each image holds one salient object (saturated, bright) on a low-saturation, low-contrast background
 with clutter. Saturated high-contrast backgrounds make a network learn the background instead of the
-object (DESIGN.md section 7), so the background is kept quiet on purpose. Objects share one narrow
+object (docs/METHOD.md, section 7), so the background is kept quiet on purpose. Objects share one narrow
 color band, independent of the class: a per-image random object hue was the cheapest cue that tells
 two images apart, so SimCLR learned color instead of shape (kNN 17% after 6 epochs; one color band,
 bigger objects and a quieter background: 24% after 4, benchmarks/README.md "Quickstart (issue 13)").

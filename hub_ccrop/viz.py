@@ -11,6 +11,7 @@ from matplotlib.patches import Rectangle
 from torch import Tensor
 
 from hub_ccrop.crop import sample_crop_params
+from hub_ccrop.recipe import ViewGroup
 
 __all__ = ["draw_localization_grid", "to_uint8"]
 
@@ -41,9 +42,11 @@ def draw_localization_grid(
     ids: Sequence[int | str] | None = None,
     title: str = "",
     seed: int = 0,
+    groups: Sequence[ViewGroup] | None = None,
 ) -> Path:
     """Save a PNG grid: one row per image with its box, its heatmap, two ContrastiveCrop views and two
-    RandomResizedCrop views (crop rectangles drawn on the image, same seed for every call).
+    RandomResizedCrop views (crop rectangles drawn on the image, same seed for every call), and with
+    ``groups`` (resolved view groups) a last column with every group's crops drawn on the image.
 
     ``images`` are uint8 ``[N, 3, H, W]``; ``heatmaps`` are ``[N, h, w]`` in [0, 1]; ``boxes`` ``[N, 4]``.
     """
@@ -56,6 +59,9 @@ def draw_localization_grid(
     rcrop = [sample_crop_params(full, sizes, scale=scale, ratio=ratio, alpha=1.0, generator=g) for _ in range(2)]
 
     columns = ["box", "heatmap", "C-Crop view 1", "C-Crop view 2", "R-Crop view 1", "R-Crop view 2"]
+    group_crops = _group_crops(groups, boxes.float(), full, sizes, alpha, g) if groups else []
+    if group_crops:
+        columns.append("view groups")
     # a bare Figure (no pyplot): no backend switch, no global figure registry, safe in notebooks and threads
     fig = Figure(figsize=(1.6 * len(columns), 1.6 * n + 0.4))
     axes = fig.subplots(n, len(columns), squeeze=False)
@@ -74,15 +80,39 @@ def draw_localization_grid(
         for c, params in enumerate(ccrop + rcrop, start=2):
             i, j, h, w = (int(v) for v in params[r])
             axes[r, c].imshow(img[i:i + h, j:j + w])
+        if group_crops:
+            axes[r, -1].imshow(img)
+            for (color, crops) in group_crops:
+                for i, j, h, w in crops[:, r].tolist():
+                    _rect(axes[r, -1], (j / width, i / height, (j + w) / width, (i + h) / height), width, height, color)
     for c, name in enumerate(columns):
         axes[0, c].set_title(name, fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     legend = "yellow: learned box" + (", cyan dashed: ground truth" if gt_boxes is not None else "")
+    if group_crops:
+        legend += "; view groups: " + ", ".join(f"{color} {g.count} x {g.size} px ({g.crop})"
+                                                for (color, _), g in zip(group_crops, groups, strict=True))
     fig.suptitle(f"{title}\n{legend}" if title else legend, fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
+
+
+GROUP_COLORS = ("lime", "magenta", "orange", "white")
+
+
+def _group_crops(groups: Sequence[ViewGroup], boxes: Tensor, full: Tensor, sizes: Tensor, alpha: float,
+                 generator: torch.Generator) -> list[tuple[str, Tensor]]:  # fmt: skip
+    """Each group's crops ``[count, N, 4]`` as the sampler draws them once boxes are in use, with a colour."""
+    out = []
+    for k, group in enumerate(groups):
+        ccrop = group.crop == "ccrop"
+        crops = sample_crop_params((boxes if ccrop else full).repeat(group.count, 1), sizes.repeat(group.count, 1),
+                                   scale=group.scale, ratio=group.ratio, alpha=alpha if ccrop else 1.0,
+                                   generator=generator)
+        out.append((GROUP_COLORS[k % len(GROUP_COLORS)], crops.view(group.count, len(boxes), 4)))
+    return out

@@ -1,4 +1,4 @@
-"""Run ``hub_ccrop.train`` with each image's views seeded by its own id (not by its batch).
+"""Run ``hub_ccrop.training`` with each image's views seeded by its own id (not by its batch).
 
 The training loop seeds a batch's augmentation from the ids of that batch, so a global batch split over two
 processes gets other views than the same batch in one process. Seeding per image makes the views independent

@@ -3,7 +3,7 @@ each fresh interpreter costs seconds of imports.
 
 Usage: accelerate launch --multi_gpu --num_processes 2 tests/_two_process_worker.py WORKDIR TRAIN_ARGS...
 Reads WORKDIR/inputs.pt (written by the test), writes WORKDIR/rank{RANK}.pt, then trains as
-``python -m hub_ccrop.train TRAIN_ARGS...`` would in the same launch.
+``python -m hub_ccrop train TRAIN_ARGS...`` would in the same launch.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from accelerate.utils import gather_object
 from test_evaluate import color_images, loader_of, tiny_cnn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from hub_ccrop.cli import main as cli_main
 from hub_ccrop.distributed import gather_by_id
 from hub_ccrop.evaluate import knn_evaluate, linear_probe
 from hub_ccrop.methods import build_method
 from hub_ccrop.models import create_backbone
-from hub_ccrop.train import main as train_main
 
 # Options of the one-step DDP check, shared with its single-process reference in test_distributed.py.
 # MoCo without shuffle-BN (its random permutation is checked by moco_queue) so that each rank's loss
@@ -139,7 +139,7 @@ def main() -> int:
         "evaluation": sharded_evaluation(acc),
     }
     torch.save(results, workdir / f"rank{rank}.pt")
-    return train_main(train_args)
+    return cli_main(["train", *train_args])
 
 
 if __name__ == "__main__":

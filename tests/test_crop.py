@@ -1,4 +1,4 @@
-"""ContrastiveCrop sampling (DESIGN.md 2.1): geometry, distributions, per-image vs batched."""
+"""ContrastiveCrop sampling (docs/METHOD.md, section 2): geometry, distributions, per-image vs batched."""
 
 from __future__ import annotations
 

@@ -497,17 +497,17 @@ import sys
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 from hub_ccrop.data import get_spec, load_images
-from hub_ccrop.views import TwoViewCollate
+from hub_ccrop.views import ViewCollate
 
 spec = get_spec("test-user/stream-toy", image_column="img", image_size=16, test_split=None)
 stream = load_images(spec, streaming=True).shuffle(seed=0, buffer_size=32)
 print("listed", stream.num_shards, flush=True)
 sys.stdin.readline()
-collate = TwoViewCollate.from_spec(spec, None, batched=True)
+collate = ViewCollate.from_spec(spec, None, batched=True)
 ids = []
 for rank in range(2):  # 2 simulated processes x 2 DataLoader workers
     shard = split_dataset_by_node(stream, rank=rank, world_size=2)
-    ids += [int(i) for _, _, batch, _ in DataLoader(shard, batch_size=16, num_workers=2, collate_fn=collate) for i in batch]
+    ids += [int(i) for views in DataLoader(shard, batch_size=16, num_workers=2, collate_fn=collate) for i in views.ids]
 print("ids", len(ids), sorted(ids) == list(range(len(ids))), flush=True)
 """
 
@@ -587,7 +587,7 @@ def test_hub_streaming_training_run_end_to_end(tmp_path):
         hub.add_files("test-user/objects", files)
         env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"),
                    HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1", OMP_NUM_THREADS="1")
-        result = subprocess.run([sys.executable, "-m", "hub_ccrop.train", str(recipe), "--output-dir", str(tmp_path / "run")],
+        result = subprocess.run([sys.executable, "-m", "hub_ccrop", "train", str(recipe), "--output-dir", str(tmp_path / "run")],
                                 env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]

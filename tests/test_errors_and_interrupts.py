@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from hub_ccrop import cli
 from hub_ccrop.recipe import RecipeError, load_recipe
 from hub_ccrop.synthetic import small_objects_dir
-from hub_ccrop.train import train
+from hub_ccrop.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
@@ -196,7 +196,7 @@ def test_signal_saves_the_current_step_and_resume_ends_where_an_uninterrupted_ru
 def test_signal_with_two_processes(sig, tiny_objects, tmp_path):
     """Both ranks save their part of the checkpoint at the same step; the printed command resumes exactly."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hub_ccrop.train",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hub_ccrop", "train",
               str(QUICKSTART)]
     sets = [arg for item in [*_overrides(tiny_objects), "data.num_workers=0"] for arg in ("--set", item)]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

@@ -12,13 +12,14 @@ import torch
 from safetensors.torch import load_file
 
 from hub_ccrop.boxes import BoxTable
+from hub_ccrop.cli import main as cli_main
 from hub_ccrop.data import get_spec, load_images
 from hub_ccrop.errors import UserError
 from hub_ccrop.methods import build_method
 from hub_ccrop.models import create_backbone
 from hub_ccrop.recipe import load_recipe
 from hub_ccrop.synthetic import small_objects_dir
-from hub_ccrop.train import NonFiniteLossError, _summary, main, train
+from hub_ccrop.training import NonFiniteLossError, summary, train
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_ROWS, TEST_ROWS = 96, 32
@@ -58,8 +59,8 @@ def test_warmup_then_localization_then_contrastive_crop(shared_run, tiny_objects
     gt = torch.tensor(load_images(get_spec("small_objects", data_dir=str(tiny_objects)))["gt_box"])
     gt_area = float((gt[:, 2:] - gt[:, :2]).prod(dim=1).mean())
     assert metrics["box_iou_whole_image"] == pytest.approx(gt_area, rel=1e-5) and metrics["knn_chance"] == 10
-    summary = _summary(tiny_recipe(tiny_objects), metrics, out)  # what the run printed at its end
-    assert "(chance 10%)" in summary and f"(whole-image boxes: {gt_area:.3f})" in summary
+    printed = summary(tiny_recipe(tiny_objects), metrics, out)  # what the run printed at its end
+    assert "(chance 10%)" in printed and f"(whole-image boxes: {gt_area:.3f})" in printed
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert [h["crop"] for h in history] == ["rcrop", "ccrop", "ccrop"]
     assert [("box_iou" in h) for h in history] == [True, True, False]  # passes after epochs 1 and 2
@@ -117,12 +118,13 @@ def test_every_data_path_trains_and_localizes(tiny_objects, tmp_path, data):
 def test_device_resident_passes_and_knn_decode_nothing(tiny_objects, tmp_path, monkeypatch):
     """device_resident: the training images are decoded once; the passes and the kNN monitor read the
     resident images (the test split is decoded once, too), however many passes and kNN runs there are."""
-    from hub_ccrop import views
+    from hub_ccrop.views import collate, eval, resident, rows
 
     decoded = []
-    real = views._decode_all
-    monkeypatch.setattr(views, "_decode_all", lambda rows, **kw: decoded.append(len(rows["id"] if isinstance(
-        rows, dict) else rows)) or real(rows, **kw))
+    real = rows.decode_rows
+    for module in (collate, eval, resident):  # every caller of the one decoding function
+        monkeypatch.setattr(module, "decode_rows", lambda rows, **kw: decoded.append(len(
+            rows["id"] if isinstance(rows, dict) else rows)) or real(rows, **kw))
     recipe = tiny_recipe(tiny_objects, data={"batched_views": True, "device_resident": True},
                          train={"epochs": 3, "knn_every": 1, "show_images": 0})
     metrics = train(recipe, tmp_path)
@@ -133,7 +135,7 @@ def test_device_resident_passes_and_knn_decode_nothing(tiny_objects, tmp_path, m
 
 
 def test_non_finite_watch_reports_the_first_bad_step():
-    from hub_ccrop.train import NonFiniteWatch
+    from hub_ccrop.training import NonFiniteWatch
 
     watch = NonFiniteWatch(torch.device("cpu"))
     for step, loss in enumerate([1.0, 2.0, float("nan"), float("inf"), 3.0], start=1):
@@ -203,7 +205,7 @@ def test_non_finite_loss_stops_with_a_usable_checkpoint(tiny_objects, tmp_path):
 def test_cli_reports_recipe_errors(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim:\n  lr: -1\n")
-    assert main([str(bad)]) == 2
+    assert cli_main(["train", str(bad)]) == 2
     assert "optim.lr: must be > 0" in capsys.readouterr().err
 
 

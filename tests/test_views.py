@@ -21,7 +21,7 @@ from hub_ccrop.views import (
     EncodedBatch,
     EvalCollate,
     RawBatch,
-    TwoViewCollate,
+    ViewCollate,
 )
 
 NO_NORM = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
@@ -48,18 +48,18 @@ def ramp_image(width: int = 64, height: int = 48) -> bytes:
     return encode(Image.fromarray(arr))
 
 
-def both_paths(box_table=None, **kw) -> dict[str, TwoViewCollate]:
+def both_paths(box_table=None, **kw) -> dict[str, ViewCollate]:
     return {
-        "per_image": TwoViewCollate(box_table, batched=False, **kw),
-        "batched": TwoViewCollate(box_table, batched=True, **kw),
+        "per_image": ViewCollate(box_table, batched=False, **kw),
+        "batched": ViewCollate(box_table, batched=True, **kw),
     }
 
 
-def run_views(collate: TwoViewCollate, rows: list[dict], seed: int, batch: int = 250) -> torch.Tensor:
+def run_views(collate: ViewCollate, rows: list[dict], seed: int, batch: int = 250) -> torch.Tensor:
     torch.manual_seed(seed)
     out = []
     for k in range(0, len(rows), batch):
-        v1, v2, _, _ = collate(rows[k : k + batch])
+        v1, v2 = collate(rows[k : k + batch]).crops
         out += [v1, v2]
     return torch.cat(out)
 
@@ -86,8 +86,9 @@ def random_jpeg(seed: int, size=(32, 32)) -> bytes:
 @pytest.mark.parametrize("batched", [False, True])
 def test_two_views_shapes_ids_labels(batched):
     rows = [{"id": 100 + k, "image": {"bytes": random_jpeg(k), "path": None}, "label": k} for k in range(10)]
-    c = TwoViewCollate(None, size=24, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2), batched=batched)
-    v1, v2, ids, labels = c(rows)
+    c = ViewCollate(None, size=24, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2), batched=batched)
+    views = c(rows)
+    (v1, v2), ids, labels = views.crops, views.ids, views.labels
     assert v1.shape == v2.shape == (10, 3, 24, 24) and v1.dtype == torch.float32
     assert ids.tolist() == list(range(100, 110)) and labels.tolist() == list(range(10))
     assert torch.isfinite(v1).all() and not torch.equal(v1, v2)
@@ -96,23 +97,23 @@ def test_two_views_shapes_ids_labels(batched):
 
 def test_raw_batch_then_augment_on_the_device_side():
     rows = [{"id": k, "image": {"bytes": random_jpeg(k), "path": None}, "label": 0} for k in range(6)]
-    c = TwoViewCollate(None, size=16, raw=True, **NO_NORM)
+    c = ViewCollate(None, size=16, raw=True, **NO_NORM)
     raw = c(rows)
     assert isinstance(raw, RawBatch) and raw.images.dtype == torch.uint8 and raw.images.shape == (6, 3, 32, 32)
     assert raw.crops.shape == (2, 6, 4) and raw.sizes.tolist() == [[32, 32]] * 6
     moved = raw.to("cpu")
     assert isinstance(moved, RawBatch)
-    v1, v2 = c.augment(moved, torch.Generator().manual_seed(0))
-    w1, w2 = c.augment(moved, torch.Generator().manual_seed(0))
+    v1, v2 = c.augment(moved, torch.Generator().manual_seed(0))[0]
+    w1, w2 = c.augment(moved, torch.Generator().manual_seed(0))[0]
     assert v1.shape == (6, 3, 16, 16) and torch.equal(v1, w1) and torch.equal(v2, w2)
 
 
 def test_from_spec_and_modes():
     spec = get_spec("imagenet1k")
-    c = TwoViewCollate.from_spec(spec, None, batched=True)
-    assert c.size == 224 and c.augment.blur and c.augment.kernel_size == 23 and c.max_side == 640
-    small = TwoViewCollate.from_spec(get_spec("cifar10"), BoxTable(4), alpha=0.1)
-    assert small.size == 32 and not small.augment.blur and small.max_side is None and small.mode == "rcrop"
+    c = ViewCollate.from_spec(spec, None, batched=True)
+    assert c.groups[0].size == 224 and c.augment.groups[0].blur and c.augment.groups[0].kernel_size == 23 and c.max_side == 640
+    small = ViewCollate.from_spec(get_spec("cifar10"), BoxTable(4), alpha=0.1)
+    assert small.groups[0].size == 32 and not small.augment.groups[0].blur and small.max_side is None and small.mode == "rcrop"
     small.mode = "ccrop"
     assert small.crops.mode == "ccrop"
     with pytest.raises(ValueError, match="mode must be"):
@@ -134,7 +135,7 @@ def test_crop_geometry_is_exact_on_both_paths():
         sizes = torch.tensor([[48, 64]]).repeat(40, 1)
         crops = c.crops(torch.arange(40), sizes)  # the draws the collate makes first
         torch.manual_seed(5)
-        v1, v2, _, _ = c(rows)
+        v1, v2 = c(rows).crops
         views = torch.cat([v1, v2])
         i, j, h, w = crops.reshape(-1, 4).to(torch.float64).unbind(1)
         exp_x = (j + w / 2 - 0.5) * 4 / 255
@@ -185,7 +186,7 @@ def test_color_jitter_distribution_is_torchvisions():
 
     color = torch.tensor([200, 100, 50]).view(3, 1, 1) / 255
     rows = rows_of(encode(Image.new("RGB", (32, 32), (200, 100, 50))), 1000)
-    batched = TwoViewCollate(None, size=16, batched=True, **NO_NORM, flip_p=0.0, gray_p=0.0)
+    batched = ViewCollate(None, size=16, batched=True, **NO_NORM, flip_p=0.0, gray_p=0.0)
     ours = run_views(batched, rows, seed=20).mean((2, 3))
     jitter = T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8)
     torch.manual_seed(21)
@@ -215,7 +216,7 @@ def test_per_image_pil_jitter_is_within_pil_rounding():
 def test_batched_jitter_ops_are_torchvisions_tensor_ops():
     from torchvision.transforms import functional as TF
 
-    from hub_ccrop import views as V
+    from hub_ccrop.views import ops as V
 
     x = torch.rand(8, 3, 12, 12)
     x[0] = 0.5  # gray pixels: hue undefined
@@ -230,7 +231,8 @@ def test_batched_jitter_ops_are_torchvisions_tensor_ops():
     sigma = torch.linspace(0.1, 2.0, 8)
     expected = torch.stack([TF.gaussian_blur(x[k], [5, 5], [float(sigma[k])] * 2) for k in range(8)])
     assert torch.allclose(V.gaussian_blur(x, sigma, 5), expected, atol=1e-5)
-    assert torch.allclose(V._gray(x), TF.rgb_to_grayscale(x), atol=1e-6)
+    assert torch.allclose(V.gray(x), TF.rgb_to_grayscale(x), atol=1e-6)
+    assert torch.equal(V.solarize(x), TF.solarize(x, 0.5))
 
 
 def test_blur_distributions_match():
@@ -280,7 +282,7 @@ def bad_and_odd_rows() -> tuple[list[dict], set[int]]:
 @pytest.mark.parametrize("path", ["per_image", "batched", "raw"])
 def test_bad_images_are_skipped_named_and_counted(path):
     rows, bad = bad_and_odd_rows()
-    c = TwoViewCollate(None, size=24, **NO_NORM, batched=path != "per_image", raw=path == "raw")
+    c = ViewCollate(None, size=24, **NO_NORM, batched=path != "per_image", raw=path == "raw")
     with pytest.warns(BadImageWarning) as record:
         out = c(rows)
     messages = " ".join(str(w.message) for w in record)
@@ -289,10 +291,10 @@ def test_bad_images_are_skipped_named_and_counted(path):
     good = [k for k in range(11) if k not in bad]
     if path == "raw":
         assert out.ids.tolist() == good and out.images.shape[2:] == (1000, 1000)  # edge-padded to the largest
-        v1, v2 = c.augment(out)
+        v1, v2 = c.augment(out)[0]
         ids = out.ids
     else:
-        v1, v2, ids, labels = out
+        (v1, v2), ids, labels = out.crops, out.ids, out.labels
         assert labels.tolist() == good
     assert ids.tolist() == good and v1.shape == v2.shape == (9, 3, 24, 24)
     assert torch.isfinite(v1).all() and torch.isfinite(v2).all()
@@ -303,9 +305,9 @@ def test_padding_never_leaks_into_views():
         {"id": 0, "image": {"bytes": encode(Image.new("RGB", (10, 200), (0, 128, 0))), "path": None}, "label": 0},
         {"id": 1, "image": {"bytes": encode(Image.new("RGB", (200, 10), (0, 0, 255))), "path": None}, "label": 0},
     ]
-    c = TwoViewCollate(None, size=12, batched=True, **NO_NORM, **NO_COLOR)
+    c = ViewCollate(None, size=12, batched=True, **NO_NORM, **NO_COLOR)
     for _ in range(5):
-        v1, v2, _, _ = c(rows)
+        v1, v2 = c(rows).crops
         for v in (v1, v2):
             assert torch.allclose(v[0], torch.tensor([0.0, 128 / 255, 0.0]).view(3, 1, 1).expand(3, 12, 12), atol=1e-5)
             assert torch.allclose(v[1], torch.tensor([0.0, 0.0, 1.0]).view(3, 1, 1).expand(3, 12, 12), atol=1e-5)
@@ -314,7 +316,7 @@ def test_padding_never_leaks_into_views():
 @pytest.mark.parametrize("batched", [False, True])
 def test_strict_mode_raises_with_the_id(batched):
     rows, _ = bad_and_odd_rows()
-    c = TwoViewCollate(None, size=24, **NO_NORM, batched=batched, strict=True)
+    c = ViewCollate(None, size=24, **NO_NORM, batched=batched, strict=True)
     with pytest.raises(BadImageError, match=r"sample id 1: cannot decode image \(img_1.png\)"):
         c(rows)
 
@@ -322,9 +324,10 @@ def test_strict_mode_raises_with_the_id(batched):
 def test_all_bad_batch_is_empty_not_a_crash():
     rows = [{"id": 5, "image": {"bytes": b"junk", "path": None}, "label": 0}]
     for batched in (False, True):
-        c = TwoViewCollate(None, size=8, **NO_NORM, batched=batched)
+        c = ViewCollate(None, size=8, **NO_NORM, batched=batched)
         with pytest.warns(BadImageWarning, match="sample id 5"):
-            v1, v2, ids, _ = c(rows)
+            out = c(rows)
+            (v1, _), ids = out.crops, out.ids
         assert v1.shape == (0, 3, 8, 8) and ids.numel() == 0
 
 
@@ -340,7 +343,7 @@ def small_objects(tmp_path_factory):
 def test_persistent_workers_follow_box_updates_and_mode_switch(small_objects):
     ds = load_images(small_objects)
     table = BoxTable(len(ds))
-    collate = TwoViewCollate.from_spec(small_objects, table, alpha=1.0, raw=True)
+    collate = ViewCollate.from_spec(small_objects, table, alpha=1.0, raw=True)
     loader = DataLoader(ds, batch_size=8, num_workers=2, persistent_workers=True, collate_fn=collate)
 
     def epoch_crops() -> torch.Tensor:
@@ -362,9 +365,9 @@ def test_persistent_workers_follow_box_updates_and_mode_switch(small_objects):
 def test_skip_counter_is_shared_by_workers():
     rows = rows_of(random_jpeg(1), 16) + [{"id": 16, "image": {"bytes": b"bad", "path": None}, "label": 0}]
     rows += [{"id": 17, "image": {"bytes": b"worse", "path": None}, "label": 0}]
-    collate = TwoViewCollate(None, size=8, **NO_NORM, batched=True)
+    collate = ViewCollate(None, size=8, **NO_NORM, batched=True)
     loader = DataLoader(rows, batch_size=3, num_workers=2, collate_fn=collate)
-    seen = [int(i) for _, _, ids, _ in loader for i in ids]
+    seen = [int(i) for views in loader for i in views.ids]
     assert sorted(seen) == list(range(16)) and collate.skipped.value == 2
 
 
@@ -510,8 +513,8 @@ def test_decode_on_device_falls_back_to_the_cpu_per_image():
 def test_device_decode_batches_equal_the_raw_path():
     rows = [{"id": k, "image": {"bytes": random_jpeg(k, (32 + 4 * k, 40)), "path": None}, "label": k} for k in range(6)]
     rows.append({"id": 6, "image": {"bytes": b"\xff\xd8\xff broken", "path": "bad.jpg"}, "label": 0})
-    raw_collate = TwoViewCollate(None, size=16, raw=True, **NO_NORM)
-    encoded_collate = TwoViewCollate(None, size=16, device_decode=True, **NO_NORM)
+    raw_collate = ViewCollate(None, size=16, raw=True, **NO_NORM)
+    encoded_collate = ViewCollate(None, size=16, device_decode=True, **NO_NORM)
     torch.manual_seed(0)
     with pytest.warns(BadImageWarning, match="sample id 6"):
         raw = raw_collate(rows)

@@ -1,7 +1,7 @@
 """SSL methods behind one interface: SimCLR, MoCo v1/v2, BYOL, SimSiam on any timm backbone.
 
     method = build_method("moco_v2", create_backbone("resnet18_cifar"), queue_size=4096)
-    loss, logs = method(view1, view2)            # logs: {"loss": ..., "pos_cosine": ...}
+    loss, logs = method(views)                  # a Views batch (or method(view1, view2)); logs: {"loss", "pos_cosine"}
     loss.backward(); optimizer.step()
     method.after_optimizer_step(progress)       # momentum / EMA updates; progress in [0, 1]
     method.localization_encoder                 # the online backbone, for the heatmaps

@@ -11,7 +11,8 @@ from typing import Any, Literal, get_type_hints
 import torch
 from torch import Tensor, nn
 
-from hub_ccrop.recipe import check_type
+from hub_ccrop.checks import check_type
+from hub_ccrop.views.batch import Views
 
 __all__ = [
     "Encoder",
@@ -23,6 +24,8 @@ __all__ = [
     "momentum_at",
     "momentum_update",
     "param_group",
+    "two_crops",
+    "view_pairs",
 ]
 
 MomentumSchedule = Literal["constant", "cosine"]
@@ -33,7 +36,7 @@ MomentumSchedule = Literal["constant", "cosine"]
 class MethodOptions:
     """Base of the per-method option dataclasses (a recipe's ``method.options``). Options arrive from YAML
     recipes as plain kwargs: ``Config.from_kwargs(cfg)`` rejects unknown keys, ``__post_init__`` checks types
-    with the recipe's own checker (``recipe.check_type``: ints widen to floats) and ranges.
+    with the recipe's own checker (``checks.check_type``: ints widen to floats) and ranges.
 
     Conventions: ``*_dim`` / ``*_size`` options are positive (``None`` = follow the backbone's width),
     ``temperature`` is positive, ``momentum`` lies in [0, 1].
@@ -129,6 +132,22 @@ def momentum_update(target: nn.Module, online: nn.Module, momentum: float) -> No
 
 
 # --------------------------------------------------------------------------------------------- interface
+def view_pairs(views: Views) -> list[tuple[int, int]]:
+    """The positive pairs of multi-crop training: every global crop with every other crop, each pair
+    once (``(0, 1)`` for two views; SwAV's multi-crop form for 2 global + N local)."""
+    n, g = views.num_crops, views.num_global
+    return [(i, j) for i in range(g) for j in range(i + 1, n)]
+
+
+def two_crops(views: Views, method: str) -> tuple[Tensor, Tensor]:
+    """The two crops of a two-view method; a clear error for another number."""
+    crops = views.crops
+    if len(crops) != 2:
+        raise ValueError(f"{method} trains on two views per image, got {len(crops)} (views: {views.counts}); "
+                         "set `views:` to one group of count 2 or two groups of count 1")
+    return crops[0], crops[1]
+
+
 def param_group(module: nn.Module, lr: float, weight_decay: float, **extra: Any) -> dict[str, Any]:
     """An optimizer parameter group with the trainable parameters of ``module``."""
     params = [p for p in module.parameters() if p.requires_grad]
@@ -138,16 +157,23 @@ def param_group(module: nn.Module, lr: float, weight_decay: float, **extra: Any)
 class SSLMethod(nn.Module):
     """One SSL framework (heads, targets, loss) around a backbone; the training loop's only view of it.
 
-    - ``method(view1, view2) -> (loss, logs)``: scalar float32 loss and ``{"loss", "pos_cosine", ...}``
-      detached float scalar tensors on the device (``pos_cosine``: mean cosine similarity of the positive
-      pair's embeddings, the paper's Fig. 5); read them only when logging (each read syncs the device).
-    - ``localization_encoder``: the online backbone whose ``forward_features`` gives the heatmaps.
+    - ``method(views) -> (loss, logs)``: ``views`` a :class:`~hub_ccrop.views.batch.Views` (every view
+      group's crops; ``method(view1, view2)`` with plain tensors works too); scalar float32 loss and
+      ``{"loss", "pos_cosine", ...}`` detached float scalar tensors on the device (``pos_cosine``: mean
+      cosine similarity of the positive pair's embeddings, the paper's Fig. 5); read them only when
+      logging (each read syncs the device).
+    - ``localization_encoder``: the backbone whose ``forward_features`` gives the heatmaps.
+    - ``start_epoch(epoch, epochs)``: called before each epoch (0-based): per-epoch schedules of the method.
+    - ``before_optimizer_step()``: called after the backward pass of an optimizer step, with unscaled
+      gradients (gradient clipping, cancelling a frozen layer's gradients).
     - ``after_optimizer_step(progress)``: call after every ``optimizer.step()`` with ``progress`` in [0, 1]
       over the whole training (momentum / EMA updates; a no-op for SimCLR and SimSiam).
     - ``param_groups(lr, weight_decay)``: optimizer groups; groups flagged ``fix_lr`` must keep their lr
-      (``optim.set_epoch_lr`` keeps them).
+      (``optim.set_lr`` keeps them).
     - ``check_dataset_size(num_rows)``: called by the training loop with the training-set size, before
       training (MoCo warns when its queue is longer than the data; a no-op otherwise).
+
+    A new method is one file with a subclass and a line in ``methods.METHODS``.
     """
 
     config: MethodOptions
@@ -156,12 +182,23 @@ class SSLMethod(nn.Module):
         super().__init__()
         self.config = config
 
+    def __call__(self, *views: Any, **kwargs: Any) -> Any:
+        if len(views) != 1 or not isinstance(views[0], Views):  # method(view1, view2): one crop per tensor
+            views = (Views.of(*views),)
+        return super().__call__(*views, **kwargs)
+
     @property
     def localization_encoder(self) -> nn.Module:
         raise NotImplementedError
 
-    def forward(self, view1: Tensor, view2: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, views: Views) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Nothing changes per epoch (DINO's teacher temperature and last-layer freeze override this)."""
+
+    def before_optimizer_step(self) -> None:
+        """Nothing between backward and step (methods that clip or cancel gradients override this)."""
 
     def after_optimizer_step(self, progress: float) -> None:
         """Nothing to do after the optimizer step (methods with a momentum target override this)."""

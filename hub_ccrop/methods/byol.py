@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from hub_ccrop.methods.base import Encoder, MethodOptions, MomentumMethod, MomentumSchedule, mlp_head
 from hub_ccrop.methods.losses import byol_loss, mean_cosine
 from hub_ccrop.models import feature_dim
+from hub_ccrop.views.batch import Views
 
 __all__ = ["BYOL", "BYOLConfig"]
 
@@ -30,6 +31,8 @@ class BYOL(MomentumMethod):
     """Online encoder (``online``: backbone + projector) and ``predictor``; EMA ``target`` encoder.
 
     Loss: ``byol_loss(p1, t2) + byol_loss(p2, t1)`` (symmetric; 0 when the predictions match the targets).
+    Multi-crop: every crop's prediction against the target of every other global crop, scaled to the
+    two-view loss.
     """
 
     config: BYOLConfig
@@ -42,10 +45,14 @@ class BYOL(MomentumMethod):
         pred_hidden = config.pred_hidden_dim or hidden
         self.predictor = mlp_head((config.out_dim, pred_hidden, config.out_dim), batch_norm=True)
 
-    def forward(self, view1: Tensor, view2: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        z1, z2 = self.online(view1), self.online(view2)
-        p1, p2 = self.predictor(z1), self.predictor(z2)
+    def forward(self, views: Views) -> tuple[Tensor, dict[str, Tensor]]:
+        crops = views.crops
+        z = [self.online(crop) for crop in crops]
+        p = [self.predictor(zj) for zj in z]
         with torch.no_grad():
-            t1, t2 = self.target(view1), self.target(view2)
-        loss = byol_loss(p1, t2) + byol_loss(p2, t1)
-        return loss, self._logs(loss=loss, pos_cosine=mean_cosine(z1, z2))
+            t = [self.target(crop) for crop in views.global_crops]
+        terms = [byol_loss(p[j], t[i]) for j in range(len(crops)) for i in range(len(t)) if i != j]
+        loss = sum(terms[1:], terms[0])
+        if len(terms) > 2:  # multi-crop: the two-view loss's scale
+            loss = loss * (2.0 / len(terms))
+        return loss, self._logs(loss=loss, pos_cosine=mean_cosine(z[0], z[1]))

@@ -17,9 +17,17 @@ from hub_ccrop.distributed import (
     batch_unshuffle,
     get_world_size,
 )
-from hub_ccrop.methods.base import Encoder, MethodOptions, MomentumMethod, MomentumSchedule, mlp_head
+from hub_ccrop.methods.base import (
+    Encoder,
+    MethodOptions,
+    MomentumMethod,
+    MomentumSchedule,
+    mlp_head,
+    two_crops,
+)
 from hub_ccrop.methods.losses import info_nce_loss, mean_cosine
 from hub_ccrop.models import feature_dim
+from hub_ccrop.views.batch import Views
 
 __all__ = ["MoCo", "MoCoConfig", "MoCoV1Config", "MoCoV2Config", "SplitBatchNorm2d", "convert_split_bn"]
 
@@ -142,7 +150,8 @@ class MoCo(MomentumMethod):
             return False
         return True
 
-    def forward(self, view1: Tensor, view2: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, views: Views) -> tuple[Tensor, dict[str, Tensor]]:
+        view1, view2 = two_crops(views, "MoCo")
         q = self.online(view1)
         with torch.no_grad():
             k = self._keys(view2)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from torch import Tensor, nn
 
-from hub_ccrop.methods.base import Encoder, MethodOptions, SSLMethod, mlp_head
+from hub_ccrop.methods.base import Encoder, MethodOptions, SSLMethod, mlp_head, view_pairs
 from hub_ccrop.methods.losses import mean_cosine, nt_xent_loss
 from hub_ccrop.models import feature_dim
+from hub_ccrop.views.batch import Views
 
 __all__ = ["SimCLR", "SimCLRConfig"]
 
@@ -28,8 +28,11 @@ class SimCLRConfig(MethodOptions):
 
 
 class SimCLR(SSLMethod):
-    """Backbone -> projector (Linear-ReLU-Linear) -> NT-Xent. Both views go through the network as one
-    batch (one forward; BatchNorm statistics over both views, as in the official code)."""
+    """Backbone -> projector (Linear-ReLU-Linear) -> NT-Xent. The crops of a view group go through the
+    network as one batch (one forward; BatchNorm statistics over both views, as in the official code).
+
+    Multi-crop (SwAV's multi-crop SimCLR): the mean NT-Xent over every pair of a global crop and another
+    crop (:func:`~hub_ccrop.methods.base.view_pairs`); with two views, the plain SimCLR loss."""
 
     config: SimCLRConfig
 
@@ -49,7 +52,10 @@ class SimCLR(SSLMethod):
     def localization_encoder(self) -> nn.Module:
         return self.encoder.backbone
 
-    def forward(self, view1: Tensor, view2: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        z1, z2 = self.encoder(torch.cat([view1, view2])).chunk(2)
-        loss = nt_xent_loss(z1, z2, self.config.temperature) * self.loss_scale
-        return loss, self._logs(loss=loss, pos_cosine=mean_cosine(z1, z2))
+    def forward(self, views: Views) -> tuple[Tensor, dict[str, Tensor]]:
+        z = [crop for group in views.groups for crop in self.encoder(group.flatten(0, 1)).chunk(group.shape[0])]
+        pairs = view_pairs(views)
+        terms = [nt_xent_loss(z[i], z[j], self.config.temperature) for i, j in pairs]
+        loss = sum(terms[1:], terms[0])
+        loss = (loss if len(terms) == 1 else loss / len(terms)) * self.loss_scale
+        return loss, self._logs(loss=loss, pos_cosine=mean_cosine(z[0], z[1]))

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from hub_ccrop.methods.base import Encoder, MethodOptions, SSLMethod, mlp_head, param_group
 from hub_ccrop.methods.losses import mean_cosine, negative_cosine
 from hub_ccrop.models import feature_dim
+from hub_ccrop.views.batch import Views
 
 __all__ = ["SimSiam", "SimSiamConfig"]
 
@@ -46,11 +47,14 @@ class SimSiam(SSLMethod):
     def localization_encoder(self) -> nn.Module:
         return self.encoder.backbone
 
-    def forward(self, view1: Tensor, view2: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        z1, z2 = self.encoder(view1), self.encoder(view2)
-        p1, p2 = self.predictor(z1), self.predictor(z2)
-        loss = 0.5 * (negative_cosine(p1, z2) + negative_cosine(p2, z1))
-        return loss, self._logs(loss=loss, pos_cosine=mean_cosine(z1, z2))
+    def forward(self, views: Views) -> tuple[Tensor, dict[str, Tensor]]:
+        crops = views.crops
+        z = [self.encoder(crop) for crop in crops]
+        p = [self.predictor(zj) for zj in z]
+        # every crop's prediction against every other global crop's projection (two views: the symmetric loss)
+        terms = [negative_cosine(p[j], z[i]) for j in range(len(crops)) for i in range(views.num_global) if i != j]
+        loss = (1.0 / len(terms)) * sum(terms[1:], terms[0])
+        return loss, self._logs(loss=loss, pos_cosine=mean_cosine(z[0], z[1]))
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         """Encoder group, then the predictor group flagged ``fix_lr`` when ``fix_pred_lr``."""

@@ -1,0 +1,25 @@
+"""The one list of choices of each setting: the recipe's checker and the code that acts on a setting read
+the same constants (no torch here: the recipe checker imports this before anything heavy)."""
+
+from __future__ import annotations
+
+__all__ = [
+    "CROP_MODES",
+    "HEATMAP_ALIGNMENTS",
+    "LR_SCALINGS",
+    "MIXED_PRECISIONS",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "WEIGHT_DECAY_FILTERS",
+]
+
+CROP_MODES = ("ccrop", "rcrop")  # ContrastiveCrop (Algorithm 1 inside each image's box); RandomResizedCrop
+HEATMAP_ALIGNMENTS = ("receptive_field", "official")
+OPTIMIZERS = ("sgd", "lars", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+LR_SCALINGS = ("none", "linear")  # linear: lr x global batch / 256
+# all: every parameter decays (the ContrastiveCrop paper's code); no_norm_bias: parameters with ndim <= 1
+# (biases, norm weights) do not (DINO, Barlow Twins); timm: nor do the backbone's no_weight_decay() names
+# (pos_embed, cls_token, ...), as timm's optimizer factory does.
+WEIGHT_DECAY_FILTERS = ("all", "no_norm_bias", "timm")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")

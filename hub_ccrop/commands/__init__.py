@@ -1,0 +1,1 @@
+"""argparse for the ``hub-ccrop`` subcommands (library code never imports this package)."""
