@@ -66,25 +66,12 @@ def draw_localization_grid(
     fig = Figure(figsize=(1.6 * len(columns), 1.6 * n + 0.4))
     axes = fig.subplots(n, len(columns), squeeze=False)
     for r in range(n):
-        img = images[r].permute(1, 2, 0).cpu().numpy()
-        ax = axes[r, 0]
-        ax.imshow(img)
-        _rect(ax, boxes[r], width, height, "yellow")
-        if gt_boxes is not None:
-            _rect(ax, gt_boxes[r], width, height, "cyan", "--")
-        if ids is not None:  # sample ids, or labels such as file names
-            ax.set_ylabel(ids[r] if isinstance(ids[r], str) else f"id {int(ids[r])}", fontsize=7)
-        ax = axes[r, 1]
-        ax.imshow(img)
-        ax.imshow(heatmaps[r].float().cpu().numpy(), cmap="jet", alpha=0.5, extent=(-0.5, width - 0.5, height - 0.5, -0.5))
-        for c, params in enumerate(ccrop + rcrop, start=2):
-            i, j, h, w = (int(v) for v in params[r])
-            axes[r, c].imshow(img[i:i + h, j:j + w])
+        label = None if ids is None else ids[r] if isinstance(ids[r], str) else f"id {int(ids[r])}"
+        _draw_row(axes[r], images[r].permute(1, 2, 0).cpu().numpy(), heatmaps[r], boxes[r],
+                  None if gt_boxes is None else gt_boxes[r], label, [params[r] for params in ccrop + rcrop])
         if group_crops:
-            axes[r, -1].imshow(img)
-            for (color, crops) in group_crops:
-                for i, j, h, w in crops[:, r].tolist():
-                    _rect(axes[r, -1], (j / width, i / height, (j + w) / width, (i + h) / height), width, height, color)
+            _draw_group_crops(axes[r, -1], images[r].permute(1, 2, 0).cpu().numpy(),
+                              [(color, crops[:, r]) for color, crops in group_crops])
     for c, name in enumerate(columns):
         axes[0, c].set_title(name, fontsize=8)
     for ax in axes.flat:
@@ -92,8 +79,8 @@ def draw_localization_grid(
         ax.set_yticks([])
     legend = "yellow: learned box" + (", cyan dashed: ground truth" if gt_boxes is not None else "")
     if group_crops:
-        legend += "; view groups: " + ", ".join(f"{color} {g.count} x {g.size} px ({g.crop})"
-                                                for (color, _), g in zip(group_crops, groups, strict=True))
+        legend += "; view groups: " + ", ".join(f"{color} {group.count} x {group.size} px ({group.crop})"
+                                                for (color, _), group in zip(group_crops, groups, strict=True))
     fig.suptitle(f"{title}\n{legend}" if title else legend, fontsize=8)
     fig.tight_layout()
     path = Path(path)
@@ -103,6 +90,32 @@ def draw_localization_grid(
 
 
 GROUP_COLORS = ("lime", "magenta", "orange", "white")
+
+
+def _draw_row(axes, img, heatmap: Tensor, box: Tensor, gt_box: Tensor | None, label: str | None,
+              crops: list[Tensor]) -> None:  # fmt: skip
+    """One image's row: its box (and ground truth), its heatmap, then each crop ``(i, j, h, w)``."""
+    height, width = img.shape[:2]
+    axes[0].imshow(img)
+    _rect(axes[0], box, width, height, "yellow")
+    if gt_box is not None:
+        _rect(axes[0], gt_box, width, height, "cyan", "--")
+    if label is not None:  # sample ids, or labels such as file names
+        axes[0].set_ylabel(label, fontsize=7)
+    axes[1].imshow(img)
+    axes[1].imshow(heatmap.float().cpu().numpy(), cmap="jet", alpha=0.5, extent=(-0.5, width - 0.5, height - 0.5, -0.5))
+    for ax, params in zip(axes[2:], crops, strict=False):
+        i, j, h, w = (int(v) for v in params)
+        ax.imshow(img[i:i + h, j:j + w])
+
+
+def _draw_group_crops(ax, img, crops_by_colour: list[tuple[str, Tensor]]) -> None:
+    """One image with every view group's crop rectangles ``(i, j, h, w)`` in the group's colour."""
+    height, width = img.shape[:2]
+    ax.imshow(img)
+    for color, crops in crops_by_colour:
+        for i, j, h, w in crops.tolist():
+            _rect(ax, (j / width, i / height, (j + w) / width, (i + h) / height), width, height, color)
 
 
 def _group_crops(groups: Sequence[ViewGroup], boxes: Tensor, full: Tensor, sizes: Tensor, alpha: float,

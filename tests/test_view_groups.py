@@ -301,3 +301,23 @@ def test_per_step_schedules_match_dino_cosine_scheduler():
     lr = set_step_schedule(optimizer, cfg, 5.0, epochs, 5e-4)
     assert lr == pytest.approx(lrs[5 * niter])
     assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, pytest.approx(wds[5 * niter])]
+
+
+def test_multi_crop_simclr_with_contrastive_crop_end_to_end(golden_data, tmp_path, one_thread):
+    """The issue's multi-crop SimCLR: 2 x 32 px ContrastiveCrop globals + 6 x 16 px RandomResizedCrop locals,
+    a pass after the warm-up epoch, the groups' crops drawn in the localization picture."""
+    recipe = load_recipe({
+        "model": {"name": "resnet_tiny_cifar"}, "method": {"name": "simclr", "options": {"temperature": 0.2}},
+        "views": MULTI_CROP,
+        "data": {"dataset": "small_objects", "data_dir": str(golden_data), "batch_size": 32, "num_workers": 0,
+                 "image_size": 32},
+        "crop": {"alpha": 0.6, "k": 0.5, "warmup_epochs": 1, "loc_interval": 1},
+        "optim": {"lr": 0.1}, "train": {"epochs": 2, "knn_every": 2, "knn_k": 10, "show_images": 2},
+    })
+    with contextlib.redirect_stdout(io.StringIO()):
+        metrics = train(recipe, tmp_path / "run")
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
+    assert [h["crop"] for h in history] == ["rcrop", "ccrop"] and all(math.isfinite(h["loss"]) for h in history)
+    assert 0 <= metrics["knn_top1"] <= 100 and 0 < metrics["box_iou"] <= 1
+    assert (tmp_path / "run" / "pictures" / "localization_epoch_0001.png").stat().st_size > 10_000
+    assert load_recipe(tmp_path / "run" / "recipe.yaml").views == recipe.views  # the run folder keeps the groups
