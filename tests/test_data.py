@@ -227,14 +227,14 @@ class CountingFile(io.RawIOBase):
 def test_shuffled_streaming_epoch_reads_each_row_group_once(tmp_path, monkeypatch):
     """4 files of one row group each: a shuffled epoch reads 4 row groups (it read 49 when row groups
     were cut into row-range shards), and only their column chunks: no footer is read again."""
-    from hub_ccrop import data as data_lib
+    from hub_ccrop.data import loading
 
     for k in range(4):
         write_parquet(tmp_path / "data" / f"train-{k:05d}-of-00004.parquet", "train", 30 * k, 30, row_group=30)
     spec = toy_spec(tmp_path)
     stream = load_images(spec, streaming=True).shuffle(seed=0, buffer_size=8)
     reads: list = []
-    monkeypatch.setattr(data_lib, "_open_sized", lambda url, size: CountingFile(url, reads))
+    monkeypatch.setattr(loading, "_open_sized", lambda url, size: CountingFile(url, reads))
     chunk_bytes = {}
     for f in sorted((tmp_path / "data").glob("*.parquet")):
         meta = pq.ParquetFile(f).metadata.row_group(0)
@@ -460,7 +460,7 @@ def test_no_warning_for_good_images():
 
 def test_hub_and_local_copies_name_files_alike():
     """Fingerprints use repo-relative file names, so a local copy of Hub parquet files matches the Hub."""
-    from hub_ccrop.data import _relative_name
+    from hub_ccrop.data.listing import _relative_name
 
     name = "plain_text/train-00000-of-00001.parquet"
     hub = f"hf://datasets/uoft-cs/cifar10@0123456789abcdef0123456789abcdef01234567/{name}"
@@ -472,6 +472,7 @@ def test_share_listings_lets_other_processes_skip_listing(toy_parquet, monkeypat
     import pickle
 
     from hub_ccrop import data as data_lib
+    from hub_ccrop.data import listing
 
     spec = toy_spec(toy_parquet)
     expected = rows_by_id(load_images(spec, streaming=True))
@@ -484,7 +485,7 @@ def test_share_listings_lets_other_processes_skip_listing(toy_parquet, monkeypat
     def no_listing(*args):
         raise AssertionError("a non-main process listed the dataset")
 
-    monkeypatch.setattr(data_lib, "_list_files", no_listing)
+    monkeypatch.setattr(listing, "_list_files", no_listing)
     data_lib.share_listings(spec, ["train", "test[:3]"], is_main=False, broadcast=lambda x: received)
     assert rows_by_id(load_images(spec, streaming=True)) == expected
     assert len(load_images(spec, "test")) == 9

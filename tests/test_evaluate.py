@@ -15,9 +15,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from hub_ccrop.commands.evaluate import add_cli
 from hub_ccrop.distributed import gather_by_id
 from hub_ccrop.evaluate import (
-    add_cli,
     backbone_data_config,
     extract_features,
     finetune,
@@ -388,7 +388,7 @@ def test_cli_dataset_resolution_and_label_checks(tmp_path, tiny_parquet):
     """``--dataset`` goes through ``data.get_spec``; unlabeled or out-of-range labels are clear errors."""
     import pyarrow.parquet as pq
 
-    from hub_ccrop.evaluate import _classification_spec, parse_data_files
+    from hub_ccrop.commands.evaluate import _classification_spec, parse_data_files
 
     parser = argparse.ArgumentParser()
     add_cli(parser.add_subparsers(dest="command", required=True))
@@ -433,7 +433,7 @@ def test_cli_rows_decoded_with_decode_image(tmp_path):
     from PIL import Image
 
     from hub_ccrop.data import BadImageError
-    from hub_ccrop.evaluate import _LabeledRows, classification_transform
+    from hub_ccrop.evaluate.transforms import _LabeledRows, classification_transform
 
     gray = Image.new("L", (8, 8), 7)
     rows = [

@@ -1,0 +1,1 @@
+"""The ``hub-ccrop`` subcommands: argument parsing and the glue from arguments to the library."""
