@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -293,7 +292,7 @@ def _check_names(recipe: Recipe) -> None:
     import timm
 
     import hub_ccrop.models  # noqa: F401  (registers the CIFAR-stem ResNets with timm)
-    from hub_ccrop.data import list_specs
+    from hub_ccrop.data import is_hub_id, list_specs, looks_like_path
     from hub_ccrop.methods import METHODS, method_config
 
     model = recipe.model.name
@@ -311,8 +310,10 @@ def _check_names(recipe: Recipe) -> None:
     except (TypeError, ValueError) as err:
         raise RecipeError(f"method.options: {err}") from None
     d = recipe.data
-    is_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", d.dataset) is not None  # as data.get_spec reads it
-    if d.dataset not in list_specs() and not Path(d.dataset).expanduser().exists() and not is_hub_id:
+    if d.dataset not in list_specs() and not Path(d.dataset).expanduser().exists() and looks_like_path(d.dataset):
+        raise RecipeError(f"data.dataset: folder {d.dataset} does not exist: fix the path (a folder of images, in "
+                          "class subfolders if they have labels, or of parquet files)")
+    if d.dataset not in list_specs() and not Path(d.dataset).expanduser().exists() and not is_hub_id(d.dataset):
         raise RecipeError(f"data.dataset: unknown dataset {d.dataset!r}{_did_you_mean(d.dataset, list_specs())}; "
                           f"use one of {', '.join(list_specs())}, a Hub id (ORG/NAME) or an existing local folder")
     if d.data_dir is not None and not Path(d.data_dir).expanduser().is_dir():

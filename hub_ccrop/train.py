@@ -40,6 +40,8 @@ from hub_ccrop import data as data_lib
 from hub_ccrop.boxes import BoxTable, pairwise_box_iou
 from hub_ccrop.crop import FULL_BOX, object_miss_rate
 from hub_ccrop.data import DatasetSpec
+from hub_ccrop.data.resolve import resolve_for_run
+from hub_ccrop.data.workers import worker_init  # workers leave stop signals to the main process
 from hub_ccrop.distributed import default_autocast_dtype, release_accelerate_state
 from hub_ccrop.errors import TrainingInterrupted, UserError, run_command
 from hub_ccrop.evaluate import extract_features, knn_accuracy
@@ -155,12 +157,6 @@ class StopRequest:
         return int(accelerator.reduce(flag, reduction="max").item())
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers leave SIGINT/SIGTERM to the main process, which stops them after its checkpoint."""
-    for signum in StopRequest.SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-
-
 def _resume_command(out: Path, accelerator: Accelerator) -> str:
     """The exact command that continues this run (the run folder keeps the resolved recipe)."""
     args = f"{shlex.quote(str(out / 'recipe.yaml'))} --output-dir {shlex.quote(str(out))} --resume"
@@ -230,6 +226,7 @@ def build_data(recipe: Recipe, accelerator: Accelerator | None = None) -> RunDat
     if d.splits:
         overrides["pretrain_splits"] = tuple(d.splits)
     spec = data_lib.get_spec(d.dataset, holdout=d.holdout or None, **overrides)
+    spec = resolve_for_run(spec, knn=bool(recipe.train.knn_every), accelerator=accelerator)  # own data: columns, labels
     knn = bool(recipe.train.knn_every and spec.test_split and spec.label_column)
     if accelerator is not None and accelerator.num_processes > 1:
         splits = [*spec.pretrain_splits, *((spec.train_split, spec.test_split) if knn else ())]
@@ -401,7 +398,7 @@ def _loader(dataset, collate, *, batch_size: int, num_workers: int, shuffle: boo
             seed: int = 0, persistent: bool = False) -> DataLoader:
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers,
-        persistent_workers=persistent and num_workers > 0, collate_fn=collate, worker_init_fn=_ignore_stop_signals,
+        persistent_workers=persistent and num_workers > 0, collate_fn=collate, worker_init_fn=worker_init,
         pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed),
     )
 
@@ -826,7 +823,7 @@ def _summary(recipe: Recipe, metrics: dict[str, Any], out: Path) -> str:
              f"({metrics['train_images_per_s']:.0f} images/s in training)"]
     if "knn_top1" in metrics:
         lines.append(f"  kNN top-1 (k={recipe.train.knn_k}, T={recipe.train.knn_temperature}): {metrics['knn_top1']:.2f}% "
-                     f"(chance {metrics['knn_chance']:.0f}%): test images classified by their nearest training "
+                     f"(chance {metrics['knn_chance']:.3g}%): test images classified by their nearest training "
                      "images in the frozen backbone's features, no labels used in training")
     if "box_iou" in metrics:
         lines.append(f"  learned boxes vs ground truth: mean IoU {metrics['box_iou']:.3f} (whole-image boxes: "

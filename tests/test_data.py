@@ -24,6 +24,7 @@ from hub_ccrop.data import (
     IMAGENET200_CLASSES,
     BadImageError,
     DatasetSpec,
+    Rows,
     clear_cache,
     dataset_fingerprint,
     decode_image,
@@ -132,12 +133,14 @@ def test_get_spec_overrides_holdout_and_any_source(tmp_path):
 
 
 def test_parse_split():
-    assert parse_split("train") == ("train", slice(None, None))
-    assert parse_split("train[-5000:]") == ("train", slice(-5000, None))
-    assert parse_split("train[10:20]") == ("train", slice(10, 20))
-    assert parse_split("train[:90%]") == ("train", slice(None, 0.9))
+    assert parse_split("train") == ("train", Rows())
+    assert parse_split("train[-5000:]") == ("train", Rows(-5000, None))
+    assert parse_split("train[10:20]") == ("train", Rows(10, 20))
+    assert parse_split("train[:90%]") == ("train", Rows(None, 0.9))
+    assert parse_split("train[1:20:3]") == ("train", Rows(1, 20, 3))
+    assert parse_split("train[!9::10]") == ("train", Rows(9, None, 10, exclude=True))
     with pytest.raises(ValueError):
-        parse_split("train[1:2:3]")
+        parse_split("train[1:2:0]")
 
 
 # -- local parquet, map-style and streaming ------------------------------------------------------

@@ -12,13 +12,14 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from hub_ccrop.boxes import ID_SCHEME
-from hub_ccrop.data.listing import _LISTINGS, _File, _map_io, _open, _resolve_split
-from hub_ccrop.data.specs import DatasetSpec, _slice_range, parse_split
+from hub_ccrop.data.listing import _LISTINGS, _SPLIT_FILES, _File, _map_io, _open, _resolve_split
+from hub_ccrop.data.specs import DatasetSpec, parse_split
 
 
 def clear_cache() -> None:
     """Forget cached file listings and parquet footers (they are cached per process)."""
     _LISTINGS.clear()
+    _SPLIT_FILES.clear()
     _subset_labels.cache_clear()
 
 
@@ -79,9 +80,8 @@ def num_rows(spec: DatasetSpec, splits: str | Sequence[str] | None = None, *, da
     splits = _as_splits(splits or spec.pretrain_splits)
     total = 0
     for s in splits:
-        base, sl = parse_split(s)
-        start, stop = _slice_range(sl, _base_rows(spec, base, data_dir))
-        total += stop - start
+        base, rows = parse_split(s)
+        total += rows.count(_base_rows(spec, base, data_dir))
     return total
 
 
@@ -89,15 +89,16 @@ def num_ids(spec: DatasetSpec, splits: str | Sequence[str] | None = None, *, dat
     """``1 + the largest id`` the rows of ``splits`` can carry: the size of their box table.
 
     Equal to :func:`num_rows` for the pretraining splits of every registered spec (and for
-    ``with_holdout`` specs, whose pretraining slice is a prefix).
+    ``with_holdout`` specs, whose pretraining slice is a prefix); a spread hold-out leaves gaps.
     """
     splits = _as_splits(splits or spec.pretrain_splits)
     offsets = _id_offsets(spec, splits, data_dir)
     top = 0
     for s in splits:
-        base, sl = parse_split(s)
-        _, stop = _slice_range(sl, _base_rows(spec, base, data_dir))
-        top = max(top, offsets[base] + stop)
+        base, rows = parse_split(s)
+        picked = rows.positions(_base_rows(spec, base, data_dir))
+        if len(picked):
+            top = max(top, offsets[base] + int(picked[-1]) + 1)
     return top
 
 

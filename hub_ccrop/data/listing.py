@@ -14,7 +14,7 @@ from urllib.parse import unquote
 
 import pyarrow.parquet as pq
 
-from hub_ccrop.data.specs import DatasetSpec, parse_split
+from hub_ccrop.data.specs import DataError, DatasetSpec, parse_split
 
 
 @dataclass(frozen=True)
@@ -175,35 +175,56 @@ def share_listings(
     _LISTINGS.update(zip(keys, listings, strict=True))
 
 
-def _list_files(spec: DatasetSpec, split: str, root: str | None) -> _Split:
+_SPLIT_FILES: dict[tuple[DatasetSpec, str | None], dict[str, list[str]]] = {}
+
+
+def split_names(spec: DatasetSpec, data_dir: str | None = None) -> list[str]:
+    """The splits the data has, named as ``datasets`` names them (``train``, ``validation``, ``test``, ...)."""
+    return sorted(_split_files(spec, _local_root(spec, data_dir)))
+
+
+def _split_files(spec: DatasetSpec, root: str | None) -> dict[str, list[str]]:
+    """Split name -> file URLs, from ``spec.data_files`` or ``datasets``' builder (cached per process)."""
+    key = (spec, root)
+    if key not in _SPLIT_FILES:
+        _SPLIT_FILES[key] = _builder_files(spec, root)
+    return _SPLIT_FILES[key]
+
+
+def _builder_files(spec: DatasetSpec, root: str | None) -> dict[str, list[str]]:
     import datasets
+    from datasets.data_files import EmptyDatasetError
 
     if spec.data_files is not None:
-        explicit = dict(spec.data_files)
-        if split not in explicit:
-            raise KeyError(f"dataset {spec.name!r} has no split {split!r} (data_files: {sorted(explicit)})")
         base = root or os.getcwd()
-        urls = [u if "://" in u or os.path.isabs(u) else os.path.join(base, u) for u in explicit[split]]
-        root = base
-    else:
-        if root is not None:
-            # A copy of a multi-config Hub repo: read the config's subfolder (names stay repo-relative).
-            config_dir = os.path.join(root, spec.config) if spec.config else root
+        return {split: [u if "://" in u or os.path.isabs(u) else os.path.join(base, u) for u in urls]
+                for split, urls in spec.data_files}
+    if root is not None:
+        # A copy of a multi-config Hub repo: read the config's subfolder (names stay repo-relative).
+        config_dir = os.path.join(root, spec.config) if spec.config else root
+        try:
             builder = datasets.load_dataset_builder(config_dir if os.path.isdir(config_dir) else root)
-        else:
-            builder = datasets.load_dataset_builder(spec.hub_id, spec.config, revision=spec.revision)
-            if builder.name not in ("parquet", "imagefolder"):
-                # Script/other formats: the Hub's automatic parquet conversion of the same data.
-                builder = datasets.load_dataset_builder(
-                    spec.hub_id, revision="refs/convert/parquet", data_dir=spec.config or "default"
-                )
-        data_files = builder.config.data_files or {}
-        if split not in data_files:
-            where = root or spec.hub_id
-            raise KeyError(f"dataset {spec.name!r} ({where}) has no split {split!r}: found {sorted(map(str, data_files))}")
-        urls = list(data_files[split])
-        root = root or f"hf://datasets/{spec.hub_id}"
-    urls = sorted(urls)
+        except EmptyDatasetError:
+            raise DataError(f"dataset folder {root} holds no images and no parquet files: put the images "
+                            "(jpg, png, ...) in it, in class subfolders if they have labels") from None
+    else:
+        builder = datasets.load_dataset_builder(spec.hub_id, spec.config, revision=spec.revision)
+        if builder.name not in ("parquet", "imagefolder"):
+            # Script/other formats: the Hub's automatic parquet conversion of the same data.
+            builder = datasets.load_dataset_builder(
+                spec.hub_id, revision="refs/convert/parquet", data_dir=spec.config or "default"
+            )
+    return {str(split): list(urls) for split, urls in (builder.config.data_files or {}).items()}
+
+
+def _list_files(spec: DatasetSpec, split: str, root: str | None) -> _Split:
+    data_files = _split_files(spec, root)
+    if split not in data_files:
+        where = root or spec.hub_id
+        source = "data_files" if spec.data_files is not None else "found"
+        raise DataError(f"dataset {spec.name!r} ({where}) has no split {split!r}: {source} {sorted(data_files)}")
+    urls = sorted(data_files[split])
+    root = root or (os.getcwd() if spec.data_files is not None else f"hf://datasets/{spec.hub_id}")
     if urls and all(u.endswith(".parquet") for u in urls):
 
         def describe(url: str) -> _File:  # the footer only: row groups and their sizes
@@ -215,7 +236,9 @@ def _list_files(spec: DatasetSpec, split: str, root: str | None) -> _Split:
         return _Split("parquet", tuple(_map_io(describe, urls)), root)
     images = [u for u in urls if os.path.splitext(u)[1].lower() in IMAGE_EXTENSIONS]
     if not images:
-        raise ValueError(f"split {split!r} of {spec.name!r} has neither parquet files nor images: {urls[:5]}")
+        raise DataError(f"split {split!r} of dataset {spec.name!r} ({root}) has neither parquet files nor images "
+                        f"(found {', '.join(os.path.basename(u) for u in urls[:3])}): image files need one of the "
+                        f"extensions {', '.join(sorted(IMAGE_EXTENSIONS))}")
     return _Split(
         "imagefolder",
         tuple(_File(u, _relative_name(u, root), _file_size(u), (1,)) for u in images),

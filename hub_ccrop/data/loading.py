@@ -20,7 +20,8 @@ from hub_ccrop.data.ids import (
     num_rows,
 )
 from hub_ccrop.data.listing import _open_sized, _resolve_split, _Split
-from hub_ccrop.data.specs import DatasetSpec, _slice_range, parse_split
+from hub_ccrop.data.resolve import image_column_of
+from hub_ccrop.data.specs import DataError, DatasetSpec, Rows, parse_split
 
 # Shards of a streamed imagefolder tree (parquet sources are sharded by row group, see _parquet_shards).
 STREAMING_SHARDS = 64
@@ -42,12 +43,10 @@ def _normalize_map_dataset(ds: Any, spec: DatasetSpec, offset: int) -> Any:
     """Uniform columns ``id, image, label, *extras`` on one loaded (unsliced) split."""
     from datasets import Image as ImageFeature
 
-    image_col = spec.image_column if spec.image_column in ds.column_names else "image"
-    if image_col not in ds.column_names:
-        raise KeyError(f"{spec.name!r}: no image column {spec.image_column!r} in {ds.column_names}")
+    image_col = spec.image_column if spec.image_column in ds.column_names else image_column_of(ds.features, "image", spec.name)
     label_col = spec.label_column if spec.label_column in ds.column_names else None
     if label_col is None and spec.label_column not in (None, "label") and spec.label_column not in ds.column_names:
-        raise KeyError(f"{spec.name!r}: no label column {spec.label_column!r} in {ds.column_names}")
+        raise DataError(f"{spec.name!r}: no label column {spec.label_column!r} in {ds.column_names}")
     ds = ds.select_columns([c for c in (image_col, label_col, *spec.extra_columns) if c is not None])
     if image_col != "image":
         ds = ds.rename_column(image_col, "image")
@@ -82,15 +81,16 @@ def _load_map_split(spec: DatasetSpec, base: str, resolved: _Split, offset: int,
 
 
 def _parquet_shards(
-    spec: DatasetSpec, base: str, resolved: _Split, data_dir: str | None, offset: int, lo: int, hi: int
+    spec: DatasetSpec, base: str, resolved: _Split, data_dir: str | None, offset: int, select: Rows
 ) -> list[dict[str, Any]]:
-    """One shard per parquet row group holding ids in ``[lo, hi)`` of one split, with its id offsets.
+    """One shard per parquet row group holding rows ``select`` picks from one split, with its id offsets.
 
     Shards end on row-group boundaries: a shuffled stream (shard order, then a buffer) reads each row
     group once per epoch per process. Cutting groups into row ranges would read a group once per range.
     """
     labels = _subset_labels(spec, base, data_dir) if spec.class_subset is not None else None
     table = _subset_map(spec)
+    n = _base_rows(spec, base, data_dir)
     shards = []
     row_id = kept_id = 0
     for k, f in enumerate(resolved.files):
@@ -102,10 +102,11 @@ def _parquet_shards(
                 kept_id += count
             else:
                 first, count = row_id, rows
-            if count and first < hi and first + count > lo:
+            picked = select.count(n, first, first + count) if count else 0
+            if picked:
                 shards.append({
                     "url": f.url, "size": f.size, "metadata": f.metadata, "row_group": g, "first_id": first,
-                    "offset": offset, "lo": lo, "hi": hi, "rows": min(first + count, hi) - max(first, lo),
+                    "offset": offset, "select": select, "split_rows": n, "rows": picked,
                 })  # fmt: skip
             row_id += rows
             file_row += rows
@@ -145,7 +146,7 @@ def _generate_rows(
         else:
             keep = np.ones(n, dtype=bool)
             ids = sh["first_id"] + np.arange(n)
-        keep &= (ids >= sh["lo"]) & (ids < sh["hi"])
+        keep &= sh["select"].mask(ids, sh["split_rows"])
         rows = np.flatnonzero(keep)
         if not len(rows):
             continue
@@ -193,30 +194,30 @@ def load_images(
     loaded: dict[str, Any] = {}
     first_parquet: _Split | None = None
     for s in splits:
-        base, sl = parse_split(s)
+        base, rows = parse_split(s)
         resolved = _resolve_split(spec, base, data_dir)
-        start, stop = _slice_range(sl, _base_rows(spec, base, data_dir))
         if streaming and resolved.kind == "parquet":
             first_parquet = first_parquet or resolved
-            shards += _parquet_shards(spec, base, resolved, data_dir, offsets[base], start, stop)
+            shards += _parquet_shards(spec, base, resolved, data_dir, offsets[base], rows)
             continue
         if base not in loaded:
             loaded[base] = _load_map_split(spec, base, resolved, offsets[base], cache_dir)
         part = loaded[base]
-        parts.append(part if (start, stop) == (0, len(part)) else part.select(range(start, stop)))
+        parts.append(part if rows.is_all(len(part)) else part.select(rows.positions(len(part))))
     if streaming and shards:
         if parts:
             raise ValueError(f"{spec.name!r}: cannot stream a mix of parquet and imagefolder splits")
         source = _source_features(first_parquet)
-        for col in (spec.image_column, spec.label_column):
-            if col is not None and col not in source:
-                raise KeyError(f"{spec.name!r}: no column {col!r} in {sorted(source)} (set image_column/label_column)")
+        image_column = spec.image_column if spec.image_column in source else image_column_of(source, "image", spec.name)
+        label_column = spec.label_column if spec.label_column in source else None
+        if label_column is None and spec.label_column not in (None, "label"):
+            raise DataError(f"{spec.name!r}: no column {spec.label_column!r} in {sorted(source)} (set label_column)")
         features = _features(spec, source)
         return datasets.IterableDataset.from_generator(
             _generate_rows,
             features=features,
             gen_kwargs={
-                "shards": shards, "image_column": spec.image_column, "label_column": spec.label_column,
+                "shards": shards, "image_column": image_column, "label_column": label_column,
                 "extra_columns": spec.extra_columns, "subset": spec.class_subset,
             },
         )  # fmt: skip
@@ -245,14 +246,13 @@ def min_rows_per_process(
     offsets = _id_offsets(spec, splits, data_dir)
     rows: list[int] = []
     for s in splits:
-        base, sl = parse_split(s)
+        base, select = parse_split(s)
         resolved = _resolve_split(spec, base, data_dir)
         if resolved.kind != "parquet":  # imagefolder: to_iterable_dataset's near-equal row ranges
             shards = max(1, min(num_shards, total))
             rows = [total // shards + (k < total % shards) for k in range(shards)]
             break
-        start, stop = _slice_range(sl, _base_rows(spec, base, data_dir))
-        rows += [sh["rows"] for sh in _parquet_shards(spec, base, resolved, data_dir, offsets[base], start, stop)]
+        rows += [sh["rows"] for sh in _parquet_shards(spec, base, resolved, data_dir, offsets[base], select)]
     if len(rows) % world_size:
         return total // world_size
     return sum(sorted(rows)[: len(rows) // world_size])

@@ -11,6 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from hub_ccrop.errors import UserError
+
 # The normalization of the paper's official code for CIFAR-10 (also the CIFAR-stem models' pretrained_cfg).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
@@ -32,6 +36,27 @@ IMAGENET200_CLASSES: tuple[int, ...] = (
     928, 929, 940, 941, 945, 947, 948, 950, 955, 958, 963, 975, 986, 988, 999,
 )  # fmt: skip
 
+
+
+class DataError(UserError, KeyError):
+    """A dataset, split or column that is not there: one line for the user (``error: ...``, exit 2)."""
+
+    __str__ = Exception.__str__  # the message, not KeyError's quoted repr
+
+
+# A Hub repo id as huggingface_hub validates it: ORG/NAME, each starting and ending with a letter or digit.
+_HUB_ID = re.compile(r"\w(?:[\w.-]*\w)?/\w(?:[\w.-]*\w)?")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` can be a Hub dataset id (``ORG/NAME``); ``./photos``, ``~/x``, ``a/b/c`` cannot."""
+    return _HUB_ID.fullmatch(name) is not None and "--" not in name and ".." not in name
+
+
+def looks_like_path(name: str) -> bool:
+    """A name the user meant as a local folder or file: it starts with ``.``, ``/`` or ``~`` or has more
+    than one ``/`` (so it is never sent to the Hub)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
 # -- specs ---------------------------------------------------------------------------------------
@@ -135,10 +160,13 @@ def get_spec(name: str, *, holdout: int | None = None, **overrides: Any) -> Data
         spec = _SPECS[name].replace(**overrides) if overrides else _SPECS[name]
     elif Path(name).expanduser().exists():
         spec = DatasetSpec(name=Path(name).name, **{"data_dir": str(Path(name).expanduser()), **overrides})
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+    elif looks_like_path(name):
+        raise DataError(f"dataset folder {name} does not exist: check the path (a folder of images, in class "
+                        "subfolders if they have labels, or of parquet files)")
+    elif is_hub_id(name):
         spec = DatasetSpec(name=name, **{"hub_id": name, **overrides})
     else:
-        raise KeyError(f"unknown dataset {name!r}: use one of {list_specs()}, a Hub id (org/name) or a local folder")
+        raise DataError(f"unknown dataset {name!r}: use one of {list_specs()}, a Hub id (org/name) or a local folder")
     return spec.with_holdout(holdout) if holdout else spec
 
 
@@ -178,21 +206,72 @@ register_spec(_SPECS["small_objects"].replace(  # objects 5-30% of the image ins
 
 # -- splits and files ----------------------------------------------------------------------------
 
-_SLICE = re.compile(r"^(?P<base>[^\[\]]+?)(?:\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
+_SLICE = re.compile(
+    r"^(?P<base>[^\[\]]+?)(?:\[(?P<exclude>!)?(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?(?::(?P<step>[1-9]\d*))?\])?$"
+)
 
 
-def parse_split(split: str) -> tuple[str, slice]:
-    """``"train[-5000:]"`` -> ``("train", slice(-5000, None))``; ``%`` bounds become fractions."""
+@dataclass(frozen=True)
+class Rows:
+    """The rows of a split that a split name selects, as positions in the unsliced split.
+
+    ``start:stop:step`` as in a Python slice (``%`` bounds are fractions of the split, ``step`` >= 1); with
+    ``exclude`` (``"train[!9::10]"``) the name selects every row of the split except those: the complement,
+    so a strided hold-out and the rest of the split are two names of one split that keep their ids.
+    """
+
+    start: int | float | None = None
+    stop: int | float | None = None
+    step: int = 1
+    exclude: bool = False
+
+    def range(self, n: int) -> range:
+        """The positions ``start:stop:step`` names in a split of ``n`` rows (before ``exclude``)."""
+        start, stop = _slice_range(slice(self.start, self.stop), n)
+        return range(start, stop, self.step)
+
+    def count(self, n: int, lo: int = 0, hi: int | None = None) -> int:
+        """How many selected positions lie in ``[lo, hi)`` (default: the whole split)."""
+        hi = n if hi is None else hi
+        picked = self.range(n)
+        step = picked.step
+        first = max(picked.start, lo)
+        first += (picked.start - first) % step  # the first position of the stride at or after lo
+        inside = max(0, -(-(min(picked.stop, hi) - first) // step))
+        return (max(0, hi - lo) - inside) if self.exclude else inside
+
+    def mask(self, positions: np.ndarray, n: int) -> np.ndarray:
+        """Which of ``positions`` (of a split of ``n`` rows) are selected."""
+        picked = self.range(n)
+        hit = (positions >= picked.start) & (positions < picked.stop) & ((positions - picked.start) % picked.step == 0)
+        return ~hit if self.exclude else hit
+
+    def positions(self, n: int) -> range | np.ndarray:
+        """The selected positions, ascending."""
+        picked = self.range(n)
+        if not self.exclude:
+            return picked
+        return np.flatnonzero(self.mask(np.arange(n), n))
+
+    def is_all(self, n: int) -> bool:
+        return self.count(n) == n
+
+
+def parse_split(split: str) -> tuple[str, Rows]:
+    """``"train[-5000:]"`` -> ``("train", Rows(-5000, None))``; ``%`` bounds become fractions;
+    ``"train[9::10]"`` every 10th row from row 9, ``"train[!9::10]"`` all the other rows."""
     m = _SLICE.match(split.strip())
     if not m:
-        raise ValueError(f"bad split {split!r}: use 'name' or 'name[start:stop]' (ints or percents)")
+        raise ValueError(f"bad split {split!r}: use 'name', 'name[start:stop]' (ints or percents), "
+                         "'name[start:stop:step]' or 'name[!start:stop:step]' (the other rows)")
 
     def bound(text: str | None) -> int | float | None:
         if text is None:
             return None
         return float(text[:-1]) / 100 if text.endswith("%") else int(text)
 
-    return m["base"], slice(bound(m["start"]), bound(m["stop"]))
+    step = int(m["step"]) if m["step"] else 1
+    return m["base"], Rows(bound(m["start"]), bound(m["stop"]), step, exclude=bool(m["exclude"]))
 
 
 def _slice_range(sl: slice, n: int) -> tuple[int, int]:

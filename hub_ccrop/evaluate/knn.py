@@ -65,7 +65,7 @@ def knn_predict(
     train_labels: Tensor,
     test_feats: Tensor,
     *,
-    num_classes: int,
+    num_classes: int | None = None,
     k: int = 200,
     temperature: float = 0.1,
     chunk_size: int = 1024,
@@ -74,11 +74,14 @@ def knn_predict(
     """Weighted kNN class scores ``[N_test, num_classes]`` (on CPU).
 
     Features must be L2-normalized (cosine similarity = dot product). Each of the ``k`` nearest
-    training samples votes for its label with weight ``exp(sim / temperature)``.
+    training samples votes for its label with weight ``exp(sim / temperature)``. ``num_classes``
+    defaults to ``max(train label) + 1``.
     """
     device = torch.device(device) if device is not None else train_feats.device
     if train_labels.numel() and int(train_labels.min()) < 0:
         raise ValueError("knn_predict: training labels must be >= 0 (unlabeled rows cannot vote)")
+    if num_classes is None:
+        num_classes = 1 + int(train_labels.max()) if train_labels.numel() else 0
     train_feats = train_feats.to(device, torch.float32)
     train_labels = train_labels.to(device, torch.int64)
     k = min(k, train_feats.shape[0])
@@ -108,13 +111,16 @@ def knn_accuracy(
     test_feats: Tensor,
     test_labels: Tensor,
     *,
-    num_classes: int,
+    num_classes: int | None = None,
     k: int = 200,
     temperature: float = 0.1,
     chunk_size: int = 1024,
     device: torch.device | str | None = None,
 ) -> dict[str, float]:
-    """kNN top-1/top-5 accuracy (percent) of ``test_feats`` against a labeled feature bank."""
+    """kNN top-1/top-5 accuracy (percent) of ``test_feats`` against a labeled feature bank
+    (``num_classes`` defaults to ``max(label) + 1`` over both sets)."""
+    if num_classes is None:
+        num_classes = 1 + int(torch.cat([train_labels.flatten().cpu(), test_labels.flatten().cpu(), torch.tensor([-1])]).max())
     scores = knn_predict(
         train_feats,
         train_labels,
