@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from hub_ccrop import data as data_lib
-from hub_ccrop.boxes import BoxTable, pairwise_box_iou
+from hub_ccrop.boxes import BoxTable
 from hub_ccrop.crop import FULL_BOX, object_miss_rate
 from hub_ccrop.data import DatasetSpec
 from hub_ccrop.data.resolve import resolve_for_run
@@ -80,7 +80,7 @@ class RunData:
     fingerprint: str
     knn_train: Any = None
     knn_test: Any = None
-    gt_boxes: torch.Tensor | None = None  # [num_rows, 4] when the data has ground-truth boxes
+    gt_boxes: torch.Tensor | None = None  # [num_rows, 4] or [num_rows, K, 4] when the data has ground-truth boxes
     # data.device_resident: the splits' images decoded once onto the device ("pretrain", "knn_train", ...)
     resident: dict[str, DeviceResidentImages] = field(default_factory=dict)
 
@@ -226,7 +226,7 @@ def build_data(recipe: Recipe, accelerator: Accelerator | None = None) -> RunDat
     if d.splits:
         overrides["pretrain_splits"] = tuple(d.splits)
     spec = data_lib.get_spec(d.dataset, holdout=d.holdout or None, **overrides)
-    spec = resolve_for_run(spec, knn=bool(recipe.train.knn_every), accelerator=accelerator)  # own data: columns, labels
+    spec = resolve_for_run(spec, knn=bool(recipe.train.knn_every), box_column=d.box_column, accelerator=accelerator)
     knn = bool(recipe.train.knn_every and spec.test_split and spec.label_column)
     if accelerator is not None and accelerator.num_processes > 1:
         splits = [*spec.pretrain_splits, *((spec.train_split, spec.test_split) if knn else ())]
@@ -241,6 +241,8 @@ def build_data(recipe: Recipe, accelerator: Accelerator | None = None) -> RunDat
     if "gt_box" in spec.extra_columns and not d.streaming:
         gt = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(num_rows, 1)
         gt[torch.tensor(pretrain["id"])] = torch.tensor(pretrain["gt_box"], dtype=torch.float32)
+    elif d.box_column:  # the user's boxes: [num_rows, K, 4], NaN where an image has fewer
+        gt = data_lib.ground_truth_boxes(pretrain, num_rows, d.box_column, d.box_format)
     return RunData(spec, pretrain, num_rows, data_lib.dataset_fingerprint(spec), knn_train, knn_test, gt)
 
 
@@ -460,7 +462,7 @@ def _localization_pass(accelerator: Accelerator, encoder, run_data: RunData, sta
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     stats = {"loc_seconds": seconds, "loc_images": len(ids), "box_area": float(area.mean())}
     if run_data.gt_boxes is not None:
-        stats["box_iou"] = float(pairwise_box_iou(boxes, run_data.gt_boxes[ids]).mean())
+        stats["box_iou"] = data_lib.mean_matched_iou(boxes, run_data.gt_boxes[ids])
     if accelerator.is_main_process:
         for suffix in (".parquet", ".safetensors"):
             state.boxes.save(out / "boxes" / f"epoch_{state.epoch:04d}{suffix}")
@@ -807,14 +809,16 @@ def _final_metrics(recipe: Recipe, run_data: RunData, state: TrainState, images_
                     "eval_split": run_data.spec.test_split, "knn_chance": 100 / run_data.spec.num_classes}
     if run_data.gt_boxes is not None:
         # IoU of whole-image boxes with the objects = the objects' mean area: the no-localization baseline.
-        metrics["box_iou_whole_image"] = float(pairwise_box_iou(torch.tensor([FULL_BOX]).expand_as(run_data.gt_boxes),
-                                                                run_data.gt_boxes).mean())
-        sizes = torch.tensor([[run_data.spec.image_size] * 2]).expand(run_data.num_rows, 2)
-        miss = object_miss_rate(run_data.gt_boxes, state.boxes.boxes, sizes, scale=c.scale, ratio=c.ratio,
-                                alpha=c.alpha)
-        metrics["miss_rate_rcrop"] = miss["rcrop"]
-        if c.mode == "ccrop":  # an R-Crop run has no learned boxes to judge
-            metrics["miss_rate_ccrop"] = miss["ccrop"]
+        gt = run_data.gt_boxes
+        metrics["box_iou_whole_image"] = data_lib.mean_matched_iou(torch.tensor([FULL_BOX]).expand(len(gt), 4), gt)
+        rows, objects = data_lib.single_objects(gt)  # the miss rate needs one object per image
+        sizes = torch.tensor([[run_data.spec.image_size] * 2]).expand(len(rows), 2)
+        if len(rows):
+            miss = object_miss_rate(objects, state.boxes.boxes[rows], sizes, scale=c.scale, ratio=c.ratio,
+                                    alpha=c.alpha)
+            metrics["miss_rate_rcrop"] = miss["rcrop"]
+            if c.mode == "ccrop":  # an R-Crop run has no learned boxes to judge
+                metrics["miss_rate_ccrop"] = miss["ccrop"]
     return metrics
 
 

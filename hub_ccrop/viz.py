@@ -64,8 +64,10 @@ def draw_localization_grid(
         ax = axes[r, 0]
         ax.imshow(img)
         _rect(ax, boxes[r], width, height, "yellow")
-        if gt_boxes is not None:
-            _rect(ax, gt_boxes[r], width, height, "cyan", "--")
+        if gt_boxes is not None:  # one box per image, or several ([n, K, 4], NaN where an image has fewer)
+            for box in gt_boxes[r].reshape(-1, 4):
+                if not box.isnan().any():
+                    _rect(ax, box, width, height, "cyan", "--")
         if ids is not None:  # sample ids, or labels such as file names
             ax.set_ylabel(ids[r] if isinstance(ids[r], str) else f"id {int(ids[r])}", fontsize=7)
         ax = axes[r, 1]

@@ -19,7 +19,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from hub_ccrop.data import DatasetSpec, get_spec, load_images
+from hub_ccrop.data.resolve import resolve_spec
 from hub_ccrop.distributed import default_autocast_dtype
+from hub_ccrop.errors import UserError
 from hub_ccrop.evaluate.backbone import backbone_data_config, load_backbone
 from hub_ccrop.evaluate.finetune import finetune, freeze_except
 from hub_ccrop.evaluate.knn import extract_features, knn_evaluate
@@ -119,7 +121,22 @@ def _classification_spec(args: argparse.Namespace) -> DatasetSpec:
     splits = {"train_split": args.train_split, "test_split": args.test_split}
     spec = spec.replace(**{k: v for k, v in splits.items() if v})
     if not spec.test_split:
-        raise ValueError(f"dataset {spec.name!r} has no test split: pass --test-split or --holdout N")
+        raise UserError(f"dataset {spec.name!r} has no test split: pass --test-split or --holdout N")
+    return spec
+
+
+def _labeled_spec(args: argparse.Namespace, accelerator: Any) -> DatasetSpec:
+    """:func:`_classification_spec` with the data's columns and, unless ``--test-split``/``--holdout`` name
+    one, its labeled test split (``validation``, else a spread hold-out, as a training run's kNN monitor)."""
+    spec = _classification_spec(args)
+    if args.test_split or args.holdout:
+        return spec
+    spec, note = resolve_spec(spec)
+    if spec.label_column is None:
+        raise UserError(f"dataset {args.dataset} has no labels (no label column, no class subfolders): kNN, "
+                        "linear probe and fine-tuning need labeled data: pass --label-column")
+    if note:
+        accelerator.print(note)
     return spec
 
 
@@ -127,9 +144,9 @@ def _labels_of(rows: Any, spec: DatasetSpec, split: str) -> np.ndarray:
     """The label column of loaded rows; every row must be labeled."""
     labels = np.asarray(rows["label"], dtype=np.int64)
     if labels.size == 0:
-        raise ValueError(f"split {split!r} of dataset {spec.name!r} is empty")
+        raise UserError(f"split {split!r} of dataset {spec.name!r} is empty")
     if (labels < 0).any():
-        raise ValueError(
+        raise UserError(
             f"split {split!r} of dataset {spec.name!r} has unlabeled rows (label column "
             f"{spec.label_column!r}): pass --label-column, or choose labeled splits"
         )
@@ -148,7 +165,7 @@ def _classification_loaders(
     data_config = backbone_data_config(model)
     if args.input_size:
         data_config["input_size"] = (3, args.input_size, args.input_size)
-    spec = _classification_spec(args)
+    spec = _labeled_spec(args, accelerator)
     train_rows = load_images(spec, spec.train_split)
     test_rows = load_images(spec, spec.test_split)
     train_labels = _labels_of(train_rows, spec, spec.train_split)
@@ -156,7 +173,7 @@ def _classification_loaders(
     num_classes = args.num_classes or spec.num_classes or int(train_labels.max()) + 1
     top = int(max(train_labels.max(), test_labels.max()))
     if top >= num_classes:
-        raise ValueError(f"label {top} does not fit num_classes={num_classes}: pass --num-classes")
+        raise UserError(f"label {top} does not fit num_classes={num_classes}: pass --num-classes")
     per_process = per_process_batch(args.batch_size, accelerator.num_processes, key="--batch-size")
 
     def loader(rows: Any, train: bool) -> DataLoader:

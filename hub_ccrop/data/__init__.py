@@ -27,6 +27,7 @@ from hub_ccrop.data.decode import (
     image_size,
     to_rgb,
 )
+from hub_ccrop.data.gt_boxes import BOX_FORMATS, ground_truth_boxes, mean_matched_iou, single_objects
 from hub_ccrop.data.ids import clear_cache, dataset_fingerprint, num_ids, num_rows
 from hub_ccrop.data.listing import IMAGE_EXTENSIONS, share_listings
 from hub_ccrop.data.loading import STREAMING_SHARDS, load_images, min_rows_per_process
@@ -48,6 +49,7 @@ from hub_ccrop.data.specs import (
 )
 
 __all__ = [
+    "BOX_FORMATS",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "ID_SCHEME",
@@ -67,16 +69,19 @@ __all__ = [
     "decode_on_device",
     "decode_to_tensor",
     "get_spec",
+    "ground_truth_boxes",
     "image_size",
     "is_hub_id",
     "list_specs",
     "load_images",
     "looks_like_path",
+    "mean_matched_iou",
     "min_rows_per_process",
     "num_ids",
     "num_rows",
     "parse_split",
     "register_spec",
     "share_listings",
+    "single_objects",
     "to_rgb",
 ]

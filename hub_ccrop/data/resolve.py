@@ -105,10 +105,23 @@ def _num_classes(spec: DatasetSpec, features: Any) -> int:
     return 1 + max(_map_io(top, resolved.files))
 
 
-def _with_columns(spec: DatasetSpec) -> tuple[DatasetSpec, str, list[str] | None]:
-    """The spec with the data's image/label columns and classes; the reason when it has no labels."""
+def _with_box_column(spec: DatasetSpec, features: Any, box_column: str | None) -> DatasetSpec:
+    """The spec with ``box_column`` among the columns its rows carry (``data.box_column``)."""
+    if box_column is None or box_column in spec.extra_columns:
+        return spec
+    if box_column not in features:
+        hint = (": an image folder has no columns; put the images and their boxes in a parquet file"
+                if set(features) <= {"image", "label"} else "")
+        raise DataError(f"data.box_column: dataset {spec.name!r} has no column {box_column!r} (columns: "
+                        f"{', '.join(features)}){hint}")
+    return spec.replace(extra_columns=(*spec.extra_columns, box_column))
+
+
+def _with_columns(spec: DatasetSpec, box_column: str | None = None) -> tuple[DatasetSpec, str, list[str] | None]:
+    """The spec with the data's image/label/box columns and classes; the reason when it has no labels."""
     features, classes = _features(spec, spec.pretrain_splits[0])
     spec = spec.replace(image_column=image_column_of(features, spec.image_column, spec.name))
+    spec = _with_box_column(spec, features, box_column)
     label = spec.label_column
     if label is None or label.lower() in NO_LABELS:
         return spec.replace(label_column=None), "data.label_column is off", None
@@ -161,16 +174,19 @@ def _with_test_split(spec: DatasetSpec, where: str, labels: str) -> tuple[Datase
                   f"of pretraining ({num_rows(spec)} images)")
 
 
-def resolve_spec(spec: DatasetSpec, *, knn: bool = True) -> tuple[DatasetSpec, str | None]:
+def resolve_spec(
+    spec: DatasetSpec, *, knn: bool = True, box_column: str | None = None
+) -> tuple[DatasetSpec, str | None]:
     """``spec`` with the columns, classes and labeled test split its data has, and the start line that
-    says what was found (None for the usual setting). ``knn``: a labeled test split is wanted."""
+    says what was found (None for the usual setting). ``knn``: a labeled test split is wanted;
+    ``box_column``: a column of ground-truth boxes the rows must carry."""
     source = spec.data_dir or spec.hub_id or spec.name
     for split in spec.pretrain_splits:
         base = parse_split(split)[0]
         if base not in (splits := split_names(spec)):
             raise DataError(f"dataset {spec.name!r} ({source}) has no split {base!r} to pretrain on "
                             f"(splits: {', '.join(splits)}): set data.splits")
-    spec, no_labels, classes = _with_columns(spec)
+    spec, no_labels, classes = _with_columns(spec, box_column)
     where = f"data {spec.name} ({source}): {num_rows(spec)} images"
     if spec.label_column is None:
         off = "" if not knn else ": the kNN monitor is off (it needs labels, as `hub-ccrop eval linear` does)"
@@ -188,6 +204,7 @@ def resolve_on_main(
     spec: DatasetSpec,
     *,
     knn: bool,
+    box_column: str | None = None,
     is_main: bool = True,
     broadcast: Callable[[list[Any]], list[Any]] | None = None,
     say: Callable[[str], Any] = print,
@@ -198,7 +215,7 @@ def resolve_on_main(
     payload: list[Any] = [None]
     if is_main:
         try:
-            payload = [("ok", resolve_spec(spec, knn=knn))]
+            payload = [("ok", resolve_spec(spec, knn=knn, box_column=box_column))]
         except Exception as err:  # noqa: BLE001 - re-raised below, on every process
             payload = [("error", err)]
     if broadcast is not None:
@@ -212,11 +229,13 @@ def resolve_on_main(
     return spec
 
 
-def resolve_for_run(spec: DatasetSpec, *, knn: bool, accelerator: Any = None) -> DatasetSpec:
+def resolve_for_run(spec: DatasetSpec, *, knn: bool, box_column: str | None = None, accelerator: Any = None
+                    ) -> DatasetSpec:
     """:func:`resolve_on_main` for a training run under an ``accelerate.Accelerator`` (or none)."""
     if accelerator is None or accelerator.num_processes == 1:
-        return resolve_on_main(spec, knn=knn, say=print if accelerator is None else accelerator.print)
+        return resolve_on_main(spec, knn=knn, box_column=box_column,
+                               say=print if accelerator is None else accelerator.print)
     from accelerate.utils import broadcast_object_list
 
-    return resolve_on_main(spec, knn=knn, is_main=accelerator.is_main_process, broadcast=broadcast_object_list,
-                           say=accelerator.print)
+    return resolve_on_main(spec, knn=knn, box_column=box_column, is_main=accelerator.is_main_process,
+                           broadcast=broadcast_object_list, say=accelerator.print)
