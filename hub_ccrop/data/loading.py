@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hub_ccrop.data.columns import image_column_of
 from hub_ccrop.data.ids import (
     _as_splits,
     _base_rows,
@@ -20,7 +21,6 @@ from hub_ccrop.data.ids import (
     num_rows,
 )
 from hub_ccrop.data.listing import _open_sized, _resolve_split, _Split
-from hub_ccrop.data.resolve import image_column_of
 from hub_ccrop.data.specs import DataError, DatasetSpec, Rows, parse_split
 
 # Shards of a streamed imagefolder tree (parquet sources are sharded by row group, see _parquet_shards).

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from hub_ccrop.data.columns import image_column_of
+from hub_ccrop.data.decode import BadImageError, image_size
 from hub_ccrop.data.ids import num_rows
 from hub_ccrop.data.listing import _File, _map_io, _open, _resolve_split, split_names
 from hub_ccrop.data.specs import DataError, DatasetSpec, parse_split
@@ -37,35 +39,6 @@ HOLDOUT_EVERY = 10
 HOLDOUT_MAX_ROWS = 10_000
 MIN_HOLDOUT_ROWS = 20
 NO_LABELS = ("", "none")  # data.label_column values that turn inferred labels (e.g. folders) off
-
-
-def _is_image_feature(feature: Any) -> bool:
-    from datasets import Image, Value
-
-    if isinstance(feature, Image):
-        return True
-    if isinstance(feature, dict):  # a plain parquet file's {bytes, path} struct
-        return "bytes" in feature
-    return isinstance(feature, Value) and feature.dtype in ("binary", "large_binary")
-
-
-def image_column_of(features: Any, wanted: str, dataset: str) -> str:
-    """``wanted`` when the data has it; for the default ``image``, the data's only image column."""
-    if wanted in features:
-        return wanted
-    columns = ", ".join(features)
-    if wanted != "image":
-        raise DataError(f"dataset {dataset!r} has no image column {wanted!r} (columns: {columns}): "
-                        "set data.image_column (eval: --image-column)")
-    found = [c for c, f in features.items() if _is_image_feature(f)]
-    if len(found) > 1:  # an Image feature wins over raw binary columns
-        from datasets import Image
-
-        found = [c for c in found if isinstance(features[c], Image)] or found
-    if len(found) == 1:
-        return found[0]
-    what = f"several image columns ({', '.join(found)})" if found else f"no image column (columns: {columns})"
-    raise DataError(f"dataset {dataset!r} has {what}: set data.image_column (eval: --image-column)")
 
 
 def _class_folders(files: tuple[_File, ...]) -> list[str] | None:
@@ -174,6 +147,27 @@ def _with_test_split(spec: DatasetSpec, where: str, labels: str) -> tuple[Datase
                   f"of pretraining ({num_rows(spec)} images)")
 
 
+def _check_readable(spec: DatasetSpec) -> None:
+    """An image folder in which no image opens is a mistake (one line), not a run that trains on nothing:
+    a spread sample of headers is read, and every file only when none of the sample opens."""
+    for split in dict.fromkeys(parse_split(s)[0] for s in spec.pretrain_splits):
+        resolved = _resolve_split(spec, split, None)
+        if resolved.kind != "imagefolder":
+            continue
+        files = resolved.files
+        step = max(1, len(files) // 16)
+        first: BadImageError | None = None
+        for f in (*files[::step], *(f for k, f in enumerate(files) if k % step)):
+            try:
+                image_size({"bytes": None, "path": f.url})
+                break
+            except BadImageError as err:
+                first = first or err
+        else:
+            raise DataError(f"none of the {len(files)} images of dataset {spec.name!r} can be read, e.g. "
+                            f"{first.path}: {first.reason}")
+
+
 def resolve_spec(
     spec: DatasetSpec, *, knn: bool = True, box_column: str | None = None
 ) -> tuple[DatasetSpec, str | None]:
@@ -186,6 +180,7 @@ def resolve_spec(
         if base not in (splits := split_names(spec)):
             raise DataError(f"dataset {spec.name!r} ({source}) has no split {base!r} to pretrain on "
                             f"(splits: {', '.join(splits)}): set data.splits")
+    _check_readable(spec)
     spec, no_labels, classes = _with_columns(spec, box_column)
     where = f"data {spec.name} ({source}): {num_rows(spec)} images"
     if spec.label_column is None:

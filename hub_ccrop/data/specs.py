@@ -54,9 +54,9 @@ def is_hub_id(name: str) -> bool:
 
 
 def looks_like_path(name: str) -> bool:
-    """A name the user meant as a local folder or file: it starts with ``.``, ``/`` or ``~`` or has more
-    than one ``/`` (so it is never sent to the Hub)."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+    """A name the user meant as a local folder or file: it starts with ``.``, ``/`` or ``~``, ends with ``/``
+    or has more than one ``/`` (so it is never sent to the Hub)."""
+    return name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1 or os.sep in name.replace("/", "")
 
 
 # -- specs ---------------------------------------------------------------------------------------
