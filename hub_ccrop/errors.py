@@ -48,7 +48,7 @@ def _hub_unreachable(err: BaseException) -> bool:
 def user_error_message(err: BaseException) -> str | None:
     """The one-line message for an error the user caused, or None for anything else (a bug)."""
     from hub_ccrop.boxes import BoxTableMismatch
-    from hub_ccrop.recipe import RecipeError
+    from hub_ccrop.checks import RecipeError
 
     if isinstance(err, UserError | RecipeError | BoxTableMismatch | FileNotFoundError | FileExistsError
                   | NotADirectoryError | IsADirectoryError):

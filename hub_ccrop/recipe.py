@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +62,8 @@ class DataConfig:
     splits: list[str] | None = None  # pretraining splits instead of the spec's, e.g. ["train[:10000]"]
     train_split: str | None = None  # the kNN monitor's labeled bank instead of the spec's, e.g. "train[:45000]"
     test_split: str | None = None  # the kNN monitor's labeled test split instead of the spec's
+    box_column: str | None = None  # a column of ground-truth boxes (one or several per image): box IoU is reported
+    box_format: str = "xyxy"  # of box_column: xyxy | xywh | cxcywh (pixels), or with _normalized (fractions)
 
 
 @dataclass
@@ -339,7 +340,7 @@ def _check_names(recipe: Recipe) -> None:
     import timm
 
     import hub_ccrop.models  # noqa: F401  (registers the CIFAR-stem ResNets with timm)
-    from hub_ccrop.data import list_specs
+    from hub_ccrop.data import BOX_FORMATS, is_hub_id, list_specs, looks_like_path
     from hub_ccrop.methods import METHODS, method_config
 
     model = recipe.model.name
@@ -357,10 +358,14 @@ def _check_names(recipe: Recipe) -> None:
     except (TypeError, ValueError) as err:
         raise RecipeError(f"method.options: {err}") from None
     d = recipe.data
-    is_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", d.dataset) is not None  # as data.get_spec reads it
-    if d.dataset not in list_specs() and not Path(d.dataset).expanduser().exists() and not is_hub_id:
+    if d.dataset not in list_specs() and not Path(d.dataset).expanduser().exists() and looks_like_path(d.dataset):
+        raise RecipeError(f"data.dataset: folder {d.dataset} does not exist: fix the path (a folder of images, in "
+                          "class subfolders if they have labels, or of parquet files)")
+    if d.dataset not in list_specs() and not Path(d.dataset).expanduser().exists() and not is_hub_id(d.dataset):
         raise RecipeError(f"data.dataset: unknown dataset {d.dataset!r}{_did_you_mean(d.dataset, list_specs())}; "
                           f"use one of {', '.join(list_specs())}, a Hub id (ORG/NAME) or an existing local folder")
+    if d.box_format not in BOX_FORMATS:
+        raise RecipeError(f"data.box_format: {d.box_format!r} is not one of {', '.join(BOX_FORMATS)}")
     if d.data_dir is not None and not Path(d.data_dir).expanduser().is_dir():
         raise RecipeError(f"data.data_dir: folder {d.data_dir} does not exist: fix the path, or download the "
                           "dataset there first (a folder of its parquet files, as on the Hub)")

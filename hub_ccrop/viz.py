@@ -98,8 +98,10 @@ def _draw_row(axes, img, heatmap: Tensor, box: Tensor, gt_box: Tensor | None, la
     height, width = img.shape[:2]
     axes[0].imshow(img)
     _rect(axes[0], box, width, height, "yellow")
-    if gt_box is not None:
-        _rect(axes[0], gt_box, width, height, "cyan", "--")
+    if gt_box is not None:  # one box per image, or several ([K, 4], NaN where an image has fewer)
+        for one in gt_box.reshape(-1, 4):
+            if not one.isnan().any():
+                _rect(axes[0], one, width, height, "cyan", "--")
     if label is not None:  # sample ids, or labels such as file names
         axes[0].set_ylabel(label, fontsize=7)
     axes[1].imshow(img)

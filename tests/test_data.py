@@ -24,6 +24,7 @@ from hub_ccrop.data import (
     IMAGENET200_CLASSES,
     BadImageError,
     DatasetSpec,
+    Rows,
     clear_cache,
     dataset_fingerprint,
     decode_image,
@@ -132,12 +133,14 @@ def test_get_spec_overrides_holdout_and_any_source(tmp_path):
 
 
 def test_parse_split():
-    assert parse_split("train") == ("train", slice(None, None))
-    assert parse_split("train[-5000:]") == ("train", slice(-5000, None))
-    assert parse_split("train[10:20]") == ("train", slice(10, 20))
-    assert parse_split("train[:90%]") == ("train", slice(None, 0.9))
+    assert parse_split("train") == ("train", Rows())
+    assert parse_split("train[-5000:]") == ("train", Rows(-5000, None))
+    assert parse_split("train[10:20]") == ("train", Rows(10, 20))
+    assert parse_split("train[:90%]") == ("train", Rows(None, 0.9))
+    assert parse_split("train[1:20:3]") == ("train", Rows(1, 20, 3))
+    assert parse_split("train[!9::10]") == ("train", Rows(9, None, 10, exclude=True))
     with pytest.raises(ValueError):
-        parse_split("train[1:2:3]")
+        parse_split("train[1:2:0]")
 
 
 # -- local parquet, map-style and streaming ------------------------------------------------------
@@ -227,14 +230,14 @@ class CountingFile(io.RawIOBase):
 def test_shuffled_streaming_epoch_reads_each_row_group_once(tmp_path, monkeypatch):
     """4 files of one row group each: a shuffled epoch reads 4 row groups (it read 49 when row groups
     were cut into row-range shards), and only their column chunks: no footer is read again."""
-    from hub_ccrop import data as data_lib
+    from hub_ccrop.data import loading
 
     for k in range(4):
         write_parquet(tmp_path / "data" / f"train-{k:05d}-of-00004.parquet", "train", 30 * k, 30, row_group=30)
     spec = toy_spec(tmp_path)
     stream = load_images(spec, streaming=True).shuffle(seed=0, buffer_size=8)
     reads: list = []
-    monkeypatch.setattr(data_lib, "_open_sized", lambda url, size: CountingFile(url, reads))
+    monkeypatch.setattr(loading, "_open_sized", lambda url, size: CountingFile(url, reads))
     chunk_bytes = {}
     for f in sorted((tmp_path / "data").glob("*.parquet")):
         meta = pq.ParquetFile(f).metadata.row_group(0)
@@ -460,7 +463,7 @@ def test_no_warning_for_good_images():
 
 def test_hub_and_local_copies_name_files_alike():
     """Fingerprints use repo-relative file names, so a local copy of Hub parquet files matches the Hub."""
-    from hub_ccrop.data import _relative_name
+    from hub_ccrop.data.listing import _relative_name
 
     name = "plain_text/train-00000-of-00001.parquet"
     hub = f"hf://datasets/uoft-cs/cifar10@0123456789abcdef0123456789abcdef01234567/{name}"
@@ -472,6 +475,7 @@ def test_share_listings_lets_other_processes_skip_listing(toy_parquet, monkeypat
     import pickle
 
     from hub_ccrop import data as data_lib
+    from hub_ccrop.data import listing
 
     spec = toy_spec(toy_parquet)
     expected = rows_by_id(load_images(spec, streaming=True))
@@ -484,7 +488,7 @@ def test_share_listings_lets_other_processes_skip_listing(toy_parquet, monkeypat
     def no_listing(*args):
         raise AssertionError("a non-main process listed the dataset")
 
-    monkeypatch.setattr(data_lib, "_list_files", no_listing)
+    monkeypatch.setattr(listing, "_list_files", no_listing)
     data_lib.share_listings(spec, ["train", "test[:3]"], is_main=False, broadcast=lambda x: received)
     assert rows_by_id(load_images(spec, streaming=True)) == expected
     assert len(load_images(spec, "test")) == 9

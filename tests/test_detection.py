@@ -16,18 +16,16 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
-from hub_ccrop.detection import (
+from hub_ccrop.commands.detection import add_cli
+from hub_ccrop.evaluate.detection import (
     DetectionDataset,
     TimmFPNBackbone,
-    add_cli,
     build_faster_rcnn,
     detection_collate,
     evaluate_detection,
-    export_detectron2,
     finetune_detection,
-    from_detectron2,
-    to_detectron2,
 )
+from hub_ccrop.evaluate.detectron2 import export_detectron2, from_detectron2, to_detectron2
 
 COLORS = [(220, 40, 40), (40, 40, 220)]
 # small RPN/ROI budgets and FPN width keep a CPU step well under a second

@@ -15,9 +15,10 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from hub_ccrop.commands.evaluate import add_cli
 from hub_ccrop.distributed import gather_by_id
+from hub_ccrop.errors import UserError
 from hub_ccrop.evaluate import (
-    add_cli,
     backbone_data_config,
     extract_features,
     finetune,
@@ -388,7 +389,7 @@ def test_cli_dataset_resolution_and_label_checks(tmp_path, tiny_parquet):
     """``--dataset`` goes through ``data.get_spec``; unlabeled or out-of-range labels are clear errors."""
     import pyarrow.parquet as pq
 
-    from hub_ccrop.evaluate import _classification_spec, parse_data_files
+    from hub_ccrop.commands.evaluate import _classification_spec, parse_data_files
 
     parser = argparse.ArgumentParser()
     add_cli(parser.add_subparsers(dest="command", required=True))
@@ -421,9 +422,12 @@ def test_cli_dataset_resolution_and_label_checks(tmp_path, tiny_parquet):
     for split in ("train", "test"):
         table = pq.read_table(tiny_parquet / f"{split}.parquet").drop_columns(["label"])
         pq.write_table(table, unlabeled / f"{split}.parquet")
-    with pytest.raises(ValueError, match="unlabeled"):  # no label column: label -1 on every row
+    with pytest.raises(UserError, match="has no labels"):  # no label column
         run_cli(f"eval knn {run} --dataset {shlex.quote(str(unlabeled))} --image-column img --num-workers 0")
-    with pytest.raises(ValueError, match="num_classes"):
+    with pytest.raises(UserError, match="unlabeled"):  # a label column with -1 rows
+        run_cli(f"eval knn {run} --dataset {shlex.quote(str(unlabeled))} --image-column img --num-workers 0 "
+                "--test-split test")
+    with pytest.raises(UserError, match="num_classes"):
         run_cli(f"eval knn {run} {data} --num-classes 1")
 
 
@@ -433,7 +437,7 @@ def test_cli_rows_decoded_with_decode_image(tmp_path):
     from PIL import Image
 
     from hub_ccrop.data import BadImageError
-    from hub_ccrop.evaluate import _LabeledRows, classification_transform
+    from hub_ccrop.evaluate.transforms import _LabeledRows, classification_transform
 
     gray = Image.new("L", (8, 8), 7)
     rows = [

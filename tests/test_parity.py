@@ -462,7 +462,8 @@ def test_linear_protocol_per_dataset_follows_the_official_linear_configs():
     lr 30, batch 256 (MoCo's protocol). Both: 100 epochs, x0.1 at 60 and 80, wd 0 (the CLI's defaults)."""
     import argparse
 
-    from hub_ccrop.evaluate import add_cli, linear_protocol
+    from hub_ccrop.commands.evaluate import add_cli
+    from hub_ccrop.evaluate import linear_protocol
 
     for name in ("cifar10", "cifar100", "stl10", "tiny_imagenet"):
         assert (linear_protocol(get_spec(name)).lr, linear_protocol(get_spec(name)).batch_size) == (10.0, 512)

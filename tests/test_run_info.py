@@ -110,7 +110,8 @@ def test_show_reads_the_runs_own_data_from_its_data_dir(local_data_run, capsys):
 def test_export_and_eval_read_the_run_info(local_data_run, tmp_path):
     from huggingface_hub import ModelCard
 
-    from hub_ccrop.evaluate import add_cli, backbone_data_config, load_backbone
+    from hub_ccrop.commands.evaluate import add_cli
+    from hub_ccrop.evaluate import backbone_data_config, load_backbone
     from hub_ccrop.hub import export_run
 
     run, spec = local_data_run

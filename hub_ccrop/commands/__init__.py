@@ -1,1 +1,1 @@
-"""argparse for the ``hub-ccrop`` subcommands (library code never imports this package)."""
+"""The ``hub-ccrop`` subcommands: argument parsing and the glue from arguments to the library."""

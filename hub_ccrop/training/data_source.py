@@ -19,8 +19,9 @@ from torch.utils.data import DataLoader
 
 from hub_ccrop import data as data_lib
 from hub_ccrop.data import DatasetSpec
+from hub_ccrop.data.resolve import resolve_for_run
+from hub_ccrop.data.workers import worker_init  # workers leave stop signals to the main process
 from hub_ccrop.recipe import Recipe, RecipeError
-from hub_ccrop.training.state import ignore_stop_signals
 from hub_ccrop.views import (
     DeviceResidentImages,
     EncodedBatch,
@@ -40,7 +41,7 @@ class RunData:
     fingerprint: str
     knn_train: Any = None
     knn_test: Any = None
-    gt_boxes: torch.Tensor | None = None  # [num_rows, 4] when the data has ground-truth boxes
+    gt_boxes: torch.Tensor | None = None  # [num_rows, 4] or [num_rows, K, 4] when the data has ground-truth boxes
     # data.device_resident: the splits' images decoded once onto the device ("pretrain", "knn_train", ...)
     resident: dict[str, DeviceResidentImages] = field(default_factory=dict)
 
@@ -96,6 +97,7 @@ def build_data(recipe: Recipe, accelerator: Accelerator | None = None) -> RunDat
     if d.splits:
         overrides["pretrain_splits"] = tuple(d.splits)
     spec = data_lib.get_spec(d.dataset, holdout=d.holdout or None, **overrides)
+    spec = resolve_for_run(spec, knn=bool(recipe.train.knn_every), box_column=d.box_column, accelerator=accelerator)
     knn = bool(recipe.train.knn_every and spec.test_split and spec.label_column)
     if accelerator is not None and accelerator.num_processes > 1:
         splits = [*spec.pretrain_splits, *((spec.train_split, spec.test_split) if knn else ())]
@@ -110,6 +112,8 @@ def build_data(recipe: Recipe, accelerator: Accelerator | None = None) -> RunDat
     if "gt_box" in spec.extra_columns and not d.streaming:
         gt = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(num_rows, 1)
         gt[torch.tensor(pretrain["id"])] = torch.tensor(pretrain["gt_box"], dtype=torch.float32)
+    elif d.box_column:  # the user's boxes: [num_rows, K, 4], NaN where an image has fewer
+        gt = data_lib.ground_truth_boxes(pretrain, num_rows, d.box_column, d.box_format)
     return RunData(spec, pretrain, num_rows, data_lib.dataset_fingerprint(spec), knn_train, knn_test, gt)
 
 
@@ -210,7 +214,7 @@ def make_loader(dataset, collate, *, batch_size: int, num_workers: int, shuffle:
             seed: int = 0, persistent: bool = False) -> DataLoader:
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers,
-        persistent_workers=persistent and num_workers > 0, collate_fn=collate, worker_init_fn=ignore_stop_signals,
+        persistent_workers=persistent and num_workers > 0, collate_fn=collate, worker_init_fn=worker_init,
         pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed),
     )
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from hub_ccrop.boxes import pairwise_box_iou
+from hub_ccrop import data as data_lib
 from hub_ccrop.distributed import default_autocast_dtype
 from hub_ccrop.evaluate import extract_features, knn_accuracy
 from hub_ccrop.localize import heatmaps, localize_boxes, picture_heatmaps
@@ -54,7 +54,7 @@ def localization_pass(accelerator: Accelerator, encoder, run_data: RunData, stat
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     stats = {"loc_seconds": seconds, "loc_images": len(ids), "box_area": float(area.mean())}
     if run_data.gt_boxes is not None:
-        stats["box_iou"] = float(pairwise_box_iou(boxes, run_data.gt_boxes[ids]).mean())
+        stats["box_iou"] = data_lib.mean_matched_iou(boxes, run_data.gt_boxes[ids])
     if accelerator.is_main_process:
         for suffix in (".parquet", ".safetensors"):
             state.boxes.save(out / "boxes" / f"epoch_{state.epoch:04d}{suffix}")

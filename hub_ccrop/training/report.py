@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from hub_ccrop.boxes import pairwise_box_iou
+from hub_ccrop import data as data_lib
 from hub_ccrop.crop import FULL_BOX, object_miss_rate
 from hub_ccrop.recipe import Recipe
 from hub_ccrop.run_info import RunInfo, Schedule
@@ -63,14 +63,16 @@ def final_metrics(recipe: Recipe, run_data: RunData, state: TrainState, images_p
                     "eval_split": run_data.spec.test_split, "knn_chance": 100 / run_data.spec.num_classes}
     if run_data.gt_boxes is not None:
         # IoU of whole-image boxes with the objects = the objects' mean area: the no-localization baseline.
-        metrics["box_iou_whole_image"] = float(pairwise_box_iou(torch.tensor([FULL_BOX]).expand_as(run_data.gt_boxes),
-                                                                run_data.gt_boxes).mean())
-        sizes = torch.tensor([[run_data.spec.image_size] * 2]).expand(run_data.num_rows, 2)
-        miss = object_miss_rate(run_data.gt_boxes, state.boxes.boxes, sizes, scale=c.scale, ratio=c.ratio,
-                                alpha=c.alpha)
-        metrics["miss_rate_rcrop"] = miss["rcrop"]
-        if c.mode == "ccrop":  # an R-Crop run has no learned boxes to judge
-            metrics["miss_rate_ccrop"] = miss["ccrop"]
+        gt = run_data.gt_boxes
+        metrics["box_iou_whole_image"] = data_lib.mean_matched_iou(torch.tensor([FULL_BOX]).expand(len(gt), 4), gt)
+        rows, objects = data_lib.single_objects(gt)  # the miss rate needs one object per image
+        sizes = torch.tensor([[run_data.spec.image_size] * 2]).expand(len(rows), 2)
+        if len(rows):
+            miss = object_miss_rate(objects, state.boxes.boxes[rows], sizes, scale=c.scale, ratio=c.ratio,
+                                    alpha=c.alpha)
+            metrics["miss_rate_rcrop"] = miss["rcrop"]
+            if c.mode == "ccrop":  # an R-Crop run has no learned boxes to judge
+                metrics["miss_rate_ccrop"] = miss["ccrop"]
     return metrics
 
 
@@ -79,7 +81,7 @@ def summary(recipe: Recipe, metrics: dict[str, Any], out: Path) -> str:
              f"({metrics['train_images_per_s']:.0f} images/s in training)"]
     if "knn_top1" in metrics:
         lines.append(f"  kNN top-1 (k={recipe.train.knn_k}, T={recipe.train.knn_temperature}): {metrics['knn_top1']:.2f}% "
-                     f"(chance {metrics['knn_chance']:.0f}%): test images classified by their nearest training "
+                     f"(chance {metrics['knn_chance']:.3g}%): test images classified by their nearest training "
                      "images in the frozen backbone's features, no labels used in training")
     if "box_iou" in metrics:
         lines.append(f"  learned boxes vs ground truth: mean IoU {metrics['box_iou']:.3f} (whole-image boxes: "

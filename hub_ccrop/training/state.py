@@ -100,12 +100,6 @@ class StopRequest:
         return int(accelerator.reduce(flag, reduction="max").item())
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers leave SIGINT/SIGTERM to the main process, which stops them after its checkpoint."""
-    for signum in StopRequest.SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-
-
 def resume_command(out: Path, accelerator: Accelerator) -> str:
     """The exact command that continues this run (the run folder keeps the resolved recipe)."""
     args = f"{shlex.quote(str(out / 'recipe.yaml'))} --output-dir {shlex.quote(str(out))} --resume"
