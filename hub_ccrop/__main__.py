@@ -2,7 +2,7 @@
 
 import sys
 
-from hub_ccrop.cli import main
+from hub_ccrop.commands import main
 
 if __name__ == "__main__":
     sys.exit(main())

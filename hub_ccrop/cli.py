@@ -1,57 +1,10 @@
-"""The ``hub-ccrop`` command: train, show, evaluate, fine-tune, export and publish.
+"""``python -m hub_ccrop.cli``: the ``hub-ccrop`` command under its former module name (:mod:`hub_ccrop.commands`)."""
 
-A mistake in the input (a missing file, a bad recipe key, the Hub out of reach) prints one line and exits
-with code 2; add --debug (anywhere on the line) for the traceback. An interrupted training run exits
-with 130 (Ctrl-C) or 143 (SIGTERM) after saving a checkpoint.
-"""
-
-from __future__ import annotations
-
-import argparse
-import importlib
 import sys
 
-from hub_ccrop.errors import run_command
+from hub_ccrop.commands import main
 
-__all__ = ["build_parser", "main"]
-
-# Modules that contribute subcommands through an ``add_cli(subparsers)`` function, in help order.
-COMMAND_MODULES = (
-    "hub_ccrop.show", "hub_ccrop.commands.evaluate", "hub_ccrop.commands.detection", "hub_ccrop.hub",
-)  # fmt: skip
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from hub_ccrop import __version__
-    from hub_ccrop.commands import train
-
-    parser = argparse.ArgumentParser(prog="hub-ccrop", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"hub-ccrop {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also after the command)")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    train_parser = subparsers.add_parser("train", help="train a recipe (also: accelerate launch -m hub_ccrop train)",
-                                         description=train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_arguments(train_parser)
-    train_parser.set_defaults(func=train.run_from_args)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_cli(subparsers)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv  # accepted after the subcommand too, where users type it
-    argv = [a for a in argv if a != "--debug"]
-    parser = build_parser()
-    if not argv:  # a newcomer's first try: the list of commands, not an argparse error
-        parser.print_help()
-        return 0
-    args = parser.parse_args(argv)
-    if getattr(args, "func", None) is None:  # e.g. `hub-ccrop eval` without its subcommand
-        parser.parse_args([*argv, "--help"])
-    return run_command(lambda: args.func(args), debug=debug)
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
     sys.exit(main())

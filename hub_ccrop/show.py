@@ -11,7 +11,6 @@ input size). The picture goes to RUN/pictures/show_NNNN.png (or ./show_NNNN.png)
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -113,21 +112,3 @@ def show(source: str, *, inputs: list[str] | None = None, num_images: int = 8, k
                                   title=f"{source}: heatmaps at k={k} ({alignment} alignment), crops at alpha={alpha}")
     print(f"wrote {path} ({len(images)} images: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
     return path
-
-
-def add_cli(subparsers: Any) -> None:
-    parser = subparsers.add_parser("show", help="draw heatmaps, boxes and crop pairs for a backbone on images",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="run folder, export folder, local-dir:DIR or hf-hub:ORG/NAME")
-    parser.add_argument("--input", nargs="+", default=None, help="image files or folders (default: the run's data)")
-    parser.add_argument("--images", type=int, default=8, help="how many images (default 8)")
-    parser.add_argument("--k", type=float, default=None, help="heatmap threshold (default: the run's, else 0.1)")
-    parser.add_argument("--alpha", type=float, default=None, help="Beta(alpha, alpha) of the crops (default: the run's)")
-    parser.add_argument("--out", default=None,
-                        help="PNG path (default: RUN/pictures/show_NNNN.png or ./show_NNNN.png, the next free number)")
-    parser.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    show(args.source, inputs=args.input, num_images=args.images, k=args.k, alpha=args.alpha, out=args.out)
-    return 0

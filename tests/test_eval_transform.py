@@ -13,7 +13,7 @@ from PIL import Image
 from hub_ccrop.boxes import BoxTable
 from hub_ccrop.data import IMAGENET_MEAN, IMAGENET_STD, DatasetSpec
 from hub_ccrop.evaluate.transforms import _LabeledRows, classification_transform
-from hub_ccrop.hub import _table_picture
+from hub_ccrop.hub.export import _table_picture
 from hub_ccrop.show import localization_batch, next_picture_path
 from hub_ccrop.views import EvalCollate, eval_image
 

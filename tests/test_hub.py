@@ -1,4 +1,4 @@
-"""hub.py: export a run as a timm Hub repo, publish it, load weights and box tables back (all offline).
+"""hub_ccrop.hub: export a run as a timm Hub repo, publish it, load weights and box tables back (all offline).
 
 Hub traffic goes to tests/hub_server.py (a Hub-compatible server on 127.0.0.1) or to a hand-seeded HF cache
 with HF_HUB_OFFLINE=1. huggingface_hub reads HF_ENDPOINT/HF_HUB_OFFLINE/HF_HUB_CACHE when it is imported,
@@ -26,7 +26,6 @@ from hub_ccrop.hub import (
     EXPORT_FILES,
     PAPER_LINEAR_TOP1,
     PublishError,
-    add_cli,
     export_run,
     load_boxes,
     paper_reference,
@@ -416,7 +415,7 @@ def online_in_process(monkeypatch, tmp_path):
 
 
 def test_publish_to_loopback_hub_then_download_and_load(tmp_path, online_in_process, caplog, capfd):
-    from hub_ccrop.hub import main
+    from hub_ccrop.commands import main
 
     hub = online_in_process
     run_dir, _ = make_run(tmp_path / "run")
@@ -502,10 +501,9 @@ def test_publish_without_token_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_cli_subcommands(tmp_path, capsys):
-    import argparse
+    from hub_ccrop.commands import build_parser
 
-    parser = argparse.ArgumentParser(prog="hub-ccrop")
-    add_cli(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     args = parser.parse_args(["publish", "RUN", "--repo-id", "o/n", "--private", "--revision", "v1"])
     assert args.repo_id == "o/n" and args.private and args.revision == "v1" and callable(args.func)
     run_dir, _ = make_run(tmp_path / "run")

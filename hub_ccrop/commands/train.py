@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from hub_ccrop.recipe import load_recipe
 from hub_ccrop.training import NonFiniteLossError, train
 
-__all__ = ["add_arguments", "run_from_args"]
+__all__ = ["add_arguments", "add_cli", "run_from_args"]
+
+
+def add_cli(subparsers: Any) -> None:
+    """``hub-ccrop train``."""
+    parser = subparsers.add_parser("train", help="train a recipe (also: accelerate launch -m hub_ccrop train)",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.set_defaults(func=run_from_args)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
