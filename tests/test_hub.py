@@ -155,7 +155,7 @@ def test_export_is_a_timm_repo_with_bit_identical_features(run_and_export):
         assert key not in cfg, key
     assert cfg["input_size"] == [3, 32, 32] and cfg["crop_pct"] == 1.0 and cfg["interpolation"] == "bilinear"
     assert cfg["mean"] == [0.4914, 0.4822, 0.4465] and cfg["std"] == [0.2023, 0.1994, 0.2010]
-    assert cfg["license"] == "apache-2.0"
+    assert cfg["license"] == "unknown"  # CIFAR-10's own (it states none), not a licence nobody chose
 
     loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -213,7 +213,7 @@ def test_model_card_parses_back_and_validates(run_and_export):
     card = ModelCard.load(out / "README.md")
     data = card.data
     assert data.library_name == "timm" and data.pipeline_tag == "image-feature-extraction"
-    assert data.license == "apache-2.0" and data.datasets == ["uoft-cs/cifar10"]
+    assert data.license == "unknown" and data.datasets == ["uoft-cs/cifar10"]
     assert {"timm", "contrastive-crop", "simclr", "arxiv:2202.03278"} <= set(data.tags)
     results = {r.metric_name: r for r in data.eval_results}
     knn = next(r for name, r in results.items() if name.startswith("kNN"))
@@ -488,8 +488,10 @@ def test_failed_upload_keeps_export_and_says_what_to_rerun(tmp_path, online_in_p
     assert_no_token(export, text=message + caplog.text + captured.out + captured.err)
 
 
-def test_publish_without_token_is_a_clear_error(tmp_path, monkeypatch):
+def test_publish_without_token_fails_in_one_line_before_exporting(tmp_path, monkeypatch, capsys):
     from huggingface_hub import constants
+
+    from hub_ccrop.commands import main
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
@@ -497,7 +499,10 @@ def test_publish_without_token_is_a_clear_error(tmp_path, monkeypatch):
     run_dir, _ = make_run(tmp_path / "run")
     with pytest.raises(PublishError, match="hf auth login"):
         publish_run(run_dir, "test-user/x", endpoint="http://127.0.0.1:9")
-    assert (run_dir / "export" / "model.safetensors").is_file()
+    assert main(["publish", str(run_dir), "--repo-id", "test-user/x"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "hf auth login" in err and "HF_TOKEN" in err, err
+    assert not (run_dir / "export").exists()  # nothing exported, nothing sent
 
 
 def test_cli_subcommands(tmp_path, capsys):

@@ -23,6 +23,7 @@ from hub_ccrop.hub.paper import (
     method_key,
     paper_reference,
 )
+from hub_ccrop.hub.sharing import DataTerms, data_terms
 from hub_ccrop.run_info import RunInfo
 
 __all__ = ["PLACEHOLDER_REPO", "TEMPLATE_PATH", "build_model_card", "dataset_names"]
@@ -125,7 +126,7 @@ def _card_model_name(run: RunInfo, repo_id: str, mkey: str, uses_ccrop: bool, dk
 
 
 def _card_metadata(
-    run: RunInfo, model_name: str, mkey: str, hub_id: str | None, eval_results: list[Any]
+    terms: DataTerms, model_name: str, mkey: str, hub_id: str | None, eval_results: list[Any]
 ) -> Any:
     """The card's YAML header (``huggingface_hub.ModelCardData``)."""
     from huggingface_hub import ModelCardData
@@ -135,7 +136,9 @@ def _card_metadata(
     return ModelCardData(
         library_name="timm",
         pipeline_tag="image-feature-extraction",
-        license=run.license,
+        license=terms.license,
+        license_name=terms.license_name,
+        license_link=terms.license_link,
         tags=tags,
         datasets=[hub_id] if hub_id and "/" in str(hub_id) else None,
         metrics=["accuracy"] if eval_results else None,
@@ -186,11 +189,18 @@ def _card_paper(mkey: str, dkey: str) -> dict[str, Any]:
     )
 
 
-def _card_files(boxes: BoxTable | None, picture: str | None, has_recipe: bool) -> dict[str, Any]:
-    """The template's section on the other files of the repo: picture, recipe, box table."""
+def _card_files(run: RunInfo, boxes: BoxTable | None, picture: str | None, picture_note: str | None,
+                has_recipe: bool) -> dict[str, Any]:
+    """The template's section on the other files of the repo: picture (which images, and why), recipe, box table."""
     box_meta = dict(boxes.metadata) if boxes is not None else {}
+    spec = run.dataset
+    where = f"`{spec.hub_id or spec.name}` (splits `{', '.join(spec.pretrain_splits)}`)" if spec is not None else "it"
     return dict(
         picture=picture,
+        picture_images=f"a few training images of {where}, each labelled with its sample id (its row in the "
+                       "unshuffled data)",
+        picture_reason=picture_note if picture else None,
+        picture_withheld=picture_note if not picture else None,
         picture_epoch=box_meta.get("epoch"),
         has_recipe=has_recipe,
         has_boxes=boxes is not None,
@@ -212,21 +222,28 @@ def build_model_card(
     num_features: int = 0,
     has_recipe: bool = True,
     template: str | os.PathLike | None = None,
+    terms: DataTerms | None = None,
+    picture_note: str | None = None,
 ):
-    """Render the model card (``huggingface_hub.ModelCard``) from ``model_cards/template.md``."""
+    """Render the model card (``huggingface_hub.ModelCard``) from ``model_cards/template.md``.
+
+    ``terms`` give the licence (default: the training data's, :func:`~hub_ccrop.hub.sharing.data_terms`
+    without a Hub lookup); ``picture_note`` says why the picture is there, or why there is none.
+    """
     from huggingface_hub import ModelCard
 
     template = Path(template) if template else TEMPLATE_PATH
     if not template.is_file():
         raise FileNotFoundError(f"model card template not found: {template}")
     repo_id = repo_id or PLACEHOLDER_REPO
+    terms = terms or data_terms(run.dataset, lookup=False)
     mkey = method_key(run.method or "unknown")
     dataset_display, dkey, hub_id = dataset_names(run, "unknown")
     uses_ccrop = run.schedule is not None and run.schedule.crop in _CCROP_NAMES
     results = _card_results(run, metrics)
     eval_results = _card_eval_results(results, str(hub_id or dkey), dataset_display)
     model_name = _card_model_name(run, repo_id, mkey, uses_ccrop, dkey)
-    card_data = _card_metadata(run, model_name, mkey, hub_id, eval_results)
+    card_data = _card_metadata(terms, model_name, mkey, hub_id, eval_results)
     context = dict(
         repo_id=repo_id,
         model_name=model_name,
@@ -242,7 +259,11 @@ def build_model_card(
         **_card_training(run),
         **_card_metrics(results, metrics),
         **_card_paper(mkey, dkey),
-        **_card_files(boxes, picture, has_recipe),
+        **_card_files(run, boxes, picture, picture_note, has_recipe),
+        license=terms.license,
+        license_name=terms.license_name,
+        license_link=terms.license_link,
+        license_note=terms.note,
     )
     return ModelCard.from_template(card_data, template_path=str(template), **context)
 

@@ -24,6 +24,7 @@ from hub_ccrop.errors import UserError
 from hub_ccrop.hub.card import build_model_card, dataset_names
 from hub_ccrop.hub.load import load_run_boxes
 from hub_ccrop.hub.paper import METHOD_NAMES, PAPER_ARXIV_ID, PAPER_TITLE, method_key
+from hub_ccrop.hub.sharing import DataTerms, data_terms, license_terms, picture_policy
 from hub_ccrop.run_info import RUN_FILE, RunInfo
 
 __all__ = ["EXPORT_FILES", "PICTURE_NAME", "export_run"]
@@ -58,7 +59,7 @@ def _ensure_architecture(name: str) -> bool:
     return not timm.models.model_entrypoint(name).__module__.startswith("timm.")
 
 
-def _clean_pretrained_cfg(model: torch.nn.Module, run: RunInfo) -> dict[str, Any]:
+def _clean_pretrained_cfg(model: torch.nn.Module, run: RunInfo, license: str) -> dict[str, Any]:
     """A pretrained_cfg that describes these weights only (no URL, hub id, tag or notes of timm's defaults)."""
     base = getattr(model, "pretrained_cfg", {}) or {}
     method = METHOD_NAMES.get(method_key(run.method or ""), run.method or "")
@@ -73,7 +74,7 @@ def _clean_pretrained_cfg(model: torch.nn.Module, run: RunInfo) -> dict[str, Any
         "pool_size": None,
         "first_conv": base.get("first_conv"),
         "classifier": base.get("classifier"),
-        "license": run.license,
+        "license": license,
         "description": f"{method} + ContrastiveCrop self-supervised backbone, pretrained on {name} (hub_ccrop)",
         "paper_name": PAPER_TITLE,
         "paper_ids": f"arXiv:{PAPER_ARXIV_ID}",
@@ -132,6 +133,19 @@ def _table_picture(run_dir: Path, table: BoxTable | None) -> Path | None:
     return picture if picture.is_file() else None
 
 
+def _picture(run_dir: Path, run: RunInfo, table: BoxTable | None, terms: DataTerms,
+             with_pictures: bool) -> tuple[Path | None, str | None]:
+    """The training picture to export (or None) and the card's sentence on it (None: the run drew none)."""
+    picture = _table_picture(run_dir, table)
+    if picture is None:
+        return None, None
+    dataset = f"`{run.dataset.hub_id or run.dataset.name}`" if run.dataset is not None else "the training data"
+    include, note = picture_policy(terms, with_pictures, dataset)
+    if not include:
+        logger.info("no picture of training images in the export: %s", note)
+    return (picture if include else None), note
+
+
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     if not out_dir.exists():
         return
@@ -183,7 +197,7 @@ def _staged_folder(out_dir: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_weights(run_dir: Path, run: RunInfo, folder: Path) -> tuple[torch.nn.Module, bool]:
+def _write_weights(run_dir: Path, run: RunInfo, folder: Path, license: str) -> tuple[torch.nn.Module, bool]:
     """Weights + config through timm's own writer, with a clean pretrained_cfg.
 
     Returns the backbone and whether loading it needs ``import hub_ccrop`` (an architecture timm lacks).
@@ -197,7 +211,7 @@ def _write_weights(run_dir: Path, run: RunInfo, folder: Path) -> tuple[torch.nn.
     state_dict = safetensors.torch.load_file(str(weights), device="cpu")
     model = _build_backbone(run, state_dict)
     needs_import = _ensure_architecture(run.model)
-    cfg = _clean_pretrained_cfg(model, run)
+    cfg = _clean_pretrained_cfg(model, run, license)
     model.pretrained_cfg = cfg
     model.default_cfg = cfg
     data_config = {k: cfg[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")}
@@ -239,29 +253,37 @@ def export_run(
     template: str | os.PathLike | None = None,
     overwrite: bool = False,
     verify: bool = True,
+    license: str | None = None,
+    with_pictures: bool = False,
 ) -> Path:
     """Write a timm Hub repo folder for a run: weights, config, boxes, recipe, metrics, picture, model card.
 
-    ``repo_id`` fills the card's usage snippets (``ORG/NAME`` when unknown). The folder is built next to
-    ``out_dir`` and moved into place at the end; ``verify`` reloads it with ``timm.create_model("local-dir:...")``
-    and checks that the weights are bit-identical. Returns ``out_dir``.
+    ``repo_id`` fills the card's usage snippets (``ORG/NAME`` when unknown). ``license`` (a Hub licence id)
+    replaces the default, the training data's terms (:func:`~hub_ccrop.hub.sharing.data_terms`). The picture
+    of training images goes in only when they are public already or ``with_pictures`` says so; the card says
+    which images it shows. The folder is built next to ``out_dir`` and moved into place at the end;
+    ``verify`` reloads it with ``timm.create_model("local-dir:...")`` and checks that the weights are
+    bit-identical. Returns ``out_dir``.
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     run = RunInfo.load(run_dir)
     _require_preprocessing(run, run_dir)
+    terms = license_terms(data_terms(run.dataset), license)
+    if terms.ask:
+        logger.warning("licence `%s`: %s", terms.license, terms.note)
     metrics = _run_metrics(run_dir)
     _prepare_out_dir(out_dir, overwrite)
     with _staged_folder(out_dir) as tmp:
-        model, needs_import = _write_weights(run_dir, run, tmp)
+        model, needs_import = _write_weights(run_dir, run, tmp, terms.license)
         table = _write_boxes(run_dir, run, tmp)
         _write_recipe_and_metrics(run_dir, metrics, tmp)
-        picture = _table_picture(run_dir, table)
+        picture, picture_note = _picture(run_dir, run, table, terms, with_pictures)
         if picture is not None:
             shutil.copyfile(picture, tmp / PICTURE_NAME)
         card = build_model_card(
             run, metrics, repo_id=repo_id, boxes=table, picture=PICTURE_NAME if picture else None,
             needs_import=needs_import, num_features=int(getattr(model, "num_features", 0)),
-            has_recipe=(tmp / "recipe.yaml").is_file(), template=template,
+            has_recipe=(tmp / "recipe.yaml").is_file(), template=template, terms=terms, picture_note=picture_note,
         )
         card.save(tmp / "README.md")
         if verify:

@@ -23,6 +23,9 @@ __all__ = ["PublishError", "PublishResult", "export_boxes_dataset", "publish_run
 
 logger = logging.getLogger(__name__)
 
+NO_TOKEN = ("no Hugging Face token: log in with `hf auth login` (or set HF_TOKEN to a write token from "
+            "https://huggingface.co/settings/tokens), then run this command again")
+
 
 class PublishError(RuntimeError):
     """An upload failed; the message says what to re-run (the local export is left intact)."""
@@ -110,14 +113,12 @@ def export_boxes_dataset(
     return out_dir
 
 
-def _folder_to_publish(
-    run_dir: Path, repo_id: str, export_dir: str | os.PathLike | None, template: str | os.PathLike | None
-) -> Path:
+def _folder_to_publish(run_dir: Path, repo_id: str, export_dir: str | os.PathLike | None, **export: Any) -> Path:
     """An export folder as it is, else a fresh export of the run (``export_dir``, default ``RUN/export``)."""
     if _is_export_dir(run_dir):
         return run_dir
     folder = Path(export_dir) if export_dir else run_dir / "export"
-    export_run(run_dir, folder, repo_id=repo_id, template=template, overwrite=True)
+    export_run(run_dir, folder, repo_id=repo_id, overwrite=True, **export)
     return folder
 
 
@@ -140,10 +141,20 @@ def _upload_model_folder(api: Any, repo_id: str, folder: Path, revision: str | N
         )
 
 
+def _card_license(folder: Path) -> str:
+    """The licence on the model card of an export folder (``other`` when it names none)."""
+    from huggingface_hub import metadata_load
+
+    card = folder / "README.md"
+    license_id = (metadata_load(card) or {}).get("license") if card.is_file() else None
+    return license_id if isinstance(license_id, str) else "other"
+
+
 def _publish_boxes(api: Any, folder: Path, repo_id: str, boxes_repo_id: str, private: bool, token: str) -> str:
     """Export the box table of ``folder`` as a dataset repo folder next to it and upload it; returns its URL."""
     boxes_dir = folder.parent / f"{folder.name}-boxes"
-    export_boxes_dataset(folder, boxes_dir, repo_id=boxes_repo_id, model_repo_id=repo_id)
+    export_boxes_dataset(folder, boxes_dir, repo_id=boxes_repo_id, model_repo_id=repo_id,
+                         license=_card_license(folder))
     _check_no_token(boxes_dir, token)
     boxes_url = str(api.create_repo(boxes_repo_id, private=private, exist_ok=True, repo_type="dataset"))
     api.upload_folder(repo_id=boxes_repo_id, repo_type="dataset", folder_path=str(boxes_dir),
@@ -163,19 +174,24 @@ def publish_run(
     template: str | os.PathLike | None = None,
     token: str | None = None,
     endpoint: str | None = None,
+    license: str | None = None,
+    with_pictures: bool = False,
 ) -> PublishResult:
     """Export a run (or take an existing export folder) and upload it to the model repo ``repo_id``.
 
-    The token comes from ``token`` or huggingface_hub's usual sources; it is never printed or written.
-    ``revision`` uploads to that branch (created from main if missing). ``boxes_repo_id`` also publishes the
-    box table as a dataset repo. On failure a :class:`PublishError` says what to re-run; the export stays.
+    The token comes from ``token`` or huggingface_hub's usual sources; it is never printed or written, and
+    without one nothing is exported or sent. ``license`` and ``with_pictures`` go to :func:`export_run`
+    (an existing export folder is uploaded as it is). ``revision`` uploads to that branch (created from main
+    if missing). ``boxes_repo_id`` also publishes the box table as a dataset repo, under the model's licence.
+    On failure a :class:`PublishError` says what to re-run; the export stays.
     """
     from huggingface_hub import HfApi, get_token
 
-    folder = _folder_to_publish(Path(run_dir), repo_id, export_dir, template)
     token = token or get_token()
     if not token:
-        raise PublishError("no Hugging Face token found: run `hf auth login` or set HF_TOKEN, then re-run")
+        raise PublishError(NO_TOKEN)
+    folder = _folder_to_publish(Path(run_dir), repo_id, export_dir, template=template, license=license,
+                                with_pictures=with_pictures)
     _check_no_token(folder, token)
 
     api = HfApi(endpoint=endpoint, token=token)
