@@ -136,6 +136,7 @@ class TrainConfig:
     knn_k: int = 200
     knn_temperature: float = 0.1
     log_every: int = 10  # steps
+    log_with: str | list[str] = "tensorboard"  # accelerate tracker(s), e.g. tensorboard, wandb, trackio, mlflow, comet_ml, aim, clearml, dvclive, swanlab; all (every installed one) or none; logs go to RUN/logs
     show_images: int = 8  # images in each localization picture
     output_dir: str | None = None
     max_steps: int | None = None  # stop (without finishing) after this many steps: debugging and tests
@@ -158,6 +159,15 @@ class Recipe:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def trackers(self) -> list[str]:
+        """``train.log_with`` as accelerate's ``log_with`` list (``none``: no tracker)."""
+        names = [self.train.log_with] if isinstance(self.train.log_with, str) else list(self.train.log_with)
+        return [] if names == ["none"] else names
+
+    def run_dir(self, output_dir: str | Path | None = None) -> Path:
+        """The run folder: ``output_dir``, else ``train.output_dir``, else ``runs/<name>``."""
+        return Path(output_dir or self.train.output_dir or Path("runs") / self.name)
 
     def localization_epochs(self) -> list[int]:
         """Epochs (1-based) after which boxes are re-localized; empty for RandomResizedCrop runs."""
@@ -299,6 +309,7 @@ def _validate(recipe: Recipe) -> None:
         raise RecipeError("data.device_resident needs a map-style dataset: set data.streaming: false")
     if recipe.data.device_resident and not recipe.data.batched_views:
         raise RecipeError("data.device_resident works with the batched views path: set data.batched_views: true")
+    _check_trackers(recipe)
     _check_names(recipe)
 
 
@@ -328,6 +339,25 @@ def _check_view_group(group: ViewGroup, key: str) -> None:
         p = getattr(group, name)
         if p is not None and not 0 <= p <= 1:
             raise RecipeError(f"{key}.{name}: a probability in [0, 1], got {p}")
+
+
+def _check_trackers(recipe: Recipe) -> None:
+    """``train.log_with``: accelerate's tracker names, each installed (a missing one fails here, not at step 1)."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    known = [t.value for t in LoggerType]
+    available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+    names = recipe.trackers()
+    if "none" in names:
+        raise RecipeError("train.log_with: 'none' stands alone (no tracker); give it without other trackers")
+    for name in names:
+        if name not in known:
+            raise RecipeError(f"train.log_with: unknown tracker {name!r}{_did_you_mean(name, known)}; "
+                              f"choose from {', '.join(known)} or none")
+        if name != "all" and name not in available:
+            raise RecipeError(f"train.log_with: {name} is not installed: pip install {name.replace('_', '-')} "
+                              f"(installed: {', '.join(sorted(available)) or 'none'})")
 
 
 def _did_you_mean(name: str, known: list[str]) -> str:

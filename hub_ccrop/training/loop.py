@@ -96,9 +96,9 @@ class Run:
 
 def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool, stop: StopRequest) -> dict[str, Any]:
     t = recipe.train
-    out = Path(output_dir or t.output_dir or Path("runs") / recipe.name)
+    out = recipe.run_dir(output_dir)
     accelerator = Accelerator(
-        mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum, log_with="tensorboard",
+        mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum, log_with=recipe.trackers(),
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
