@@ -34,15 +34,15 @@ __all__ = ["Recipe", "RecipeError", "ViewGroup", "apply_overrides", "batch_split
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet18_cifar"
+    name: str = "resnet18_cifar"  # a timm model name (resnet50, vit_small_patch16_224, ...), hf-hub:ORG/NAME or local-dir:PATH
     args: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs (model_args)
-    channels_last: bool = False
-    sync_bn: bool = False
+    channels_last: bool = False  # channels_last memory format (faster convolutions on recent GPUs)
+    sync_bn: bool = False  # BatchNorm statistics over all processes (SyncBatchNorm) when there are several
 
 
 @dataclass
 class MethodConfig:
-    name: str = "simclr"
+    name: str = "simclr"  # the self-supervised method: simclr, moco_v1, moco_v2, byol, simsiam
     options: dict[str, Any] = field(default_factory=dict)  # passed to build_method (temperature, dims, ...)
 
 
@@ -50,12 +50,12 @@ class MethodConfig:
 class DataConfig:
     dataset: str = "cifar10"  # a spec name (cifar10, small_objects, ...) or a Hub id / local path
     data_dir: str | None = None  # local copy: a folder of Hub-style parquet files or an imagefolder tree
-    image_column: str | None = None
-    label_column: str | None = None
+    image_column: str | None = None  # the image column instead of the spec's (else "image")
+    label_column: str | None = None  # the label column (kNN monitor only; labels never train) instead of the spec's
     image_size: int | None = None  # training (and eval) resolution instead of the spec's
-    streaming: bool = False
+    streaming: bool = False  # stream the dataset (parquet row groups) instead of downloading it first
     batch_size: int = 512  # GLOBAL batch (all processes x grad_accum), as the paper and official configs
-    num_workers: int = 4
+    num_workers: int = 4  # DataLoader worker processes per training process
     batched_views: bool = False  # crop/augment whole batches on the training device
     device_resident: bool = False  # keep decoded uint8 images on the device (small datasets)
     holdout: int = 0  # last N rows of the train split held out as the labeled kNN test split
@@ -69,10 +69,10 @@ class DataConfig:
 @dataclass
 class CropConfig:
     mode: str = "ccrop"  # ccrop | rcrop (RandomResizedCrop baseline)
-    scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
-    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
-    alpha: float = 0.1
-    k: float = 0.1
+    scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # [min, max] crop area, fraction of the image (or box)
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # [min, max] crop aspect ratio (width / height)
+    alpha: float = 0.1  # Beta(alpha, alpha) of the crop centres inside the box (1: uniform; small: spread to the box's edges)
+    k: float = 0.1  # heatmap threshold: the box bounds the pixels above k in the min-max normalized heatmap
     heatmap_alignment: str = "receptive_field"  # receptive_field | official (the official code's boxes, for reproduction)
     warmup_epochs: int = 100  # RandomResizedCrop epochs before ContrastiveCrop starts
     loc_interval: int = 100  # localize after every loc_interval epochs once warm-up is over
@@ -91,54 +91,54 @@ class ViewGroup:
     ``crop.blur`` or the dataset asks for blur, else 0.
     """
 
-    count: int = 2
+    count: int = 2  # crops per image in this group
     size: int | None = None  # pixels (square views)
     scale: list[float] | None = None  # crop area range, fraction of the image (of the box for ccrop)
     ratio: list[float] | None = None  # crop aspect-ratio range
     crop: str = "ccrop"  # ccrop: Algorithm 1 inside the image's box once boxes exist | rcrop: the whole image, always
-    flip_p: float = 0.5
+    flip_p: float = 0.5  # probability of a horizontal flip
     jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.1])  # brightness, contrast, saturation, hue
-    jitter_p: float = 0.8
-    gray_p: float = 0.2
-    blur_p: float | None = None
-    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
-    solarize_p: float = 0.0
+    jitter_p: float = 0.8  # probability of the colour jitter
+    gray_p: float = 0.2  # probability of grayscale
+    blur_p: float | None = None  # probability of Gaussian blur; None: 0.5 with crop.blur or a dataset that asks for blur, else 0
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])  # [min, max] sigma of the blur, in pixels
+    solarize_p: float = 0.0  # probability of solarization
 
 
 @dataclass
 class OptimConfig:
     name: str = "sgd"  # sgd | lars | adamw
-    lr: float = 0.5
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    lr: float = 0.5  # base learning rate (see lr_scaling)
+    momentum: float = 0.9  # SGD / LARS momentum; AdamW: unused (see betas)
+    weight_decay: float = 1e-4  # weight decay (see weight_decay_filter, weight_decay_end)
     schedule: str = "cosine"  # cosine (per epoch, to lr * final_lr_ratio) | step | constant
-    final_lr_ratio: float = 0.1
-    milestones: list[int] = field(default_factory=lambda: [60, 80])  # step schedule: epochs (1-based) after which
-    step_factor: float = 0.1  # ... the lr is multiplied by step_factor
+    final_lr_ratio: float = 0.1  # cosine schedule: the last epoch's lr as a fraction of lr
+    milestones: list[int] = field(default_factory=lambda: [60, 80])  # step schedule: epochs (1-based) after which the lr is multiplied by step_factor
+    step_factor: float = 0.1  # step schedule: the lr's factor at each milestone
     warmup_epochs: int = 0  # linear LR warm-up
     lr_scaling: str = "none"  # none | linear (lr * global batch / 256)
     per_step: bool = False  # the schedule at every step (fractional epoch) instead of once per epoch
     weight_decay_end: float | None = None  # cosine weight-decay schedule to this value (per step); None: constant
     weight_decay_filter: str = "all"  # all | no_norm_bias | timm: the parameters exempt from weight decay
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW's (beta1, beta2)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 500
-    seed: int = 0
+    epochs: int = 500  # training epochs
+    seed: int = 0  # seeds the model, the data order and every augmentation (runs are reproducible)
     mixed_precision: str | bool = "no"  # no | bf16 | fp16 (YAML's unquoted `no` arrives as false)
-    grad_accum: int = 1
-    checkpoint_every: int = 1  # epochs
-    checkpoint_every_steps: int | None = None
-    keep_checkpoints: int = 2
-    knn_every: int = 10  # epochs; 0 disables the monitor
-    knn_k: int = 200
-    knn_temperature: float = 0.1
-    log_every: int = 10  # steps
+    grad_accum: int = 1  # gradient accumulation steps per optimizer step (data.batch_size stays the global batch)
+    checkpoint_every: int = 1  # epochs between checkpoints
+    checkpoint_every_steps: int | None = None  # also checkpoint every N steps (long epochs)
+    keep_checkpoints: int = 2  # how many recent checkpoints to keep
+    knn_every: int = 10  # epochs between kNN monitor evaluations; 0 disables the monitor
+    knn_k: int = 200  # kNN monitor: neighbours
+    knn_temperature: float = 0.1  # kNN monitor: temperature of the weighted vote
+    log_every: int = 10  # steps between logged losses
     log_with: str | list[str] = "tensorboard"  # accelerate tracker(s), e.g. tensorboard, wandb, trackio, mlflow, comet_ml, aim, clearml, dvclive, swanlab; all (every installed one) or none; logs go to RUN/logs
     show_images: int = 8  # images in each localization picture
-    output_dir: str | None = None
+    output_dir: str | None = None  # the run folder; default runs/<name> (--output-dir overrides)
     max_steps: int | None = None  # stop (without finishing) after this many steps: debugging and tests
 
 
@@ -151,7 +151,7 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     views: list[ViewGroup] | None = None  # view groups; None: two identical views (the paper's)
-    name: str = "run"
+    name: str = "run"  # the run's name (its default folder, its tracker project); default: the recipe file's name
     target: str | None = None  # the paper's reference number for this setting (documentation)
 
     def to_dict(self) -> dict[str, Any]:

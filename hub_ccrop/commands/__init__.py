@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "evaluate",
     "detection",
     "hub",
+    "recipe",
 )
 
 
