@@ -21,6 +21,7 @@ from hub_ccrop.evaluate.detection import (
     finetune_detection,
 )
 from hub_ccrop.evaluate.detectron2 import export_detectron2
+from hub_ccrop.extras import require_detection_extras
 from hub_ccrop.recipe import per_process_batch
 
 # ----------------------------------------------------------------------------------------------------
@@ -147,6 +148,7 @@ def _save_detector(out: Path, model: nn.Module, result: dict[str, Any]) -> Path:
 def _run_finetune_detection(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate import Accelerator
 
+    require_detection_extras()  # before any data is read or step taken
     accelerator = Accelerator()
     load = dict(name=args.config_name, data_dir=args.data_dir, data_files=args.data_files)
     train_data = _load_split(args.dataset, args.train_split, **load)
