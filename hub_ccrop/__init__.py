@@ -5,10 +5,10 @@ Importing the package registers the CIFAR-stem ResNets (``resnet18_cifar``, ...)
 
     import hub_ccrop
 
-    run = hub_ccrop.train("recipes/quickstart.yaml", overrides={"train.epochs": 2})  # the run folder
+    run = hub_ccrop.train("recipes/quickstart.yaml", overrides={"train.seed": 1})  # the run folder
     backbone = hub_ccrop.load_backbone(run)            # a timm model; also "hf-hub:ORG/NAME"
     boxes = hub_ccrop.load_boxes(run)                  # the BoxTable; also a Hub repo id
-    recipe = hub_ccrop.load_recipe("recipes/quickstart.yaml", ["train.epochs=2"])
+    recipe = hub_ccrop.load_recipe("recipes/quickstart.yaml", ["train.epochs=16"])
 
 ``train``, ``load_recipe``, ``load_backbone`` and ``load_boxes`` load their modules on first use.
 """

@@ -76,10 +76,16 @@ def test_import_is_light_and_the_api_names_load_on_first_use():
     assert hub_ccrop.train.__module__ == "hub_ccrop.api" and "train" in hub_ccrop.__all__
 
 
-def test_train_returns_the_run_folder_that_the_loaders_read(objects, tmp_path):
-    out = hub_ccrop.train(recipe_dict(objects), overrides={"train.epochs": 1, "train.seed": 3},
-                          output_dir=tmp_path / "run")
-    assert out == tmp_path / "run" and (out / "backbone.safetensors").is_file()
+@pytest.fixture(scope="module")
+def api_run(objects, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("api") / "run"
+    assert hub_ccrop.train(recipe_dict(objects), overrides={"train.epochs": 1, "train.seed": 3}, output_dir=out) == out
+    return out
+
+
+def test_train_returns_the_run_folder_that_the_loaders_read(api_run, objects, tmp_path):
+    out = api_run
+    assert (out / "backbone.safetensors").is_file()
     assert yaml.safe_load((out / "recipe.yaml").read_text())["train"]["seed"] == 3  # the override was applied
     backbone = hub_ccrop.load_backbone(out).eval()
     with torch.no_grad():
@@ -146,3 +152,29 @@ def test_a_second_tracker_offline_gets_the_config_and_the_steps(objects, tmp_pat
 
         (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
         assert run.data.params["optim.lr"] == "0.1" and "train/loss" in run.data.metrics
+
+
+def test_the_readme_example_runs_as_written(api_run, monkeypatch):
+    """The README's Python API block, with the training call answered by a finished run (same signature)."""
+    import inspect
+    import re
+
+    import hub_ccrop.api
+
+    (block,) = re.findall(r"## Python API\n.*?```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+    assert len(block.strip().splitlines()) <= 6  # import + five lines
+    calls = []
+
+    def trained(*args, **kwargs):
+        inspect.signature(hub_ccrop.api.train).bind(*args, **kwargs)
+        recipe = hub_ccrop.load_recipe(ROOT / args[0], hub_ccrop.api.override_strings(kwargs.get("overrides")))
+        calls.append(recipe)
+        return api_run
+
+    monkeypatch.setattr(hub_ccrop.api, "train", trained)
+    monkeypatch.chdir(ROOT)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert calls[0].train.seed == 1 and scope["run"] == api_run
+    assert len(scope["boxes"]) == ROWS and scope["recipe"].train.epochs == 16
+    assert callable(scope["backbone"])
