@@ -25,6 +25,7 @@ from hub_ccrop.hub import load_boxes
 from hub_ccrop.methods import build_method
 from hub_ccrop.models import create_backbone, prepare_model
 from hub_ccrop.optim import build_optimizer, set_epoch_lr, set_step_schedule
+from hub_ccrop.progress import RunProgress
 from hub_ccrop.recipe import Recipe, batch_split
 from hub_ccrop.training.data_source import RunData, SeededCollate, ViewSource, build_data, view_source
 from hub_ccrop.training.monitors import knn_monitor, localization_pass, sync_buffers
@@ -116,6 +117,7 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool, stop: St
                       f"{accelerator.num_processes} process(es) on {accelerator.device.type}; run folder {out}")
 
     stop.install()  # from here on, Ctrl-C/SIGTERM stop after the current step with a checkpoint
+    progress = RunProgress(t.epochs, len(run.batches), recipe.localization_epochs(), start_step=run.state.global_step)
     while run.state.epoch < t.epochs:
         if signum := stop.agreed(accelerator):
             raise run.interrupted(signum)
@@ -123,6 +125,7 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool, stop: St
         if record is None:  # train.max_steps reached
             return {"stopped_at_step": run.state.global_step}
         end_of_epoch(run, record)
+        progress.report(accelerator, run.state.epoch, run.state.global_step, record["images_per_s"])
     return finish(run, time.perf_counter() - run_start)
 
 

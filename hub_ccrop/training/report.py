@@ -11,6 +11,7 @@ import torch
 
 from hub_ccrop import data as data_lib
 from hub_ccrop.crop import FULL_BOX, object_miss_rate
+from hub_ccrop.hub.sharing import data_terms
 from hub_ccrop.recipe import Recipe
 from hub_ccrop.run_info import RunInfo, Schedule
 from hub_ccrop.training.data_source import RunData
@@ -34,7 +35,7 @@ def run_info(recipe: Recipe, run_data: RunData, backbone, num_processes: int) ->
         schedule=Schedule(crop=recipe.crop.mode, warmup_epochs=recipe.crop.warmup_epochs,
                           loc_epochs=tuple(recipe.localization_epochs()), k=recipe.crop.k, alpha=recipe.crop.alpha,
                           heatmap_alignment=recipe.crop.heatmap_alignment),
-        license="apache-2.0", target=recipe.target,
+        license=data_terms(spec, lookup=False).license, target=recipe.target,
     )
 
 
