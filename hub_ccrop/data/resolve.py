@@ -182,7 +182,7 @@ def resolve_spec(
                             f"(splits: {', '.join(splits)}): set data.splits")
     _check_readable(spec)
     spec, no_labels, classes = _with_columns(spec, box_column)
-    where = f"data {spec.name} ({source}): {num_rows(spec)} images"
+    where = f"data {source}: {num_rows(spec)} images"
     if spec.label_column is None:
         off = "" if not knn else ": the kNN monitor is off (it needs labels, as `hub-ccrop eval linear` does)"
         return spec.replace(test_split=None), f"{where} without labels ({no_labels}){off}"
