@@ -19,8 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 INJECT = """
 import sys
 import torch
-import hub_ccrop.train as train
-from hub_ccrop.views import TwoViewCollate
+import hub_ccrop.training.loop as loop
+import hub_ccrop.training.monitors as monitors
+from hub_ccrop.views import ViewCollate
 
 where = sys.argv[1]
 
@@ -28,12 +29,12 @@ def fail(*args, **kwargs):
     raise RuntimeError(f"injected failure in {where}")
 
 if where == "knn":
-    train._knn = fail
+    loop.knn_monitor = fail
 elif where == "localization":
-    train.localize_boxes = fail
+    monitors.localize_boxes = fail
 else:  # a DataLoader worker (forked after the patch): its first batch fails
-    collate = TwoViewCollate.__call__
-    TwoViewCollate.__call__ = lambda self, rows: (
+    collate = ViewCollate.__call__
+    ViewCollate.__call__ = lambda self, rows: (
         fail() if torch.utils.data.get_worker_info() is not None else collate(self, rows))
 from hub_ccrop.cli import main
 sys.exit(main(sys.argv[2:]))

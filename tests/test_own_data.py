@@ -277,7 +277,7 @@ def own_recipe(dataset: Path, *overrides: str):
 def test_unlabeled_folder_trains_a_couple_of_steps(tmp_path, capsys):
     """A flat folder of mixed-size photos: the start line says the kNN monitor is off; training, a pass
     and its picture, the backbone and the boxes all happen, and no kNN number is made up."""
-    from hub_ccrop.train import train
+    from hub_ccrop.training import train
 
     photos = write_images(tmp_path / "photos", [f"{k:02d}.jpg" for k in range(12)], size=(40, 30))
     write_images(photos, [f"{k:02d}.png" for k in range(12, 16)], size=(24, 36))
@@ -290,12 +290,12 @@ def test_unlabeled_folder_trains_a_couple_of_steps(tmp_path, capsys):
 
 def test_chance_level_keeps_its_digits():
     from hub_ccrop.recipe import load_recipe
-    from hub_ccrop.train import _summary
+    from hub_ccrop.training.report import summary
 
     metrics = {"wall_seconds": 60, "train_images_per_s": 10, "knn_top1": 3.0, "knn_chance": 100 / 200,
                "skipped_images": 0}
-    assert "(chance 0.5%)" in _summary(load_recipe({}), metrics, Path("run"))
-    assert "(chance 10%)" in _summary(load_recipe({}), {**metrics, "knn_chance": 10.0}, Path("run"))
+    assert "(chance 0.5%)" in summary(load_recipe({}), metrics, Path("run"))
+    assert "(chance 10%)" in summary(load_recipe({}), {**metrics, "knn_chance": 10.0}, Path("run"))
 
 
 @pytest.mark.slow
@@ -305,7 +305,7 @@ def test_own_folder_end_to_end_to_a_timm_export(tmp_path, capsys):
     import timm
 
     from hub_ccrop.hub import export_run
-    from hub_ccrop.train import train
+    from hub_ccrop.training import train
 
     photos = write_images(tmp_path / "photos", [f"{k:03d}.jpg" for k in range(96)], size=(40, 30))
     metrics = train(own_recipe(photos, "data.batch_size=16"), tmp_path / "run")
