@@ -326,3 +326,31 @@ def test_own_folder_end_to_end_to_a_timm_export(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "every 10th image (4 images, train[9::10])" in out and metrics["knn_chance"] == 50
     assert 0 <= metrics["box_iou"] <= 1 and "learned boxes vs ground truth" in out
+
+
+@pytest.mark.slow  # an interpreter start and the loopback Hub
+def test_hub_dataset_without_labels(tmp_path):
+    """``ORG/NAME`` on the (loopback) Hub with one image column named anything and no label column."""
+    import os
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from hub_server import FakeHub
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"picture": [{"bytes": image_bytes(k), "path": None} for k in range(6)],
+                             "caption": list("abcdef")}), buf)
+    script = ("from hub_ccrop.data import get_spec, load_images\nfrom hub_ccrop.data.resolve import resolve_spec\n"
+              "spec, note = resolve_spec(get_spec('test-user/photos'))\n"
+              "print(spec.image_column, spec.label_column, len(load_images(spec)))\nprint(note)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    with FakeHub() as hub:
+        hub.add_files("test-user/photos", {"data/train-00000-of-00001.parquet": buf.getvalue()})
+        env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path),
+                   HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")
+        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found, note = result.stdout.strip().splitlines()[-2:]
+    assert found == "picture None 6"
+    assert note.startswith("data test-user/photos: 6 images without labels (no label column (columns: picture, caption))")
