@@ -142,7 +142,7 @@ def test_readme_on_a_fresh_clone_without_shared(tmp_path):
                              "data.batch_size=16", "data.num_workers=0", "train.epochs=2", "crop.warmup_epochs=1",
                              "crop.loc_interval=1", "train.mixed_precision=no", "method.options.queue_size=32",
                              "method.options.split_bn=2"])
-    assert "data photos/: 32 images without labels" in trained.stdout and "kNN monitor is off" in trained.stdout
+    assert "data photos: 32 images without labels" in trained.stdout and "kNN monitor is off" in trained.stdout
     assert all((clone / "runs" / "own_images" / f).exists() for f in ("backbone.safetensors", "boxes.parquet", "pictures"))
     shutil.rmtree(photos)
     # runs/, exports/ and the caches leave the clone clean
