@@ -113,7 +113,7 @@ def _with_columns(spec: DatasetSpec, box_column: str | None = None) -> tuple[Dat
 def _spread_holdout(spec: DatasetSpec) -> tuple[DatasetSpec, int] | None:
     """Every m-th row of the unsliced train split as the test split, the rest for pretraining and the kNN
     bank; None when the train split is sliced or too small. Returns the spec and m."""
-    base, rows = parse_split(spec.train_split)
+    base = parse_split(spec.train_split)[0]
     uses = [s for s in spec.pretrain_splits if parse_split(s)[0] == base]
     if spec.train_split != base or any(s != base for s in uses) or base not in split_names(spec):
         return None
