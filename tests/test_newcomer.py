@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 # Shortens the quickstart for a test (same recipe, same commands): 512 images, 2 epochs, kNN on 256.
@@ -130,5 +132,18 @@ def test_readme_on_a_fresh_clone_without_shared(tmp_path):
     assert "import hub_ccrop" in card and "plain timm does not know it" in card and "python train.py" not in card
     assert "Source of the kNN number: the training run's kNN monitor" in card  # the summary's number, named
     assert "`hub-ccrop eval knn` after training (`eval_knn.json`) measured" in card  # the later one, apart
+    # 5. Your own images: the README's command on a folder of photos (no labels), shortened like the quickstart.
+    own = next(c for c in commands if c.startswith("hub-ccrop train recipes/own_images.yaml"))
+    photos = clone / "photos"
+    photos.mkdir()
+    for k in range(32):
+        Image.new("RGB", (48 + k, 40), (8 * k, 90, 30)).save(photos / f"{k:02d}.jpg")
+    trained = user.run(own, ["model.name=resnet_tiny_cifar", "model.channels_last=false", "data.image_size=16",
+                             "data.batch_size=16", "data.num_workers=0", "train.epochs=2", "crop.warmup_epochs=1",
+                             "crop.loc_interval=1", "train.mixed_precision=no", "method.options.queue_size=32",
+                             "method.options.split_bn=2"])
+    assert "data photos: 32 images without labels" in trained.stdout and "kNN monitor is off" in trained.stdout
+    assert all((clone / "runs" / "own_images" / f).exists() for f in ("backbone.safetensors", "boxes.parquet", "pictures"))
+    shutil.rmtree(photos)
     # runs/, exports/ and the caches leave the clone clean
     assert subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True, text=True).stdout == ""

@@ -60,15 +60,19 @@ def _normalized(boxes: np.ndarray, box_format: str, size: tuple[int, int] | None
     xyxy = _to_xyxy(boxes, kind)
     if not scale:
         height, width = size
+        pixels = xyxy.copy()
         xyxy = xyxy / np.array([width, height, width, height], dtype=np.float64)
         slack = _SLACK_PX / min(width, height)
         where = f"the {width}x{height} image"
     else:
-        slack, where = _SLACK, "[0, 1]"
-    for raw, box in zip(boxes, xyxy, strict=True):
+        slack, where, pixels = _SLACK, "[0, 1]", None
+    for k, (raw, box) in enumerate(zip(boxes, xyxy, strict=True)):
         shown = "[" + ", ".join(f"{v:g}" for v in raw) + "]"
         if box[2] <= box[0] or box[3] <= box[1]:
             raise ValueError(f"box {shown} has no area in format {box_format}")
+        if pixels is not None and min(pixels[k, 2] - pixels[k, 0], pixels[k, 3] - pixels[k, 1]) < 1:
+            raise ValueError(f"box {shown} ({box_format}) is less than a pixel wide: normalized coordinates? "
+                             f"set data.box_format={kind}_normalized")
         if box.min() < -slack or box.max() > 1 + slack:
             hint = ""
             if scale and raw.max() > 1:

@@ -113,7 +113,7 @@ def _with_columns(spec: DatasetSpec, box_column: str | None = None) -> tuple[Dat
 def _spread_holdout(spec: DatasetSpec) -> tuple[DatasetSpec, int] | None:
     """Every m-th row of the unsliced train split as the test split, the rest for pretraining and the kNN
     bank; None when the train split is sliced or too small. Returns the spec and m."""
-    base, rows = parse_split(spec.train_split)
+    base = parse_split(spec.train_split)[0]
     uses = [s for s in spec.pretrain_splits if parse_split(s)[0] == base]
     if spec.train_split != base or any(s != base for s in uses) or base not in split_names(spec):
         return None
@@ -182,7 +182,7 @@ def resolve_spec(
                             f"(splits: {', '.join(splits)}): set data.splits")
     _check_readable(spec)
     spec, no_labels, classes = _with_columns(spec, box_column)
-    where = f"data {spec.name} ({source}): {num_rows(spec)} images"
+    where = f"data {source}: {num_rows(spec)} images"
     if spec.label_column is None:
         off = "" if not knn else ": the kNN monitor is off (it needs labels, as `hub-ccrop eval linear` does)"
         return spec.replace(test_split=None), f"{where} without labels ({no_labels}){off}"
