@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from hub_ccrop.attention import cls_attention_maps, heatmap_source
 from hub_ccrop.distributed import gather_by_id
 
 __all__ = [
@@ -65,8 +66,11 @@ def feature_map(model: nn.Module, images: Tensor) -> Tensor:
     return feats
 
 
-def heatmaps(model: nn.Module, images: Tensor) -> Tensor:
-    """Raw (un-normalized) heatmaps ``[B, h, w]`` in float32: channel sum, or token L2 norm."""
+def heatmaps(model: nn.Module, images: Tensor, source: str = "feature_norm") -> Tensor:
+    """Raw (un-normalized) heatmaps ``[B, h, w]`` in float32: channel sum, or token L2 norm; with ``source``
+    ``cls_attention`` (or ``auto`` on a ViT) the class token's last-block attention (``attention.py``)."""
+    if heatmap_source(model, source) == "cls_attention":
+        return cls_attention_maps(model, images)
     maps = feature_map(model, images).float()
     return maps.norm(dim=1) if _is_token_model(model) else maps.sum(dim=1)
 
