@@ -49,8 +49,10 @@ class FakeBackbone(nn.Module):
 
 def tiny(name: str, seed: int = 0, **cfg) -> SSLMethod:
     torch.manual_seed(seed)
-    if name.startswith("moco"):
+    if name in ("moco_v1", "moco_v2"):
         cfg.setdefault("queue_size", 64)
+    if name == "dino":
+        cfg.setdefault("out_dim", 256)
     return build_method(name, create_backbone("resnet_tiny_cifar"), **cfg)
 
 
@@ -220,7 +222,10 @@ def test_method_defaults_follow_design() -> None:
         assert cfg["momentum"] == 0.999 and cfg["queue_size"] == 65536 and cfg["out_dim"] == 128
     assert METHOD_DEFAULTS["byol"]["momentum"] == 0.996 and METHOD_DEFAULTS["byol"]["out_dim"] == 128
     assert METHOD_DEFAULTS["simsiam"]["fix_pred_lr"] is True
-    assert set(METHOD_DEFAULTS) == {"simclr", "moco_v1", "moco_v2", "byol", "simsiam"}
+    dino, v3 = METHOD_DEFAULTS["dino"], METHOD_DEFAULTS["moco_v3"]  # main_dino.py / main_moco.py defaults
+    assert (dino["out_dim"], dino["momentum"], dino["student_temperature"], dino["teacher_temperature"]) == (65536, 0.996, 0.1, 0.04)
+    assert (v3["out_dim"], v3["hidden_dim"], v3["momentum"], v3["temperature"]) == (256, 4096, 0.99, 1.0)
+    assert set(METHOD_DEFAULTS) == {"simclr", "moco_v1", "moco_v2", "byol", "simsiam", "dino", "moco_v3"}
 
 
 def test_unknown_option_names_the_key_and_the_accepted_ones() -> None:
@@ -489,11 +494,12 @@ def test_moco_initial_queue_is_deterministic() -> None:
 # ---------------------------------------------------------------------------------------------- training
 @pytest.mark.parametrize("name", ALL_METHODS)
 def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(name: str) -> None:
-    method = tiny(name)
+    # DINO's centre flattens the teacher's targets step by step (its loss rises on a fixed batch): fixed here
+    method = tiny(name, **({"center_momentum": 1.0} if name == "dino" else {}))
     v1, v2 = views(16)
     optimizer = torch.optim.SGD(method.param_groups(0.05, 0.0), lr=0.05, momentum=0.9)
     initial_queue = None
-    if name.startswith("moco"):  # negatives: keys of other images (random unit vectors are too easy)
+    if hasattr(method, "queue"):  # negatives: keys of other images (random unit vectors are too easy)
         with torch.no_grad():
             initial_queue = F.normalize(method.target(views(64, seed=7)[0]), dim=1)
     losses = []

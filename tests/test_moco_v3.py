@@ -13,7 +13,6 @@ import copy
 import math
 from functools import reduce
 from operator import mul
-from types import SimpleNamespace
 
 import pytest
 import timm
@@ -26,6 +25,7 @@ from hub_ccrop.methods.base import momentum_at
 from hub_ccrop.methods.moco_v3 import MoCoV3, MoCoV3Config, init_mocov3_vit, mocov3_loss, mocov3_mlp
 from hub_ccrop.models import create_backbone
 from hub_ccrop.optim import LARS
+from hub_ccrop.views import Views
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -247,10 +247,9 @@ def test_momentum_schedule_equals_adjust_moco_momentum():
 
 
 # ---------------------------------------------------------------------------------------- training step
-def two_views(seed: int, n: int = 8, size: int = 16) -> SimpleNamespace:
+def two_views(seed: int, n: int = 8, size: int = 16) -> Views:
     g = torch.Generator().manual_seed(seed)
-    x1, x2 = (torch.randn(n, 3, size, size, generator=g, dtype=torch.float64) for _ in range(2))
-    return SimpleNamespace(crops=[x1, x2], groups=[torch.stack([x1, x2])])
+    return Views.of(*(torch.randn(n, 3, size, size, generator=g, dtype=torch.float64) for _ in range(2)))
 
 
 def official_steps(base, momentum_encoder, predictor, optimizer, batches, *, lr, warmup, epochs, iters, moco_m, t):
@@ -339,23 +338,19 @@ def _tiny_methods() -> dict[str, nn.Module]:
     return {"dino": dino, "mocov3": mocov3}
 
 
-def _global_batch() -> dict[str, SimpleNamespace]:
+def _global_batch() -> dict[str, Views]:
     g = torch.Generator().manual_seed(7)
-    groups = [torch.randn(2, 8, 3, 16, 16, generator=g, dtype=torch.float64),
-              torch.randn(3, 8, 3, 8, 8, generator=g, dtype=torch.float64)]
-    x1, x2 = (torch.randn(8, 3, 16, 16, generator=g, dtype=torch.float64) for _ in range(2))
-    return {"dino": SimpleNamespace(groups=groups), "mocov3": SimpleNamespace(crops=[x1, x2], groups=[torch.stack([x1, x2])])}
+    dino = Views.of(*torch.randn(2, 8, 3, 16, 16, generator=g, dtype=torch.float64),
+                    *torch.randn(3, 8, 3, 8, 8, generator=g, dtype=torch.float64))
+    return {"dino": dino, "mocov3": Views.of(*torch.randn(2, 8, 3, 16, 16, generator=g, dtype=torch.float64))}
 
 
-def _shard(views: SimpleNamespace, rank: int, world: int) -> SimpleNamespace:
-    n = views.groups[0].shape[1] // world
-    part = SimpleNamespace(groups=[g[:, rank * n:(rank + 1) * n] for g in views.groups])
-    if hasattr(views, "crops"):
-        part.crops = [c[rank * n:(rank + 1) * n] for c in views.crops]
-    return part
+def _shard(views: Views, rank: int, world: int) -> Views:
+    part = slice(rank * views.batch_size // world, (rank + 1) * views.batch_size // world)
+    return Views([g[:, part] for g in views.groups], views.ids[part], views.labels[part])
 
 
-def _step(method: nn.Module, views: SimpleNamespace) -> dict:
+def _step(method: nn.Module, views: Views) -> dict:
     """One forward/backward; with several processes the gradients are averaged over them (DDP's reduction)."""
     import torch.distributed as dist
 

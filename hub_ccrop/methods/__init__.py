@@ -1,4 +1,4 @@
-"""SSL methods behind one interface: SimCLR, MoCo v1/v2, BYOL, SimSiam on any timm backbone.
+"""SSL methods behind one interface: SimCLR, MoCo v1/v2/v3, BYOL, SimSiam, DINO on any timm backbone.
 
     method = build_method("moco_v2", create_backbone("resnet18_cifar"), queue_size=4096)
     loss, logs = method(views)                  # a Views batch (or method(view1, view2)); logs: {"loss", "pos_cosine"}
@@ -28,6 +28,7 @@ from hub_ccrop.methods.base import (
     momentum_update,
 )
 from hub_ccrop.methods.byol import BYOL, BYOLConfig
+from hub_ccrop.methods.dino import DINO, DINOConfig
 from hub_ccrop.methods.losses import byol_loss, info_nce_loss, mean_cosine, negative_cosine, nt_xent_loss
 from hub_ccrop.methods.moco import (
     MoCo,
@@ -37,6 +38,7 @@ from hub_ccrop.methods.moco import (
     SplitBatchNorm2d,
     convert_split_bn,
 )
+from hub_ccrop.methods.moco_v3 import MoCoV3, MoCoV3Config
 from hub_ccrop.methods.simclr import SimCLR, SimCLRConfig
 from hub_ccrop.methods.simsiam import SimSiam, SimSiamConfig
 
@@ -45,12 +47,16 @@ __all__ = [
     "METHODS",
     "METHOD_DEFAULTS",
     "BYOLConfig",
+    "DINO",
+    "DINOConfig",
     "Encoder",
     "MethodOptions",
     "MoCo",
     "MoCoConfig",
     "MoCoV1Config",
     "MoCoV2Config",
+    "MoCoV3",
+    "MoCoV3Config",
     "MomentumMethod",
     "SSLMethod",
     "SimCLR",
@@ -79,6 +85,8 @@ METHODS: dict[str, tuple[type[SSLMethod], type[MethodOptions]]] = {
     "moco_v2": (MoCo, MoCoV2Config),
     "byol": (BYOL, BYOLConfig),
     "simsiam": (SimSiam, SimSiamConfig),
+    "dino": (DINO, DINOConfig),
+    "moco_v3": (MoCoV3, MoCoV3Config),
 }
 
 #: name -> {option: default}
@@ -102,7 +110,8 @@ def method_config(name: str, **cfg: Any) -> MethodOptions:
 
 
 def build_method(name: str, backbone: nn.Module, **cfg: Any) -> SSLMethod:
-    """Build SSL method ``name`` (``simclr``, ``moco_v1``, ``moco_v2``, ``byol``, ``simsiam``) around
+    """Build SSL method ``name`` (``simclr``, ``moco_v1``, ``moco_v2``, ``byol``, ``simsiam``, ``dino``,
+    ``moco_v3``) around
     ``backbone`` (a ``create_backbone`` model) with options ``cfg`` (see ``METHOD_DEFAULTS``)."""
     key = _canonical(name)
     return METHODS[key][0](backbone, method_config(key, **cfg))

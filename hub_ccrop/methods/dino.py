@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,6 +22,7 @@ from hub_ccrop.distributed import get_world_size
 from hub_ccrop.methods.base import Encoder, MethodOptions, MomentumMethod, MomentumSchedule
 from hub_ccrop.methods.losses import mean_cosine
 from hub_ccrop.models import feature_dim
+from hub_ccrop.views.batch import Views
 
 __all__ = [
     "DINO",
@@ -32,6 +32,7 @@ __all__ = [
     "cancel_last_layer_gradients",
     "clip_gradients",
     "dino_loss",
+    "multi_crop_features",
     "teacher_temperature_at",
     "update_center",
 ]
@@ -56,11 +57,14 @@ class DINOConfig(MethodOptions):
     center_momentum: float = 0.9
     clip_grad: float = 3.0  # per-parameter gradient norm; 0 disables clipping
     freeze_last_layer: int = 1  # epochs during which the head's last layer gets no update
+    global_crops: int = 2  # the teacher's crops: the first ones of the batch (main_dino.py: images[:2])
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.center_momentum <= 1.0:
             raise ValueError(f"option 'center_momentum' must lie in [0, 1], got {self.center_momentum}")
+        if self.global_crops < 1:
+            raise ValueError(f"option 'global_crops' must be >= 1, got {self.global_crops}")
         for name in ("clip_grad", "freeze_last_layer", "warmup_teacher_temperature_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"option {name!r} must be >= 0, got {getattr(self, name)}")
@@ -171,12 +175,26 @@ def cancel_last_layer_gradients(head: DINOHead) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- method
+def multi_crop_features(backbone: nn.Module, crops: Sequence[Tensor]) -> list[Tensor]:
+    """``utils.MultiCropWrapper``: one backbone pass per run of consecutive crops of one size (so BatchNorm
+    statistics cover all crops of a resolution, as in the official code); features in crop order."""
+    runs: list[list[Tensor]] = []
+    for crop in crops:
+        if runs and runs[-1][0].shape[-2:] == crop.shape[-2:]:
+            runs[-1].append(crop)
+        else:
+            runs.append([crop])
+    return [backbone(torch.cat(run)) for run in runs]
+
+
 class DINO(MomentumMethod):
     """Student ``online`` (backbone + :class:`DINOHead`), teacher ``target`` (its EMA, no gradient).
 
-    ``forward(views)``: every crop through the student (one backbone pass per view group, then the head
-    on all of them: ``utils.MultiCropWrapper``), the global crops (group 0) through the teacher; the loss
-    uses the centre of the previous step, then the centre moves toward this step's teacher outputs.
+    ``forward(views)``: every crop through the student (one backbone pass per run of same-size crops, then
+    the head on all of them: ``utils.MultiCropWrapper``), the first ``global_crops`` crops through the
+    teacher (a recipe may give the two global crops their own view groups, as DINO's asymmetric blur and
+    solarization need); the loss uses the previous step's centre, then the centre moves toward this
+    step's teacher outputs.
     ``start_epoch`` sets the teacher temperature and the last-layer freeze; ``before_optimizer_step``
     clips and cancels gradients; ``after_optimizer_step`` moves the teacher. Boxes come from the teacher.
     """
@@ -202,16 +220,19 @@ class DINO(MomentumMethod):
         self.epoch = epoch
         self.teacher_temperature = teacher_temperature_at(epoch, self.config)
 
-    def forward(self, views: Any) -> tuple[Tensor, dict[str, Tensor]]:
-        groups: list[Tensor] = list(views.groups)
-        features = [self.online.backbone(g.flatten(0, 1)) for g in groups]  # one pass per view group
-        student = self.online.head(torch.cat(features)).chunk(sum(g.shape[0] for g in groups))
-        with torch.no_grad():
-            teacher = self.target(groups[0].flatten(0, 1)).chunk(groups[0].shape[0])
+    def forward(self, views: Views) -> tuple[Tensor, dict[str, Tensor]]:
+        crops, n_global = views.crops, self.config.global_crops
+        if len(crops) < n_global:
+            raise ValueError(f"DINO's teacher takes the first {n_global} crops (method.options.global_crops) but "
+                             f"the batch has {len(crops)}: add view groups to the recipe's views")
+        features = torch.cat(multi_crop_features(self.online.backbone, crops))
+        student = self.online.head(features).chunk(len(crops))
+        with torch.no_grad():  # main_dino.py: teacher(images[:2])
+            teacher = self.target(torch.cat(crops[:n_global])).chunk(n_global)
         loss = dino_loss(student, teacher, self.center, self.config.student_temperature, self.teacher_temperature)
         update_center(self.center, torch.cat(teacher), self.config.center_momentum)
-        global_features = features[0].chunk(groups[0].shape[0])
-        return loss, self._logs(loss=loss, pos_cosine=mean_cosine(global_features[0], global_features[-1]))
+        per_crop = features.chunk(len(crops))
+        return loss, self._logs(loss=loss, pos_cosine=mean_cosine(per_crop[0], per_crop[min(1, len(crops) - 1)]))
 
     def before_optimizer_step(self) -> None:
         if self.config.clip_grad:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +22,7 @@ from hub_ccrop.distributed import all_gather_no_grad, get_rank
 from hub_ccrop.methods.base import Encoder, MethodOptions, MomentumMethod, MomentumSchedule
 from hub_ccrop.methods.losses import mean_cosine
 from hub_ccrop.models import feature_dim
+from hub_ccrop.views.batch import Views
 
 __all__ = ["MoCoV3", "MoCoV3Config", "init_mocov3_vit", "mocov3_loss", "mocov3_mlp", "sincos_position_embedding"]
 
@@ -155,7 +155,7 @@ class MoCoV3(MomentumMethod):
     def localization_encoder(self) -> nn.Module:
         return self.target.backbone
 
-    def forward(self, views: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, views: Views) -> tuple[Tensor, dict[str, Tensor]]:
         crops = list(views.crops)
         if len(crops) != 2:
             raise ValueError(f"MoCo v3 trains on 2 views per image, got {len(crops)}; set the recipe's views "
