@@ -351,6 +351,7 @@ def localize_boxes(
     *,
     k: float = 0.1,
     alignment: str = "receptive_field",
+    heatmap: str = "feature_norm",
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
@@ -363,7 +364,8 @@ def localize_boxes(
     the results are gathered **by id** (duplicates from uneven shards are dropped), so every process
     returns the same full table. The model's train/eval mode is restored afterwards.
     ``alignment``: ``"receptive_field"`` (each cell on its receptive-field centre, :func:`cell_centres`)
-    or ``"official"`` (the official code's boxes, :func:`official_boxes_from_heatmaps`).
+    or ``"official"`` (the official code's boxes, :func:`official_boxes_from_heatmaps`). ``heatmap``: the
+    heatmap source (``auto``, ``cls_attention``, ``feature_norm``; see :func:`heatmaps`).
     """
     _check_alignment(alignment)
     if device is None:
@@ -381,7 +383,7 @@ def localize_boxes(
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                maps = heatmaps(model, images)
+                maps = heatmaps(model, images, heatmap)
             all_ids.append(torch.as_tensor(ids, dtype=torch.int64, device=device))
             all_boxes.append(model_boxes(model, maps, tuple(images.shape[-2:]), k, alignment))
     finally:

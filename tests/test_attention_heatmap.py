@@ -12,7 +12,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from hub_ccrop.attention import cls_attention_maps, heatmap_source, supports_cls_attention
-from hub_ccrop.localize import heatmaps, model_boxes
+from hub_ccrop.localize import heatmaps, localize_boxes, model_boxes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -154,3 +154,15 @@ def test_localize_heatmaps_selects_the_source():
     norms = heatmaps(model, images, "feature_norm")  # the token norms: the planted patch too, here
     assert norms.shape == (len(images), GRID, GRID)
     assert not torch.allclose(norms, cls_attention_maps(model, images))
+
+
+def test_localization_pass_boxes_from_attention():
+    """localize_boxes(heatmap=...) over a loader: attention boxes sit on the planted patches."""
+    model = planted_patch_vit(reg_tokens=4)
+    images, cells = planted_images()
+    ids = torch.arange(len(images))
+    loader = [(images[i:i + 16], ids[i:i + 16], ids[i:i + 16]) for i in range(0, len(images), 16)]
+    out_ids, boxes = localize_boxes(model, loader, k=0.5, heatmap="auto", progress=False)
+    assert torch.equal(out_ids, ids)
+    truth = torch.tensor([[c, r, c + 1, r + 1] for r, c in cells], dtype=torch.float32) * PATCH / SIZE
+    torch.testing.assert_close(boxes, truth)  # k = 0.5: exactly the patch
