@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
@@ -30,7 +32,11 @@ from hub_ccrop.methods.dino import (
     teacher_temperature_at,
     update_center,
 )
+from hub_ccrop.optim import build_optimizer, lr_at, set_step_schedule, weight_decay_at
+from hub_ccrop.recipe import Recipe, load_recipe
 from hub_ccrop.views import Views
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -319,17 +325,23 @@ def multi_crop(seed: int, batch: int = 4, n_local: int = 4) -> Views:
                     *torch.randn(n_local, batch, 3, 8, 8, generator=g, dtype=torch.float64))
 
 
-CONFIG = dict(out_dim=64, hidden_dim=32, bottleneck_dim=16, norm_last_layer=False, warmup_teacher_temperature=0.04,
-              teacher_temperature=0.07, warmup_teacher_temperature_epochs=2, freeze_last_layer=1)
+TINY_HEAD = ("method.options.out_dim=64", "method.options.hidden_dim=32", "method.options.bottleneck_dim=16")
+
+
+def paper(name: str, *overrides: str) -> Recipe:
+    return load_recipe(REPO / "recipes" / f"{name}.yaml", list(overrides))
 
 
 @pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
 def test_training_steps_equal_the_official_ones():
-    """Four steps over two epochs (the last layer frozen in the first, the teacher temperature warming up,
-    per-step lr / weight decay on the regularized group, clipping at 3.0, EMA per step): the student, the
-    teacher and the centre equal main_dino.py::train_one_epoch's, driven through the method's interface."""
-    epochs, niter, total = 2, 2, 4
-    config = DINOConfig(**CONFIG)
+    """Four steps over two epochs with the ViT-S recipe's optimizer (AdamW from optim.py, no decay on biases
+    and norms, per-step cosine lr and weight decay 0.04 -> 0.4; warm-up off here, see the schedule test),
+    the last layer frozen in the first epoch, the teacher temperature warming up, clipping at 3.0 and the
+    EMA per step: the student, the teacher and the centre equal main_dino.py::train_one_epoch's."""
+    epochs, niter, batch = 2, 2, 4
+    recipe = paper("dino_vit_small_imagenet1k_rcrop", "train.epochs=2", "optim.warmup_epochs=0",
+                   f"data.batch_size={batch}", "method.options.warmup_teacher_temperature_epochs=2", *TINY_HEAD)
+    config = DINOConfig(**recipe.method.options)
     method = DINO(tiny_vit(), config).double()
     student = OfficialMultiCropWrapper(copy.deepcopy(method.online.backbone),
                                        OfficialDINOHead(24, 64, norm_last_layer=False, hidden_dim=32, bottleneck_dim=16))
@@ -339,21 +351,21 @@ def test_training_steps_equal_the_official_ones():
     teacher.head.load_state_dict(method.target.head.state_dict())
     student, teacher = student.double(), teacher.double().requires_grad_(False)
     official_loss = OfficialDINOLoss(64, 6, 0.04, 0.07, 2, epochs).double()
-    lr_schedule = official_cosine_scheduler(5e-2, 1e-3, epochs, niter)
+    base_lr = recipe.optim.lr * batch / 256  # optim.lr_scaling: linear, as the training loop applies it
+    lr_schedule = official_cosine_scheduler(base_lr, base_lr * recipe.optim.final_lr_ratio, epochs, niter)
     wd_schedule = official_cosine_scheduler(0.04, 0.4, epochs, niter)
     momentum_schedule = official_cosine_scheduler(0.996, 1, epochs, niter)
     ref_opt = torch.optim.AdamW(official_params_groups(student))
-    our_opt = torch.optim.AdamW(official_params_groups(method.online))  # the optimizer side is optim.py's
+    our_opt = build_optimizer(method.param_groups(base_lr, recipe.optim.weight_decay), recipe.optim, base_lr, module=method)
 
-    for it in range(total):
+    for it in range(epochs * niter):
         epoch, views = it // niter, multi_crop(seed=it)
         images = views.crops
         # main_dino.py::train_one_epoch
-        for opt in (ref_opt, our_opt):
-            for i, group in enumerate(opt.param_groups):
-                group["lr"] = lr_schedule[it]
-                if i == 0:
-                    group["weight_decay"] = wd_schedule[it]
+        for i, param_group in enumerate(ref_opt.param_groups):
+            param_group["lr"] = lr_schedule[it]
+            if i == 0:
+                param_group["weight_decay"] = wd_schedule[it]
         teacher_output = teacher(images[:2])
         loss = official_loss(student(images), teacher_output, epoch)
         ref_opt.zero_grad()
@@ -365,17 +377,20 @@ def test_training_steps_equal_the_official_ones():
             m = momentum_schedule[it]
             for param_q, param_k in zip(student.parameters(), teacher.parameters(), strict=True):
                 param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
-        # the project's method, as the training loop drives it
-        method.start_epoch(epoch, epochs)
+        # the project's method and optimizer, as the training loop drives them
+        if it % niter == 0:
+            method.start_epoch(epoch, epochs)
+        set_step_schedule(our_opt, recipe.optim, it / niter, epochs, base_lr)
         ours, logs = method(views)
         our_opt.zero_grad()
         ours.backward()
         method.before_optimizer_step()
         assert (method.online.head.last_layer.weight_v.grad is None) == (epoch == 0)
         our_opt.step()
-        method.after_optimizer_step(it / total)
+        method.after_optimizer_step(it / (epochs * niter))  # the official index; see test_ema_progress_offset
         assert ours.item() == pytest.approx(loss.item(), rel=1e-10)
         assert logs["loss"].item() == pytest.approx(loss.item(), rel=1e-6)  # logs are float32
+    assert [g["weight_decay"] for g in our_opt.param_groups] == [wd_schedule[-1], 0.0]
 
     # atol: the key bias has a zero gradient in exact arithmetic; Adam turns its ~1e-17 rounding noise into
     # ~1e-12 steps (on both sides, differently), so those entries sit near 0 at different 1e-12 values
@@ -411,3 +426,105 @@ def test_options_are_checked():
         DINOConfig(student_temperature=0.0)
     with pytest.raises(ValueError, match="freeze_last_layer"):
         DINOConfig(freeze_last_layer=-1)
+
+
+# ----------------------------------------------------------------------------------------------- recipes
+# The official settings, transcribed from main_dino.py's argument defaults and the README commands named.
+DINO_DEFAULTS = dict(out_dim=65536, use_bn_in_head=False, momentum_teacher=0.996, warmup_teacher_temp=0.04,
+                     clip_grad=3.0, batch_size_per_gpu=64, freeze_last_layer=1, lr=0.0005, warmup_epochs=10,
+                     min_lr=1e-6, local_crops_number=8, drop_path_rate=0.1, student_temp=0.1, center_momentum=0.9)
+OFFICIAL = {
+    # README "Boosting DINO performance", full command: run_with_submitit.py (--nodes 2 --ngpus 8 defaults)
+    "dino_vit_small_imagenet1k": dict(DINO_DEFAULTS, arch="vit_small", patch_size=16, gpus=16, epochs=300,
+                                      teacher_temp=0.07, warmup_teacher_temp_epochs=30, norm_last_layer=False,
+                                      optimizer="adamw", weight_decay=0.04, weight_decay_end=0.4,
+                                      global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4)),
+    # README "ResNet-50 and other convnets trainings": 8 GPUs, defaults otherwise
+    "dino_resnet50_imagenet1k": dict(DINO_DEFAULTS, arch="resnet50", gpus=8, epochs=100, teacher_temp=0.04,
+                                     warmup_teacher_temp_epochs=0, norm_last_layer=True, optimizer="sgd", lr=0.03,
+                                     weight_decay=1e-4, weight_decay_end=1e-4, global_crops_scale=(0.14, 1.0),
+                                     local_crops_scale=(0.05, 0.14)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+@pytest.mark.parametrize("crop", ["ccrop", "rcrop"])
+def test_recipe_settings_equal_the_official_ones(name, crop):
+    official, recipe = OFFICIAL[name], paper(f"{name}_{crop}")
+    opts = DINOConfig(**recipe.method.options)
+    assert recipe.method.name == "dino" and recipe.crop.mode == crop
+    assert (opts.out_dim, opts.use_bn_in_head, opts.norm_last_layer, opts.momentum) == (
+        official["out_dim"], official["use_bn_in_head"], official["norm_last_layer"], official["momentum_teacher"])
+    assert (opts.warmup_teacher_temperature, opts.teacher_temperature, opts.warmup_teacher_temperature_epochs) == (
+        official["warmup_teacher_temp"], official["teacher_temp"], official["warmup_teacher_temp_epochs"])
+    assert (opts.student_temperature, opts.center_momentum, opts.clip_grad, opts.freeze_last_layer) == (
+        official["student_temp"], official["center_momentum"], official["clip_grad"], official["freeze_last_layer"])
+    assert (opts.hidden_dim, opts.bottleneck_dim, opts.global_crops) == (2048, 256, 2)  # DINOHead, images[:2]
+    o = recipe.optim
+    assert recipe.data.batch_size == official["batch_size_per_gpu"] * official["gpus"]
+    assert (o.name, o.lr, o.lr_scaling, o.warmup_epochs, o.per_step) == (
+        official["optimizer"], official["lr"], "linear", official["warmup_epochs"], True)
+    base_lr = o.lr * recipe.data.batch_size / 256
+    assert base_lr * o.final_lr_ratio == pytest.approx(official["min_lr"], rel=1e-12)
+    assert o.weight_decay == official["weight_decay"]
+    assert (o.weight_decay_end or o.weight_decay) == official["weight_decay_end"]
+    assert o.weight_decay_filter == "no_norm_bias"  # utils.get_params_groups
+    if o.name == "sgd":
+        assert o.momentum == 0.9  # torch.optim.SGD(params_groups, lr=0, momentum=0.9)
+    else:
+        assert o.betas == [0.9, 0.999]  # torch.optim.AdamW's defaults
+    assert recipe.train.epochs == official["epochs"]
+    # DataAugmentationDINO: 2 global crops at 224 (blur p 1.0; blur p 0.1 + solarization 0.2), locals at 96
+    groups = recipe.view_groups(224, dataset_blur=True)
+    assert [(g.count, g.size, tuple(g.scale), g.blur_p, g.solarize_p) for g in groups] == [
+        (1, 224, official["global_crops_scale"], 1.0, 0.0), (1, 224, official["global_crops_scale"], 0.1, 0.2),
+        (official["local_crops_number"], 96, official["local_crops_scale"], 0.5, 0.0)]
+    for g in groups:  # flip_and_color_jitter
+        assert (g.flip_p, g.jitter, g.jitter_p, g.gray_p, tuple(g.ratio)) == (
+            0.5, [0.4, 0.4, 0.2, 0.1], 0.8, 0.2, (3 / 4, 4 / 3))
+    if official["arch"] == "resnet50":
+        assert recipe.model.name == "resnet50" and recipe.model.sync_bn  # has_batchnorms -> SyncBatchNorm
+        assert recipe.model.args["zero_init_last"] is False  # torchvision's resnet50 default
+    else:
+        assert recipe.model.name == "vit_small_patch16_224"
+        assert recipe.model.args == {"drop_path_rate": official["drop_path_rate"], "dynamic_img_size": True}
+
+
+def test_timm_vit_small_is_dinos_vit_small():
+    """vision_transformer.py::vit_small: patch 16, width 384, depth 12, 6 heads, MLP ratio 4, qkv bias,
+    LayerNorm eps 1e-6, the class token's final-norm output as the feature."""
+    recipe = paper("dino_vit_small_imagenet1k_ccrop")
+    vit = timm.create_model(recipe.model.name, num_classes=0, **recipe.model.args)
+    assert (vit.patch_embed.patch_size, vit.embed_dim, len(vit.blocks), vit.blocks[0].attn.num_heads) == ((16, 16), 384, 12, 6)
+    assert vit.blocks[0].mlp.fc1.out_features == 4 * 384 and vit.blocks[0].attn.qkv.bias is not None
+    assert vit.norm.eps == 1e-6 and vit.global_pool == "token"
+    assert [round(b.drop_path1.drop_prob, 6) if isinstance(b.drop_path1, DropPath) else 0.0 for b in vit.blocks] == [
+        round(x, 6) for x in torch.linspace(0, 0.1, 12).tolist()]  # drop_path_rate 0.1, linear over depth
+
+
+@pytest.mark.parametrize("name", ["dino_vit_small_imagenet1k_ccrop", "dino_resnet50_imagenet1k_ccrop"])
+def test_lr_and_weight_decay_follow_the_official_schedules_every_step(name):
+    """utils.cosine_scheduler, evaluated by the training loop at epoch + step / steps: after the warm-up the
+    lr and, always, the weight decay equal the official values; the warm-up differs by less than one step
+    of it (np.linspace(0, lr, W) reaches lr at step W - 1, ours at step W)."""
+    recipe, niter = paper(name), 7
+    o, epochs = recipe.optim, recipe.train.epochs
+    base_lr = o.lr * recipe.data.batch_size / 256
+    lr = official_cosine_scheduler(base_lr, base_lr * o.final_lr_ratio, epochs, niter, warmup_epochs=o.warmup_epochs)
+    wd = official_cosine_scheduler(o.weight_decay, o.weight_decay_end or o.weight_decay, epochs, niter)
+    ours_lr = np.array([lr_at(o, it / niter, epochs, base_lr) for it in range(epochs * niter)])
+    ours_wd = np.array([weight_decay_at(o, it / niter, epochs) for it in range(epochs * niter)])
+    warm = o.warmup_epochs * niter
+    np.testing.assert_allclose(ours_lr[warm:], lr[warm:], rtol=1e-12, atol=0)
+    assert np.abs(ours_lr[:warm] - lr[:warm]).max() <= base_lr / warm * (1 + 1e-9)  # reached at the last warm-up step
+    np.testing.assert_allclose(ours_wd, wd, rtol=1e-12, atol=0)
+
+
+def test_ema_progress_offset():
+    """The loop calls after_optimizer_step((it + 1) / total) after step ``it``; main_dino.py uses
+    momentum_schedule[it] = the cosine at it / total: one step later on the cosine. For the ViT-S recipe on
+    ImageNet (300 epochs x 1251 steps) the two momenta differ by at most 2e-8."""
+    total = 300 * 1251
+    diffs = [momentum_at((it + 1) / total, 0.996, "cosine") - momentum_at(it / total, 0.996, "cosine")
+             for it in range(0, total, 97)]
+    assert 0 < max(diffs) <= (1 - 0.996) * math.pi / 2 / total < 2e-8

@@ -13,6 +13,7 @@ import copy
 import math
 from functools import reduce
 from operator import mul
+from pathlib import Path
 
 import pytest
 import timm
@@ -24,10 +25,16 @@ from torch import nn
 from hub_ccrop.methods.base import momentum_at
 from hub_ccrop.methods.moco_v3 import MoCoV3, MoCoV3Config, init_mocov3_vit, mocov3_loss, mocov3_mlp
 from hub_ccrop.models import create_backbone
-from hub_ccrop.optim import LARS
+from hub_ccrop.optim import LARS, build_optimizer, lr_at, set_step_schedule
+from hub_ccrop.recipe import Recipe, load_recipe
 from hub_ccrop.views import Views
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def paper(name: str, *overrides: str) -> Recipe:
+    return load_recipe(REPO / "recipes" / f"{name}.yaml", list(overrides))
 
 
 # ------------------------------------------------------------------------------ official, transcribed
@@ -271,46 +278,48 @@ def official_steps(base, momentum_encoder, predictor, optimizer, batches, *, lr,
         optimizer.step()
 
 
-def project_steps(method, optimizer, batches, *, lr, warmup, epochs, iters):
-    """The method as the training loop drives it (the lr set per step from the official formula: the
-    per-step schedule itself is optim.py's)."""
-    total = epochs * iters
+def project_steps(method, optimizer, recipe, batches, *, base_lr, iters):
+    """The method and the recipe's optimizer as the training loop drives them (per-step schedule)."""
+    epochs = recipe.train.epochs
     for it, views in enumerate(batches):
-        for group in optimizer.param_groups:
-            group["lr"] = official_lr(it / iters, lr, warmup, epochs)
+        set_step_schedule(optimizer, recipe.optim, it / iters, epochs, base_lr)
         loss, _ = method(views)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        method.after_optimizer_step((it + 1) / total)
+        method.after_optimizer_step((it + 1) / (epochs * iters))
 
 
 @pytest.mark.parametrize("arch", ["vit", "resnet"])
 def test_training_steps_equal_the_official_ones(arch):
-    """Four steps (warm-up and cosine lr, cosine momentum): ViT with AdamW (wd 0.1 on every parameter, the
-    frozen patch projection untouched), ResNet with LARS: every parameter and BN statistic equals the
-    official training's."""
+    """Four steps with the ImageNet recipe's method options and optimizer (optim.py): the ViT with AdamW (wd
+    0.1 on every parameter, the frozen patch projection untouched), the ResNet with LARS; warm-up then
+    cosine lr per step, cosine momentum: every parameter and BN statistic equals the official training's."""
+    name = f"moco_v3_{'vit_small' if arch == 'vit' else 'resnet50'}_imagenet1k_rcrop"
+    recipe = paper(name, "train.epochs=2", "optim.warmup_epochs=1", "data.batch_size=8",
+                   "method.options.hidden_dim=32", "method.options.out_dim=16")
     torch.manual_seed(0)
     if arch == "vit":
         backbone = VisionTransformer(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=2, num_classes=0)
-        config = MoCoV3Config(hidden_dim=32, out_dim=16, temperature=0.2)
     else:
         backbone = create_backbone("resnet_tiny_cifar")
-        config = MoCoV3Config(hidden_dim=32, out_dim=16)  # T = 1.0, the ResNet default
+    config = MoCoV3Config(**recipe.method.options)
     method = MoCoV3(backbone, config).double()
     base, momentum_encoder, predictor = (copy.deepcopy(m) for m in (method.online, method.target, method.predictor))
-    lr = (1.5e-4 if arch == "vit" else 0.6) * 8 / 256
+    o = recipe.optim
+    base_lr = o.lr * recipe.data.batch_size / 256
     if arch == "vit":  # main_moco.py: AdamW(model.parameters(), lr, weight_decay)
-        ref_opt = torch.optim.AdamW([*base.parameters(), *predictor.parameters()], lr, weight_decay=0.1)
-        our_opt = torch.optim.AdamW(method.param_groups(lr, 0.1)[0]["params"], lr, weight_decay=0.1)
+        ref_opt = torch.optim.AdamW([*base.parameters(), *predictor.parameters()], base_lr, weight_decay=o.weight_decay)
     else:  # moco.optimizer.LARS(model.parameters(), lr, weight_decay, momentum)
-        ref_opt = OfficialLARS([*base.parameters(), *predictor.parameters()], lr, weight_decay=1e-6, momentum=0.9)
-        our_opt = LARS(method.param_groups(lr, 1e-6), lr, momentum=0.9, weight_decay=1e-6)
+        ref_opt = OfficialLARS([*base.parameters(), *predictor.parameters()], base_lr, weight_decay=o.weight_decay,
+                               momentum=o.momentum)
+    our_opt = build_optimizer(method.param_groups(base_lr, o.weight_decay), o, base_lr, module=method)
+    assert isinstance(our_opt, torch.optim.AdamW if arch == "vit" else LARS)
     batches = [two_views(seed) for seed in range(4)]
     initial = copy.deepcopy(method.online.state_dict())
-    schedule = dict(lr=lr, warmup=1, epochs=2, iters=2)
-    official_steps(base, momentum_encoder, predictor, ref_opt, batches, moco_m=0.99, t=config.temperature, **schedule)
-    project_steps(method, our_opt, batches, **schedule)
+    official_steps(base, momentum_encoder, predictor, ref_opt, batches, lr=base_lr, warmup=1, epochs=2, iters=2,
+                   moco_m=0.99, t=config.temperature)
+    project_steps(method, our_opt, recipe, batches, base_lr=base_lr, iters=2)
     for ours, ref in ((method.online, base), (method.target, momentum_encoder), (method.predictor, predictor)):
         theirs = ref.state_dict()
         for name, value in ours.state_dict().items():
@@ -419,3 +428,72 @@ def test_two_processes_equal_one_process_at_the_same_global_batch(tmp_path):
     local_only = _tiny_methods()["mocov3"]
     part = _shard(batch["mocov3"], 0, 2)
     assert local_only(part)[0].item() != pytest.approx(ranks[0]["mocov3"]["loss"].item(), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- recipes
+# main_moco.py's argument defaults, and the CONFIG.md commands named (transcribed)
+MOCO_DEFAULTS = dict(batch_size=4096, lr=0.6, momentum=0.9, weight_decay=1e-6, moco_dim=256, moco_mlp_dim=4096,
+                     moco_m=0.99, moco_t=1.0, optimizer="lars", warmup_epochs=10, crop_min=0.08, epochs=100)
+OFFICIAL = {
+    # "ViT-Small, 4-node (32-GPU) pre-training" (the ViT table's batch 4096)
+    "moco_v3_vit_small_imagenet1k": dict(MOCO_DEFAULTS, arch="vit_small", optimizer="adamw", lr=1.5e-4,
+                                         weight_decay=0.1, epochs=300, warmup_epochs=40, stop_grad_conv1=True,
+                                         moco_m_cos=True, moco_t=0.2),
+    # "ResNet-50, 100-epoch pre-training"
+    "moco_v3_resnet50_imagenet1k": dict(MOCO_DEFAULTS, arch="resnet50", moco_m_cos=True, crop_min=0.2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+@pytest.mark.parametrize("crop", ["ccrop", "rcrop"])
+def test_recipe_settings_equal_the_official_ones(name, crop):
+    official, recipe = OFFICIAL[name], paper(f"{name}_{crop}")
+    opts = MoCoV3Config(**recipe.method.options)
+    assert recipe.method.name == "moco_v3" and recipe.crop.mode == crop
+    assert (opts.temperature, opts.out_dim, opts.hidden_dim, opts.momentum) == (
+        official["moco_t"], official["moco_dim"], official["moco_mlp_dim"], official["moco_m"])
+    assert opts.momentum_schedule == ("cosine" if official["moco_m_cos"] else "constant")
+    o = recipe.optim
+    assert recipe.data.batch_size == official["batch_size"] and recipe.train.epochs == official["epochs"]
+    assert (o.name, o.lr, o.lr_scaling, o.weight_decay, o.warmup_epochs) == (
+        official["optimizer"], official["lr"], "linear", official["weight_decay"], official["warmup_epochs"])
+    assert (o.schedule, o.final_lr_ratio, o.per_step, o.weight_decay_end) == ("cosine", 0.0, True, None)
+    assert o.weight_decay_filter == "all"  # model.parameters() in one group (LARS skips ndim <= 1 itself)
+    if o.name == "lars":
+        assert o.momentum == official["momentum"]
+    else:
+        assert o.betas == [0.9, 0.999]
+    assert recipe.model.sync_bn  # main_moco.py: convert_sync_batchnorm
+    # augmentation1 / augmentation2: blur p 1.0 / 0.1, solarize p 0 / 0.2; crop scale (crop_min, 1)
+    groups = recipe.view_groups(224, dataset_blur=True)
+    assert [(g.count, g.size, tuple(g.scale), g.blur_p, g.solarize_p) for g in groups] == [
+        (1, 224, (official["crop_min"], 1.0), 1.0, 0.0), (1, 224, (official["crop_min"], 1.0), 0.1, 0.2)]
+    assert all((g.flip_p, g.jitter, g.jitter_p, g.gray_p) == (0.5, [0.4, 0.4, 0.2, 0.1], 0.8, 0.2) for g in groups)
+    if official["arch"] == "vit_small":  # vits.py::vit_small: 12 heads (timm's vit_small_patch16_224 has 6)
+        assert (recipe.model.name, recipe.model.args) == ("vit_small_patch16_224", {"num_heads": 12})
+        assert opts.vit_init and opts.stop_grad_conv1 == official["stop_grad_conv1"]
+    else:  # torchvision resnet50(zero_init_residual=True)
+        assert (recipe.model.name, recipe.model.args) == ("resnet50", {"zero_init_last": True})
+
+
+def test_timm_vit_small_with_12_heads_is_mocov3s_vit_small():
+    vit = create_backbone(**{"name": "vit_small_patch16_224", **paper("moco_v3_vit_small_imagenet1k_ccrop").model.args})
+    assert (vit.patch_embed.patch_size, vit.embed_dim, len(vit.blocks), vit.blocks[0].attn.num_heads) == ((16, 16), 384, 12, 12)
+    assert vit.blocks[0].mlp.fc1.out_features == 4 * 384 and vit.blocks[0].attn.qkv.bias is not None
+    assert vit.norm.eps == 1e-6 and vit.global_pool == "token"
+
+
+@pytest.mark.parametrize("name", ["moco_v3_vit_small_imagenet1k_ccrop", "moco_v3_resnet50_imagenet1k_ccrop"])
+def test_lr_and_momentum_follow_the_official_schedules_every_step(name):
+    """adjust_learning_rate(epoch + i / iters) and adjust_moco_momentum: the loop's per-step lr at the same
+    fractional epoch, and the momentum it passes after the step before, equal them at every step."""
+    recipe, iters = paper(name), 7
+    o, epochs = recipe.optim, recipe.train.epochs
+    base_lr = o.lr * recipe.data.batch_size / 256  # main_moco.py: args.lr * args.batch_size / 256
+    opts = MoCoV3Config(**recipe.method.options)
+    for it in range(epochs * iters):
+        epoch = it / iters
+        assert lr_at(o, epoch, epochs, base_lr) == pytest.approx(
+            official_lr(epoch, base_lr, o.warmup_epochs, epochs), rel=1e-12, abs=1e-18)
+        assert momentum_at(it / (epochs * iters), opts.momentum, opts.momentum_schedule) == pytest.approx(
+            official_momentum(epoch, 0.99, epochs), rel=1e-15)
