@@ -43,18 +43,18 @@ class DINOConfig(MethodOptions):
     """DINO options; the defaults are ``main_dino.py``'s argument defaults (the recipes set the README's
     settings, e.g. the teacher temperature 0.04 -> 0.07 over 30 epochs and ``norm_last_layer: false``)."""
 
-    out_dim: int = 65536
+    out_dim: int = 65536  # width of the head's output (the distributions' support)
     hidden_dim: int = 2048  # DINOHead: 3 layers, in -> 2048 -> 2048 -> bottleneck
-    bottleneck_dim: int = 256
-    use_bn_in_head: bool = False
-    norm_last_layer: bool = True  # weight-normalized last layer with its norm fixed at 1
-    momentum: float = 0.996  # teacher EMA, cosine to 1
-    momentum_schedule: MomentumSchedule = "cosine"
-    student_temperature: float = 0.1
-    teacher_temperature: float = 0.04  # after the warm-up
-    warmup_teacher_temperature: float = 0.04
-    warmup_teacher_temperature_epochs: int = 0
-    center_momentum: float = 0.9
+    bottleneck_dim: int = 256  # width before the L2 normalization and the weight-normalized last layer
+    use_bn_in_head: bool = False  # BatchNorm after the head's hidden layers
+    norm_last_layer: bool = True  # the last layer's weight norm fixed at 1 (false: trained; README's ViT-S setting)
+    momentum: float = 0.996  # teacher EMA momentum at the start (momentum_schedule cosine: to 1 at the end)
+    momentum_schedule: MomentumSchedule = "cosine"  # constant | cosine
+    student_temperature: float = 0.1  # softmax temperature of the student
+    teacher_temperature: float = 0.04  # softmax temperature of the teacher after the warm-up
+    warmup_teacher_temperature: float = 0.04  # the teacher's temperature in epoch 1, linear to teacher_temperature
+    warmup_teacher_temperature_epochs: int = 0  # epochs of that warm-up (0: none)
+    center_momentum: float = 0.9  # EMA momentum of the centre subtracted from the teacher's outputs
     clip_grad: float = 3.0  # per-parameter gradient norm; 0 disables clipping
     freeze_last_layer: int = 1  # epochs during which the head's last layer gets no update
     global_crops: int = 2  # the teacher's crops: the first ones of the batch (main_dino.py: images[:2])

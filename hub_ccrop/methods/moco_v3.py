@@ -32,20 +32,15 @@ class MoCoV3Config(MethodOptions):
     """MoCo v3 options; the defaults are ``main_moco.py``'s, with ``--moco-m-cos`` (every setting of its
     CONFIG.md uses it). ViT recipes set ``temperature: 0.2`` (CONFIG.md); ResNet-50 keeps 1.0."""
 
-    temperature: float = 1.0
-    out_dim: int = 256  # --moco-dim
-    hidden_dim: int = 4096  # --moco-mlp-dim
-    momentum: float = 0.99
-    momentum_schedule: MomentumSchedule = "cosine"
-    # moco/builder.py: MoCo_ViT has a 3-layer projector and a predictor ending in BatchNorm; MoCo_ResNet a
-    # 2-layer projector and a predictor without the last BatchNorm. None: by the backbone (ViT or not).
-    projector_layers: int | None = None
-    predictor_last_bn: bool | None = None
-    # vits.py::VisionTransformerMoCo, applied to timm VisionTransformer backbones: sin-cos position
-    # embedding, xavier-uniform linears; stop_grad_conv1: the patch projection stays at its random init.
-    # vit_init false keeps a ViT backbone as built (e.g. pretrained weights).
-    vit_init: bool = True
-    stop_grad_conv1: bool = True
+    temperature: float = 1.0  # softmax temperature; the loss is scaled by 2 T (ViT recipes: 0.2)
+    out_dim: int = 256  # --moco-dim: output width of the projector and the predictor
+    hidden_dim: int = 4096  # --moco-mlp-dim: hidden width of the projector and the predictor
+    momentum: float = 0.99  # momentum encoder's EMA momentum at the start (cosine schedule: to 1 at the end)
+    momentum_schedule: MomentumSchedule = "cosine"  # constant | cosine (--moco-m-cos)
+    projector_layers: int | None = None  # None: 3 for ViTs (MoCo_ViT), 2 otherwise (MoCo_ResNet)
+    predictor_last_bn: bool | None = None  # the predictor's last BatchNorm; None: on for ViTs, off otherwise
+    vit_init: bool = True  # ViTs: MoCo v3's init (fixed sin-cos position embedding, xavier); false: as built
+    stop_grad_conv1: bool = True  # ViTs with vit_init: the random patch projection stays frozen
 
     def __post_init__(self) -> None:
         super().__post_init__()
