@@ -528,3 +528,9 @@ def test_ema_progress_offset():
     diffs = [momentum_at((it + 1) / total, 0.996, "cosine") - momentum_at(it / total, 0.996, "cosine")
              for it in range(0, total, 97)]
     assert 0 < max(diffs) <= (1 - 0.996) * math.pi / 2 / total < 2e-8
+
+
+def test_too_few_crops_is_one_clear_error():
+    method = DINO(tiny_vit(), DINOConfig(out_dim=64, hidden_dim=32, bottleneck_dim=16, global_crops=2))
+    with pytest.raises(ValueError, match=r"first 2 crops .* has 1 \(views: \[1\]\): add crops to the recipe's views"):
+        method(torch.randn(2, 3, 16, 16))

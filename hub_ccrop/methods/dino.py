@@ -224,7 +224,7 @@ class DINO(MomentumMethod):
         crops, n_global = views.crops, self.config.global_crops
         if len(crops) < n_global:
             raise ValueError(f"DINO's teacher takes the first {n_global} crops (method.options.global_crops) but "
-                             f"the batch has {len(crops)}: add view groups to the recipe's views")
+                             f"the batch has {len(crops)} (views: {views.counts}): add crops to the recipe's views")
         features = torch.cat(multi_crop_features(self.online.backbone, crops))
         student = self.online.head(features).chunk(len(crops))
         with torch.no_grad():  # main_dino.py: teacher(images[:2])

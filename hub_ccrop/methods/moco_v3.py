@@ -19,7 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from hub_ccrop.distributed import all_gather_no_grad, get_rank
-from hub_ccrop.methods.base import Encoder, MethodOptions, MomentumMethod, MomentumSchedule
+from hub_ccrop.methods.base import Encoder, MethodOptions, MomentumMethod, MomentumSchedule, two_crops
 from hub_ccrop.methods.losses import mean_cosine
 from hub_ccrop.models import feature_dim
 from hub_ccrop.views.batch import Views
@@ -151,11 +151,7 @@ class MoCoV3(MomentumMethod):
         return self.target.backbone
 
     def forward(self, views: Views) -> tuple[Tensor, dict[str, Tensor]]:
-        crops = list(views.crops)
-        if len(crops) != 2:
-            raise ValueError(f"MoCo v3 trains on 2 views per image, got {len(crops)}; set the recipe's views "
-                             "to 2 global crops")
-        x1, x2 = crops
+        x1, x2 = two_crops(views, "MoCo v3")
         q1, q2 = self.predictor(self.online(x1)), self.predictor(self.online(x2))
         with torch.no_grad():
             k1, k2 = self.target(x1), self.target(x2)
