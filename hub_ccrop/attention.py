@@ -18,9 +18,10 @@ import torch
 from timm.layers import Attention
 from torch import Tensor, nn
 
+from hub_ccrop.choices import HEATMAP_SOURCES
+
 __all__ = ["HEATMAP_SOURCES", "cls_attention_maps", "heatmap_source", "supports_cls_attention"]
 
-HEATMAP_SOURCES = ("auto", "cls_attention", "feature_norm")
 
 
 def _last_attention(model: nn.Module) -> Attention | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 __all__ = [
     "CROP_MODES",
     "HEATMAP_ALIGNMENTS",
+    "HEATMAP_SOURCES",
     "LR_SCALINGS",
     "MIXED_PRECISIONS",
     "OPTIMIZERS",
@@ -15,6 +16,8 @@ __all__ = [
 
 CROP_MODES = ("ccrop", "rcrop")  # ContrastiveCrop (Algorithm 1 inside each image's box); RandomResizedCrop
 HEATMAP_ALIGNMENTS = ("receptive_field", "official")
+# auto: the class token's last-block attention for ViTs, the last feature map's norm for CNNs
+HEATMAP_SOURCES = ("auto", "cls_attention", "feature_norm")
 OPTIMIZERS = ("sgd", "lars", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 LR_SCALINGS = ("none", "linear")  # linear: lr x global batch / 256

@@ -21,6 +21,7 @@ from hub_ccrop.checks import RecipeError, check_type
 from hub_ccrop.choices import (
     CROP_MODES,
     HEATMAP_ALIGNMENTS,
+    HEATMAP_SOURCES,
     LR_SCALINGS,
     MIXED_PRECISIONS,
     OPTIMIZERS,
@@ -74,6 +75,7 @@ class CropConfig:
     alpha: float = 0.1  # Beta(alpha, alpha) of the crop centres inside the box (1: uniform; small: spread to the box's edges)
     k: float = 0.1  # heatmap threshold: the box bounds the pixels above k in the min-max normalized heatmap
     heatmap_alignment: str = "receptive_field"  # receptive_field | official (the official code's boxes, for reproduction)
+    heatmap: str = "auto"  # auto | cls_attention | feature_norm: where heatmaps come from (auto: attention for ViTs, the feature map for CNNs)
     warmup_epochs: int = 100  # RandomResizedCrop epochs before ContrastiveCrop starts
     loc_interval: int = 100  # localize after every loc_interval epochs once warm-up is over
     loc_epochs: list[int] | None = None  # explicit epochs (1-based, after the epoch) instead of the interval
@@ -211,6 +213,7 @@ class Recipe:
 _CHOICES = {
     "crop.mode": CROP_MODES,
     "crop.heatmap_alignment": HEATMAP_ALIGNMENTS,
+    "crop.heatmap": HEATMAP_SOURCES,
     "optim.name": OPTIMIZERS,
     "optim.schedule": SCHEDULES,
     "optim.lr_scaling": LR_SCALINGS,

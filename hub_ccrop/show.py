@@ -102,7 +102,7 @@ def show(source: str, *, inputs: list[str] | None = None, num_images: int = 8, k
     else:
         raise ValueError("give --input FILES_OR_FOLDER (this source is not a run folder with its own data)")
     batch = localization_batch(images, cfg)
-    raw = heatmaps(model, batch)
+    raw = heatmaps(model, batch, "auto")  # the class token's attention for ViTs, the feature map for CNNs
     size = tuple(batch.shape[-2:])
     boxes = model_boxes(model, raw, size, k, alignment)
     maps = picture_heatmaps(model, raw, size, alignment)

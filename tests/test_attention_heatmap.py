@@ -166,3 +166,26 @@ def test_localization_pass_boxes_from_attention():
     assert torch.equal(out_ids, ids)
     truth = torch.tensor([[c, r, c + 1, r + 1] for r, c in cells], dtype=torch.float32) * PATCH / SIZE
     torch.testing.assert_close(boxes, truth)  # k = 0.5: exactly the patch
+
+
+@pytest.mark.parametrize(("heatmap", "expected"), [("auto", "cls_attention"), ("feature_norm", "feature_norm")])
+def test_recipe_heatmap_source_reaches_the_pass_and_the_box_table(heatmap, expected, tmp_path, one_thread):
+    """crop.heatmap: the DINO ViT recipe's passes use the teacher's attention (auto) or its token norms,
+    and the box table's metadata says which."""
+    import contextlib
+    import io
+
+    from hub_ccrop.boxes import BoxTable
+    from hub_ccrop.recipe import load_recipe
+    from hub_ccrop.synthetic import small_objects_dir
+    from hub_ccrop.training import train
+
+    data = small_objects_dir(tmp_path / "data", train=32, test=8)
+    recipe = load_recipe("recipes/dino_vit_tiny_cifar10_ccrop.yaml", [
+        "data.dataset=small_objects", f"data.data_dir={data}", "data.batch_size=16", "data.num_workers=0",
+        "data.image_size=32", "method.options.out_dim=64", "train.epochs=2", "train.knn_every=0",
+        "train.show_images=0", "crop.warmup_epochs=1", "crop.loc_interval=1", f"crop.heatmap={heatmap}"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        train(recipe, tmp_path / "run")
+    table = BoxTable.load(tmp_path / "run" / "boxes.parquet")
+    assert table.metadata["heatmap_source"] == expected and table.metadata["backbone"] == "vit_tiny_patch16_224"

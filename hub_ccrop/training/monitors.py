@@ -11,6 +11,7 @@ import torch
 from accelerate import Accelerator
 
 from hub_ccrop import data as data_lib
+from hub_ccrop.attention import heatmap_source
 from hub_ccrop.distributed import default_autocast_dtype
 from hub_ccrop.evaluate import extract_features, knn_accuracy
 from hub_ccrop.localize import heatmaps, localize_boxes, picture_heatmaps
@@ -46,10 +47,12 @@ def localization_pass(accelerator: Accelerator, encoder, run_data: RunData, stat
     ids, boxes = localize_boxes(encoder, eval_loader(accelerator, source, collate, recipe),
                                 k=recipe.crop.k, alignment=recipe.crop.heatmap_alignment,
                                 autocast_dtype=default_autocast_dtype(accelerator.device),
-                                channels_last=recipe.model.channels_last, accelerator=accelerator)
+                                channels_last=recipe.model.channels_last, accelerator=accelerator,
+                                heatmap=recipe.crop.heatmap)
     seconds = time.perf_counter() - start
     state.boxes.update(ids, boxes)
-    state.boxes.metadata.update(epoch=state.epoch, k=recipe.crop.k, heatmap_alignment=recipe.crop.heatmap_alignment)
+    state.boxes.metadata.update(epoch=state.epoch, k=recipe.crop.k, heatmap_alignment=recipe.crop.heatmap_alignment,
+                                heatmap_source=heatmap_source(encoder, recipe.crop.heatmap))
     check_same_on_every_process(accelerator, state.boxes.boxes)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     stats = {"loc_seconds": seconds, "loc_images": len(ids), "box_area": float(area.mean())}
@@ -99,7 +102,7 @@ def draw_picture(encoder, run_data: RunData, collate: EvalCollate, state: TrainS
     images, ids, _ = collate(rows)
     was_training = encoder.training
     encoder.eval()
-    raw = heatmaps(encoder, images.to(next(encoder.parameters()).device)).cpu()
+    raw = heatmaps(encoder, images.to(next(encoder.parameters()).device), recipe.crop.heatmap).cpu()
     encoder.train(was_training)
     maps = picture_heatmaps(encoder, raw, tuple(images.shape[-2:]), recipe.crop.heatmap_alignment)
     gt = run_data.gt_boxes[ids] if run_data.gt_boxes is not None else None
