@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_views import cifar_rows, imagenet_like_rows, shared_cifar, views_at  # noqa: E402
+from bench_views import cifar_rows, imagenet_like_rows, round_robin, shared_cifar, views_at  # noqa: E402
 
 from hub_ccrop.boxes import BoxTable  # noqa: E402
 from hub_ccrop.data import get_spec  # noqa: E402
@@ -135,18 +135,7 @@ def run(rows: list[dict], fns: dict[str, Pipeline], batch_size: int, repeats: in
     shapes = {name: views_of(fn(batches[0])) for name, fn in fns.items()}  # warm-up
     if len({tuple(s) for s in shapes.values()}) != 1:
         raise SystemExit(f"pipelines make different views: {shapes}")
-    best = {name: [float("inf")] * len(batches) for name in names}
-    totals = {name: [0.0] * repeats for name in names}
-    for r in range(repeats):
-        torch.manual_seed(r)
-        for b, batch in enumerate(batches):
-            shift = (r + b) % len(names)
-            for name in names[shift:] + names[:shift]:
-                start = time.perf_counter()
-                fns[name](batch)
-                elapsed = time.perf_counter() - start
-                best[name][b] = min(best[name][b], elapsed)
-                totals[name][r] += elapsed
+    best, totals = round_robin(batches, fns, repeats)
     views = len(shapes[names[0]]) * len(rows)
     return {
         name: {

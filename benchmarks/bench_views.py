@@ -165,16 +165,10 @@ def pipelines(info: dict, num_ids: int, before=None) -> dict:
     return out
 
 
-def run(rows: list[dict], fns: dict, batch_size: int, repeats: int) -> dict:
-    """Time every pipeline on every batch, round-robin (rotating the order), ``repeats`` times.
-
-    ``views_per_s`` uses each batch's best time over the repeats (the machine's noise-free speed);
-    ``views_per_s_median`` the median over repeats of the whole pass.
-    """
-    batches = [rows[k : k + batch_size] for k in range(0, len(rows), batch_size)]
+def round_robin(batches: list, fns: dict, repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Every pipeline on every batch, the order rotating, ``repeats`` times: each batch's best seconds
+    per pipeline, and each pass's total seconds."""
     names = list(fns)
-    for fn in fns.values():  # warm-up
-        fn(batches[0])
     best = {name: [float("inf")] * len(batches) for name in names}
     totals = {name: [0.0] * repeats for name in names}
     for r in range(repeats):
@@ -187,6 +181,20 @@ def run(rows: list[dict], fns: dict, batch_size: int, repeats: int) -> dict:
                 elapsed = time.perf_counter() - start
                 best[name][b] = min(best[name][b], elapsed)
                 totals[name][r] += elapsed
+    return best, totals
+
+
+def run(rows: list[dict], fns: dict, batch_size: int, repeats: int) -> dict:
+    """Time every pipeline on every batch, round-robin (rotating the order), ``repeats`` times.
+
+    ``views_per_s`` uses each batch's best time over the repeats (the machine's noise-free speed);
+    ``views_per_s_median`` the median over repeats of the whole pass.
+    """
+    batches = [rows[k : k + batch_size] for k in range(0, len(rows), batch_size)]
+    names = list(fns)
+    for fn in fns.values():  # warm-up
+        fn(batches[0])
+    best, totals = round_robin(batches, fns, repeats)
     views = 2 * len(rows)
     return {
         name: {"views_per_s": views / sum(best[name]), "views_per_s_median": views / statistics.median(totals[name])}
