@@ -97,21 +97,24 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def decode_image(value: Any, sample_id: Any = None, *, max_side: int | None = None) -> Image.Image:
     """Decode one image value (PIL, bytes, ``{"bytes", "path"}``, path, numpy/tensor) to an RGB PIL image.
 
-    Grayscale, palette, transparent and 16-bit images are converted; anything that cannot be decoded
-    (truncated, not an image, empty) raises :class:`BadImageError` naming ``sample_id`` and the path.
-    ``max_side`` shrinks images whose longer side is larger (JPEGs are decoded at reduced scale).
+    The EXIF orientation is applied (phone photos come upright); grayscale, palette, transparent, CMYK and
+    16-bit images are converted; anything that cannot be decoded (truncated, not an image, empty) raises
+    :class:`BadImageError` naming ``sample_id`` and the path. ``max_side`` shrinks images whose longer side
+    is larger (JPEGs are decoded at reduced scale first) to exactly the size :func:`image_size` reports.
     """
     path = value.get("path") if isinstance(value, dict) else None
     try:
         img, path = _open_image(value)
-        target = _limited_size(img.size, max_side)
-        if target != img.size and img.format == "JPEG":
-            img.draft("RGB", target)  # DCT-domain downscale while decoding: much faster
+        orientation = _orientation(img)
+        target = _limited_size(_oriented(img.size, orientation), max_side)
+        if target != _oriented(img.size, orientation) and img.format == "JPEG":
+            img.draft("RGB", _oriented(target, orientation))  # DCT-domain downscale while decoding: much faster
         img.load()
         if img.width < 1 or img.height < 1:
             raise ValueError(f"empty image {img.size}")
         img = to_rgb(img)
-        target = _limited_size(img.size, max_side)
+        if orientation in _TRANSPOSE:
+            img = img.transpose(_TRANSPOSE[orientation])
         return img if target == img.size else img.resize(target, Image.BILINEAR)
     except (KeyboardInterrupt, SystemExit):
         raise
@@ -126,14 +129,68 @@ def _limited_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int
     return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
+# EXIF orientation -> the PIL transpose that makes the image upright (as PIL.ImageOps.exif_transpose does).
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_EXIF_ORIENTATION = 0x0112
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1 = upright) from the image's header, without decoding the pixels.
+
+    A PNG's EXIF counts only when it precedes the pixel data (where writers put it): reading one after the
+    pixels would decode the image, and the header-only :func:`image_size` must agree with the decoders.
+    """
+    if img.format == "PNG" and "exif" not in img.info:
+        return 1
+    try:
+        orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - unreadable EXIF: the pixels are still good, keep them as stored
+        return 1
+    return orientation if orientation in _TRANSPOSE else 1
+
+
+def _oriented(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """``(W, H)`` after the EXIF ``orientation`` (5-8 swap the sides); the inverse is the same swap."""
+    return (size[1], size[0]) if orientation >= 5 else size
+
+
+def _orient_tensor(img: Tensor, orientation: int) -> Tensor:
+    """A ``[..., H, W]`` tensor made upright, pixel for pixel as :data:`_TRANSPOSE` does to a PIL image."""
+    if orientation in (2, 3, 4):
+        return img.flip({2: (-1,), 3: (-2, -1), 4: (-2,)}[orientation])
+    if orientation == 5:
+        return img.transpose(-2, -1)
+    if orientation == 6:
+        return torch.rot90(img, -1, (-2, -1))
+    if orientation == 7:
+        return img.transpose(-2, -1).flip((-2, -1))
+    if orientation == 8:
+        return torch.rot90(img, 1, (-2, -1))
+    return img
+
+
+def _jpeg_orientation(data: bytes) -> int:
+    """EXIF orientation of JPEG bytes; no parsing at all for the common JPEG without EXIF."""
+    if b"Exif" not in data:
+        return 1
+    try:
+        return _orientation(Image.open(io.BytesIO(data)))
+    except Exception:  # noqa: BLE001 - the decoder reports a broken file with its sample id
+        return 1
+
+
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def decode_to_tensor(value: Any, sample_id: Any = None, *, max_side: int | None = None) -> Tensor:
     """Like :func:`decode_image` but returns a uint8 ``[3, H, W]`` tensor.
 
-    JPEG bytes take torchvision's libjpeg-turbo decoder (no PIL round trip); everything else goes
-    through :func:`decode_image`. Failures raise :class:`BadImageError` with the id.
+    JPEG bytes take torchvision's libjpeg-turbo decoder (no PIL round trip; the EXIF orientation applied
+    like :func:`decode_image`'s); everything else goes through :func:`decode_image`. Failures raise :class:`BadImageError` with the id.
     """
     data = value.get("bytes") if isinstance(value, dict) else value
     if max_side is None and isinstance(data, bytes | bytearray) and data[:3] == _JPEG_MAGIC:
@@ -142,7 +199,8 @@ def decode_to_tensor(value: Any, sample_id: Any = None, *, max_side: int | None 
         try:
             with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders for torchcodec
                 warnings.simplefilter("ignore", DeprecationWarning)
-                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+                img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            return _orient_tensor(img, _jpeg_orientation(data))
         except RuntimeError as err:
             path = value.get("path") if isinstance(value, dict) else None
             raise BadImageError(sample_id, f"{type(err).__name__}: {err}", path) from err
@@ -151,11 +209,12 @@ def decode_to_tensor(value: Any, sample_id: Any = None, *, max_side: int | None 
 
 
 def image_size(value: Any, sample_id: Any = None, *, max_side: int | None = None) -> tuple[int, int]:
-    """``(H, W)`` of an image as :func:`decode_to_tensor` would return it, from its header only (no decoding)."""
+    """``(H, W)`` of an image as :func:`decode_to_tensor` would return it (EXIF orientation and ``max_side``
+    applied), from its header only (no decoding)."""
     path = value.get("path") if isinstance(value, dict) else None
     try:
         img, path = _open_image(value)
-        width, height = _limited_size(img.size, max_side)
+        width, height = _limited_size(_oriented(img.size, _orientation(img)), max_side)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as err:  # noqa: BLE001 - reported with the sample id, like a decoding failure
@@ -181,8 +240,8 @@ def decode_on_device(
     """Decode a batch into uint8 ``[3, H, W]`` tensors on ``device``: the JPEGs in one batched call of
     ``decoder`` (default torchvision's ``decode_jpeg``, nvJPEG on CUDA), then, if that call fails, each
     JPEG alone, and any image the device cannot decode (not a JPEG, CMYK, corrupt) on the CPU with
-    :func:`decode_to_tensor` (reduced-size JPEG decoding included). Images larger than ``max_side``
-    are shrunk like the CPU path's. An image nothing decodes is returned as its :class:`BadImageError`.
+    :func:`decode_to_tensor` (reduced-size JPEG decoding included). The EXIF orientation is applied and
+    images larger than ``max_side`` are shrunk like the CPU path's. An image nothing decodes is returned as its :class:`BadImageError`.
     """
     if decoder is None:
         from torchvision.io import decode_jpeg as decoder
@@ -209,8 +268,8 @@ def decode_on_device(
                 except RuntimeError:
                     decoded.append(None)  # the CPU gets its turn below
         for k, img in zip(jpegs, decoded, strict=True):
-            if img is not None:
-                out[k] = _shrink(img, max_side)
+            if img is not None:  # nvJPEG ignores EXIF: orient here, as the CPU decoders do
+                out[k] = _shrink(_orient_tensor(img, _jpeg_orientation(_jpeg_bytes(values[k]))), max_side)
     for k, value in enumerate(values):
         if out[k] is None:
             try:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["worker_init"]
+__all__ = ["end_workers", "worker_init"]
 
 # 1 once the main process is exiting; shared with the workers (inherited on fork, passed on spawn).
 _MAIN_EXITING = torch.zeros((), dtype=torch.uint8).share_memory_()
@@ -45,3 +45,13 @@ def _init_worker(main_exiting: torch.Tensor, worker_id: int) -> None:
 
 
 worker_init = functools.partial(_init_worker, _MAIN_EXITING)
+
+
+def end_workers(processes: list[Any]) -> None:
+    """Stop these DataLoader workers now, for a main process about to ``os._exit`` (which skips the exit
+    handlers that would stop them): they take the SIGTERM once the exiting flag is set."""
+    _main_is_exiting()
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(timeout=2)

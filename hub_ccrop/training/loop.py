@@ -29,6 +29,7 @@ from hub_ccrop.progress import RunProgress
 from hub_ccrop.recipe import Recipe, batch_split
 from hub_ccrop.training.data_source import RunData, SeededCollate, ViewSource, build_data, view_source
 from hub_ccrop.training.monitors import knn_monitor, localization_pass, sync_buffers
+from hub_ccrop.training.peers import peer_failures_end_the_run
 from hub_ccrop.training.report import final_metrics, flat_config, run_info, summary, write_skipped
 from hub_ccrop.training.state import (
     NonFiniteWatch,
@@ -104,6 +105,12 @@ def _train(recipe: Recipe, output_dir: str | Path | None, resume: bool, stop: St
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     set_seed(t.seed)
+    with peer_failures_end_the_run():  # several processes: a failure in one ends all within seconds
+        return _run(recipe, accelerator, out, resume, stop)
+
+
+def _run(recipe: Recipe, accelerator: Accelerator, out: Path, resume: bool, stop: StopRequest) -> dict[str, Any]:
+    t = recipe.train
     if not resume and latest_checkpoint(out) is not None:
         raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --output-dir")
     run = _prepare_run(recipe, accelerator, out, stop)

@@ -11,7 +11,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hub_ccrop.data import BadImageError, BadImageWarning, DatasetSpec, decode_image, decode_to_tensor
+from hub_ccrop.data import (
+    BadImageError,
+    BadImageWarning,
+    DatasetSpec,
+    decode_image,
+    decode_to_tensor,
+    get_spec,
+    list_specs,
+)
 
 __all__ = ["SkipCounter", "decode_rows", "keep_good", "max_side_for", "skip_bad_image", "stack_padded"]
 
@@ -19,9 +27,14 @@ Rows = Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]
 
 
 def max_side_for(spec: DatasetSpec) -> int | None:
-    """Images larger than this are shrunk at decode: None for native-size (32-96 px) datasets,
-    640 px for ImageNet-like ones (bounds decode time and the padded batch of the batched path)."""
-    return None if spec.eval_resize is None else 640
+    """Images larger than this are shrunk at decode: None for the registered native-size (32-96 px) sets,
+    else ``max(640, 2 * image_size)``: ImageNet-like sets and anyone's own photos, where a 12 MP phone
+    photo would otherwise be decoded whole for every crop (also bounds the padded batch of the batched path)."""
+    if spec.eval_resize is None and spec.name in list_specs():
+        registered = get_spec(spec.name)
+        if (registered.hub_id, registered.generator, registered.eval_resize) == (spec.hub_id, spec.generator, None):
+            return None
+    return max(640, 2 * spec.image_size)
 
 
 class SkipCounter:
