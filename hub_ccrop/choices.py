@@ -4,6 +4,7 @@ the same constants (no torch here: the recipe checker imports this before anythi
 from __future__ import annotations
 
 __all__ = [
+    "BOX_RULES",
     "CROP_MODES",
     "HEATMAP_ALIGNMENTS",
     "HEATMAP_SOURCES",
@@ -18,6 +19,9 @@ CROP_MODES = ("ccrop", "rcrop")  # ContrastiveCrop (Algorithm 1 inside each imag
 HEATMAP_ALIGNMENTS = ("receptive_field", "official")
 # auto: the class token's last-block attention for ViTs, the last feature map's norm for CNNs
 HEATMAP_SOURCES = ("auto", "cls_attention", "feature_norm")
+# threshold: the paper's rectangle around every pixel above k; largest_component: around the largest connected
+# region above k; quantile: each map's own k-quantile as its threshold (localize.boxes_from_maps)
+BOX_RULES = ("threshold", "largest_component", "quantile")
 OPTIMIZERS = ("sgd", "lars", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 LR_SCALINGS = ("none", "linear")  # linear: lr x global batch / 256

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,15 +27,22 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hub_ccrop.attention import cls_attention_maps, heatmap_source
+from hub_ccrop.choices import BOX_RULES
 from hub_ccrop.distributed import gather_by_id
 
 __all__ = [
     "ALIGNMENTS",
+    "BOX_RULES",
+    "TRAINED_BACKBONE",
     "CellCentres",
     "boxes_from_heatmaps",
+    "boxes_from_maps",
     "cell_centres",
+    "check_localizer_source",
     "feature_map",
     "heatmaps",
+    "image_boxes",
+    "input_heatmaps",
     "localize_boxes",
     "model_boxes",
     "normalize_heatmaps",
@@ -44,6 +52,19 @@ __all__ = [
 ]
 
 ALIGNMENTS = ("receptive_field", "official")
+TRAINED_BACKBONE = "the backbone being trained"  # crop.localizer unset: the paper's localizer
+_LOCALIZER_PREFIXES = ("hf-hub:", "timm:", "local-dir:")
+
+
+def check_localizer_source(source: str) -> str | None:
+    """Why ``source`` cannot be a localizer (one line), or None; the Hub is not asked (that is the load's job)."""
+    if source.startswith(_LOCALIZER_PREFIXES):
+        return None if source.partition(":")[2].strip() else f"{source!r} names no model"
+    path = Path(source).expanduser()
+    if (path / "run.json").is_file() or (path / "config.json").is_file():
+        return None
+    return (f"{source!r} is not a run folder (run.json), a timm export folder (config.json), hf-hub:ORG/NAME "
+            "or timm:NAME")
 
 
 def _is_token_model(model: nn.Module) -> bool:
@@ -327,6 +348,89 @@ def _check_alignment(alignment: str) -> None:
         raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
 
 
+def _check_rule(rule: str) -> None:
+    if rule not in BOX_RULES:
+        raise ValueError(f"box rule must be one of {BOX_RULES}, got {rule!r}")
+
+
+def _largest_component(mask: Tensor) -> Tensor:
+    """The largest 8-connected component of each ``[B, H, W]`` mask (ties: the one found first in raster order).
+
+    Batched label propagation: every active pixel starts with its own label and takes the largest label of
+    its 3x3 neighbourhood until nothing changes (at most one step per pixel of the longest path)."""
+    batch, height, width = mask.shape
+    index = torch.arange(1, height * width + 1, device=mask.device, dtype=torch.float32).view(1, height, width)
+    labels = torch.where(mask, index, 0.0)  # float32 holds integers up to 2**24 exactly
+    while True:
+        grown = torch.where(mask, F.max_pool2d(labels[:, None], 3, stride=1, padding=1)[:, 0], 0.0)
+        if torch.equal(grown, labels):
+            break
+        labels = grown
+    flat = labels.long().flatten(1)
+    counts = torch.zeros(batch, height * width + 1, device=mask.device).scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32))
+    counts[:, 0] = 0  # background
+    best = counts.argmax(dim=1)
+    return mask & (labels.long() == best[:, None, None])
+
+
+def boxes_from_maps(maps: Tensor, constant: Tensor, k: float | Tensor = 0.1, rule: str = "threshold",
+                    alignment: str = "receptive_field") -> Tensor:
+    """Boxes ``[B, 4]`` from normalized heatmaps ``[B, H, W]`` at the input size (:func:`input_heatmaps`).
+
+    ``rule``: ``"threshold"`` (the paper's: the rectangle around every pixel above ``k``),
+    ``"largest_component"`` (around the largest 8-connected region above ``k`` only: a second hot spot on
+    the background does not stretch the box) or ``"quantile"`` (threshold at each map's own ``k``-quantile:
+    the box keeps the hottest ``1 - k`` of the pixels whatever the map's contrast). The box's end edge is
+    the last active pixel's end, ``(last + 1) / W``, or with ``alignment="official"`` the official code's
+    ``last / W``. Constant maps: the whole image.
+    """
+    _check_rule(rule)
+    _check_alignment(alignment)
+    if rule == "quantile":
+        k = torch.quantile(maps.flatten(1).float(), float(k), dim=1)[:, None, None]
+    mask = maps > k
+    if rule == "largest_component":
+        mask = _largest_component(mask)
+    return _closure(mask, constant, end=0 if alignment == "official" else 1)
+
+
+def _input_maps(model: nn.Module, images: Tensor, alignment: str, heatmap: str) -> tuple[Tensor, Tensor]:
+    raw = heatmaps(model, images, heatmap)
+    size = tuple(images.shape[-2:])
+    with torch.autocast(raw.device.type, enabled=False):  # the network may run in bf16, the geometry does not
+        norm, constant = normalize_heatmaps(raw)
+        return upsample_heatmaps(norm, size, None if alignment == "official" else cell_centres(model, size)), constant
+
+
+def input_heatmaps(model: nn.Module, images: Tensor, alignment: str = "receptive_field",
+                   flip: bool = False, heatmap: str = "feature_norm") -> tuple[Tensor, Tensor]:
+    """Normalized heatmaps ``[B, H, W]`` at the input size of ``images``, and which maps were constant.
+
+    ``heatmap``: the source (:func:`heatmaps`). ``flip``: also localize the images flipped on both axes (rotated by 180 degrees) and average the two
+    maps, the second flipped back. The flip is undone on the *input pixel grid*, after each map's cells
+    were placed on their own receptive-field centres (a stride-2 stem's cells do not sit symmetrically in
+    the image, so flipping the cell grid would misplace them). What a map owes to the position in the
+    image rather than to the content (zero padding, the cells' placement) moves to the opposite side in
+    the flipped map and cancels; what the content makes hot stays. The average is min-max normalized again.
+    """
+    _check_alignment(alignment)
+    maps, constant = _input_maps(model, images, alignment, heatmap)
+    if not flip:
+        return maps, constant
+    flipped, constant_flipped = _input_maps(model, images.flip(-2, -1), alignment, heatmap)
+    with torch.autocast(maps.device.type, enabled=False):
+        norm, constant_sum = normalize_heatmaps(maps + flipped.flip(-2, -1))
+    return norm, constant_sum | (constant & constant_flipped)
+
+
+def image_boxes(model: nn.Module, images: Tensor, k: float = 0.1, alignment: str = "receptive_field",
+                rule: str = "threshold", flip: bool = False, heatmap: str = "feature_norm") -> Tensor:
+    """Boxes ``[B, 4]`` of a batch of (normalized) ``images`` from ``model``'s heatmaps: :func:`input_heatmaps`
+    then :func:`boxes_from_maps`. With the defaults this is :func:`model_boxes` of the images' heatmaps."""
+    maps, constant = input_heatmaps(model, images, alignment, flip, heatmap)
+    return boxes_from_maps(maps, constant, k, rule, alignment)
+
+
 def model_boxes(model: nn.Module, maps: Tensor, size: tuple[int, int], k: float = 0.1,
                 alignment: str = "receptive_field") -> Tensor:
     """Boxes from ``model``'s raw heatmaps ``maps`` on inputs of ``size``, with the chosen ``alignment``."""
@@ -352,6 +456,9 @@ def localize_boxes(
     k: float = 0.1,
     alignment: str = "receptive_field",
     heatmap: str = "feature_norm",
+    rule: str = "threshold",
+    flip: bool = False,
+    prepare: Callable[[Tensor], Tensor] | None = None,
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
@@ -365,9 +472,12 @@ def localize_boxes(
     returns the same full table. The model's train/eval mode is restored afterwards.
     ``alignment``: ``"receptive_field"`` (each cell on its receptive-field centre, :func:`cell_centres`)
     or ``"official"`` (the official code's boxes, :func:`official_boxes_from_heatmaps`). ``heatmap``: the
-    heatmap source (``auto``, ``cls_attention``, ``feature_norm``; see :func:`heatmaps`).
+    heatmap source (``auto``, ``cls_attention``, ``feature_norm``; see :func:`heatmaps`). ``rule`` and
+    ``flip``: :func:`image_boxes`. ``prepare`` maps a loader batch to ``model``'s input (another backbone's
+    normalization and size, :class:`hub_ccrop.localizer.Localizer`); boxes are fractions of the image either way.
     """
     _check_alignment(alignment)
+    _check_rule(rule)
     if device is None:
         device = accelerator.device if accelerator is not None else next(model.parameters()).device
     device = torch.device(device)
@@ -380,12 +490,14 @@ def localize_boxes(
     try:
         for images, ids, *_ in tqdm(loader, desc="localize", disable=not (progress and is_main), leave=False):
             images = images.to(device, non_blocking=True)
+            if prepare is not None:
+                images = prepare(images)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                maps = heatmaps(model, images, heatmap)
+                maps, constant = input_heatmaps(model, images, alignment, flip, heatmap)
             all_ids.append(torch.as_tensor(ids, dtype=torch.int64, device=device))
-            all_boxes.append(model_boxes(model, maps, tuple(images.shape[-2:]), k, alignment))
+            all_boxes.append(boxes_from_maps(maps, constant, k, rule, alignment))
     finally:
         model.train(was_training)
     ids = torch.cat(all_ids) if all_ids else torch.empty(0, dtype=torch.int64, device=device)

@@ -19,6 +19,7 @@ import yaml
 
 from hub_ccrop.checks import RecipeError, check_type
 from hub_ccrop.choices import (
+    BOX_RULES,
     CROP_MODES,
     HEATMAP_ALIGNMENTS,
     HEATMAP_SOURCES,
@@ -76,6 +77,9 @@ class CropConfig:
     k: float = 0.1  # heatmap threshold: the box bounds the pixels above k in the min-max normalized heatmap
     heatmap_alignment: str = "receptive_field"  # receptive_field | official (the official code's boxes, for reproduction)
     heatmap: str = "auto"  # auto | cls_attention | feature_norm: where heatmaps come from (auto: attention for ViTs, the feature map for CNNs)
+    box_rule: str = "threshold"  # threshold (the paper's) | largest_component | quantile (localize.boxes_from_maps)
+    heatmap_flip: bool = True  # average each heatmap with the 180-degree-rotated image's: no positional prior
+    localizer: str | None = None  # another backbone for the passes (run folder, timm export, hf-hub:ORG/NAME)
     warmup_epochs: int = 100  # RandomResizedCrop epochs before ContrastiveCrop starts
     loc_interval: int = 100  # localize after every loc_interval epochs once warm-up is over
     loc_epochs: list[int] | None = None  # explicit epochs (1-based, after the epoch) instead of the interval
@@ -179,7 +183,8 @@ class Recipe:
         if c.loc_epochs is not None:
             return sorted(e for e in c.loc_epochs if e <= epochs)
         first = c.warmup_epochs if c.init_boxes is None else c.loc_interval
-        return list(range(max(first, 1), epochs, c.loc_interval))
+        # epoch 0: a pass before the first epoch, with an external localizer and no warm-up
+        return list(range(max(first, 0 if c.localizer else 1), epochs, c.loc_interval))
 
     def view_groups(self, image_size: int, dataset_blur: bool = False) -> list[ViewGroup]:
         """The view groups with every ``None`` filled in (see :class:`ViewGroup`)."""
@@ -214,6 +219,7 @@ _CHOICES = {
     "crop.mode": CROP_MODES,
     "crop.heatmap_alignment": HEATMAP_ALIGNMENTS,
     "crop.heatmap": HEATMAP_SOURCES,
+    "crop.box_rule": BOX_RULES,
     "optim.name": OPTIMIZERS,
     "optim.schedule": SCHEDULES,
     "optim.lr_scaling": LR_SCALINGS,
@@ -302,8 +308,14 @@ def _validate(recipe: Recipe) -> None:
             f"crop.warmup_epochs ({c.warmup_epochs}) must be below train.epochs ({recipe.train.epochs}) "
             "for a ContrastiveCrop run (or set crop.mode: rcrop, or crop.init_boxes)"
         )
-    if c.loc_epochs is not None and any(e < 1 for e in c.loc_epochs):
-        raise RecipeError(f"crop.loc_epochs: epochs are 1-based (localize after that epoch), got {c.loc_epochs}")
+    if c.loc_epochs is not None and any(e < (0 if c.localizer else 1) for e in c.loc_epochs):
+        raise RecipeError(f"crop.loc_epochs: epochs are 1-based (localize after that epoch; 0, before the first, "
+                          f"only with crop.localizer), got {c.loc_epochs}")
+    if c.localizer is not None:
+        from hub_ccrop.localize import check_localizer_source
+
+        if problem := check_localizer_source(c.localizer):
+            raise RecipeError(f"crop.localizer: {problem}")
     if recipe.data.holdout and (recipe.data.splits or recipe.data.train_split or recipe.data.test_split):
         raise RecipeError("data.holdout and data.splits/train_split/test_split exclude each other: slice the "
                           "splits yourself, e.g. splits: ['train[:-5000]'], train_split: 'train[:-5000]', "

@@ -34,6 +34,9 @@ class Schedule:
     warmup_epochs: int | None = None
     loc_epochs: tuple[int, ...] = ()  # epochs after which a localization pass ran
     heatmap_alignment: str = "receptive_field"  # older runs all used it
+    box_rule: str = "threshold"  # older runs all used the paper's rule, without flip averaging
+    heatmap_flip: bool = False
+    localizer: str | None = None  # None: the backbone being trained
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Schedule:

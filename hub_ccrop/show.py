@@ -20,7 +20,7 @@ import torch
 from hub_ccrop.data import decode_to_tensor
 from hub_ccrop.errors import UserError
 from hub_ccrop.evaluate import backbone_data_config, load_backbone
-from hub_ccrop.localize import heatmaps, model_boxes, picture_heatmaps
+from hub_ccrop.localize import boxes_from_maps, input_heatmaps
 from hub_ccrop.run_info import RUN_FILE, RunInfo, Schedule
 from hub_ccrop.views import eval_image, max_side_for
 from hub_ccrop.viz import draw_localization_grid, to_uint8
@@ -82,8 +82,8 @@ def show(source: str, *, inputs: list[str] | None = None, num_images: int = 8, k
          alpha: float | None = None, out: str | Path | None = None, seed: int = 0) -> Path:
     """Draw the localization picture for ``source`` (run folder, export folder or ``hf-hub:`` id).
 
-    Images get the localization passes' preprocessing and the run's ``k`` and heatmap alignment, so
-    on a run's own images the boxes are the ones a pass with this backbone would write.
+    Images get the localization passes' preprocessing and the run's ``k``, heatmap alignment, box rule and
+    flip averaging, so on a run's own images the boxes are the ones a pass with this backbone would write.
     """
     run_dir = Path(source)
     run = RunInfo.load(run_dir) if (run_dir / RUN_FILE).is_file() else None
@@ -102,10 +102,9 @@ def show(source: str, *, inputs: list[str] | None = None, num_images: int = 8, k
     else:
         raise ValueError("give --input FILES_OR_FOLDER (this source is not a run folder with its own data)")
     batch = localization_batch(images, cfg)
-    raw = heatmaps(model, batch, "auto")  # the class token's attention for ViTs, the feature map for CNNs
-    size = tuple(batch.shape[-2:])
-    boxes = model_boxes(model, raw, size, k, alignment)
-    maps = picture_heatmaps(model, raw, size, alignment)
+    # the class token's attention for ViTs, the feature map for CNNs
+    maps, constant = input_heatmaps(model, batch, alignment, schedule.heatmap_flip, "auto")
+    boxes = boxes_from_maps(maps, constant, k, schedule.box_rule, alignment)
     pixels = to_uint8(batch, cfg["mean"], cfg["std"])
     out = Path(out) if out else next_picture_path(run_dir / "pictures" if run is not None else Path.cwd())
     path = draw_localization_grid(pixels, maps, boxes, out, alpha=alpha, gt_boxes=gt, seed=seed, ids=names,

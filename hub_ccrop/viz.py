@@ -43,6 +43,7 @@ def draw_localization_grid(
     title: str = "",
     seed: int = 0,
     groups: Sequence[ViewGroup] | None = None,
+    centre: Sequence[float] | None = None,  # the table's mean box centre (x, y): _mark_centre
 ) -> Path:
     """Save a PNG grid: one row per image with its box, its heatmap, two ContrastiveCrop views and two
     RandomResizedCrop views (crop rectangles drawn on the image, same seed for every call), and with
@@ -72,12 +73,13 @@ def draw_localization_grid(
         if group_crops:
             _draw_group_crops(axes[r, -1], images[r].permute(1, 2, 0).cpu().numpy(),
                               [(color, crops[:, r]) for color, crops in group_crops])
+        _mark_centre(axes[r, 0], centre, width, height)
     for c, name in enumerate(columns):
         axes[0, c].set_title(name, fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    legend = "yellow: learned box" + (", cyan dashed: ground truth" if gt_boxes is not None else "")
+    legend = "yellow: learned box" + (", cyan dashed: ground truth" if gt_boxes is not None else "") + _centre_legend(centre)
     if group_crops:
         legend += "; view groups: " + ", ".join(f"{color} {group.count} x {group.size} px ({group.crop})"
                                                 for (color, _), group in zip(group_crops, groups, strict=True))
@@ -111,6 +113,15 @@ def _draw_row(axes, img, heatmap: Tensor, box: Tensor, gt_box: Tensor | None, la
         ax.imshow(img[i:i + h, j:j + w])
 
 
+def _mark_centre(ax, centre: Sequence[float] | None, width: int, height: int) -> None:
+    """The image centre (white +) and the mean box centre (yellow x) on a box picture: boxes placed whatever
+    the image shows (a positional prior) show as a gap between the two marks."""
+    if centre is None:
+        return
+    ax.plot([width / 2 - 0.5], [height / 2 - 0.5], "w+", markersize=8)
+    ax.plot([centre[0] * width - 0.5], [centre[1] * height - 0.5], "yx", markersize=6)
+
+
 def _draw_group_crops(ax, img, crops_by_colour: list[tuple[str, Tensor]]) -> None:
     """One image with every view group's crop rectangles ``(i, j, h, w)`` in the group's colour."""
     height, width = img.shape[:2]
@@ -131,3 +142,7 @@ def _group_crops(groups: Sequence[ViewGroup], boxes: Tensor, full: Tensor, sizes
                                    generator=generator)
         out.append((GROUP_COLORS[k % len(GROUP_COLORS)], crops.view(group.count, len(boxes), 4)))
     return out
+
+
+def _centre_legend(centre: Sequence[float] | None) -> str:
+    return "" if centre is None else f"; mean box centre x ({centre[0]:.2f}, {centre[1]:.2f}) vs image centre +"

@@ -42,6 +42,7 @@ IMAGENET_METHODS = {  # the methods' own papers' ImageNet settings
 }
 
 
+OFFICIAL_BOX_RULE = {"box_rule": "threshold", "heatmap_flip": False}  # the paper's boxes (no flip averaging)
 ALIGNMENT_NOTE = ("heatmaps placed as the official update_box (cells shifted (S-1)/2 px right/down) to reproduce "
                   "its boxes; receptive-field-centred boxes: --set crop.heatmap_alignment=receptive_field.")
 SMALL_NOTES = [
@@ -79,7 +80,7 @@ def small_recipe(method: str, dataset: str, crop: str) -> dict:
         "method": {"name": method, "options": SMALL_METHODS[method]},
         "data": {"dataset": dataset, "batch_size": 512, "num_workers": 8},
         "crop": {"mode": crop, "alpha": 0.1, "k": 0.1, "warmup_epochs": 100, "loc_interval": 100,
-                 "heatmap_alignment": "official"},
+                 "heatmap_alignment": "official", **OFFICIAL_BOX_RULE},
         "optim": {"name": "sgd", "lr": 0.5, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "cosine",
                   "final_lr_ratio": 0.1},
         "train": {"epochs": 500, "mixed_precision": "bf16", "knn_every": 10, "checkpoint_every": 5},
@@ -112,7 +113,7 @@ def imagenet_recipe(method: str, dataset: str, crop: str) -> dict:
         "method": {"name": method, "options": options},
         "data": {"dataset": dataset, "batch_size": batch, "num_workers": 10},
         "crop": {"mode": crop, "alpha": 0.6, "k": 0.1, "warmup_epochs": 20, "loc_interval": 20, "blur": True,
-                 "heatmap_alignment": "official"},
+                 "heatmap_alignment": "official", **OFFICIAL_BOX_RULE},
         "optim": {"name": "sgd", "lr": lr, "momentum": 0.9, "weight_decay": wd, **schedule,
                   "lr_scaling": "linear" if linear_scaling else "none"},
         "train": {"epochs": 100, "mixed_precision": "bf16", "knn_every": 10 if dataset == "imagenet200" else 0,

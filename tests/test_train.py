@@ -60,7 +60,7 @@ def test_warmup_then_localization_then_contrastive_crop(shared_run, tiny_objects
     gt_area = float((gt[:, 2:] - gt[:, :2]).prod(dim=1).mean())
     assert metrics["box_iou_whole_image"] == pytest.approx(gt_area, rel=1e-5) and metrics["knn_chance"] == 10
     printed = summary(tiny_recipe(tiny_objects), metrics, out)  # what the run printed at its end
-    assert "(chance 10%)" in printed and f"(whole-image boxes: {gt_area:.3f})" in printed
+    assert "(chance 10%)" in printed and f"(whole image {gt_area:.3f}, centred box of the same size" in printed
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert [h["crop"] for h in history] == ["rcrop", "ccrop", "ccrop"]
     assert [("box_iou" in h) for h in history] == [True, True, False]  # passes after epochs 1 and 2

@@ -18,10 +18,12 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from hub_ccrop.box_quality import pass_line
 from hub_ccrop.boxes import BoxTable
 from hub_ccrop.distributed import release_accelerate_state
 from hub_ccrop.errors import TrainingInterrupted, UserError
 from hub_ccrop.hub import load_boxes
+from hub_ccrop.localizer import external_localizer
 from hub_ccrop.methods import build_method
 from hub_ccrop.models import create_backbone, prepare_model
 from hub_ccrop.optim import build_optimizer, set_epoch_lr, set_step_schedule
@@ -125,6 +127,10 @@ def _run(recipe: Recipe, accelerator: Accelerator, out: Path, resume: bool, stop
 
     stop.install()  # from here on, Ctrl-C/SIGTERM stop after the current step with a checkpoint
     progress = RunProgress(t.epochs, len(run.batches), recipe.localization_epochs(), start_step=run.state.global_step)
+    if run.state.global_step == 0 and 0 in recipe.localization_epochs():  # an external localizer, no warm-up
+        run.state.history.append({"epoch": 0} | localization_pass(accelerator, run.online.localization_encoder,
+                                                                   run.run_data, run.state, recipe, out))
+        accelerator.print(f"before epoch 1: {pass_line(run.state.history[-1])}")
     while run.state.epoch < t.epochs:
         if signum := stop.agreed(accelerator):
             raise run.interrupted(signum)
@@ -147,6 +153,8 @@ def _prepare_run(recipe: Recipe, accelerator: Accelerator, out: Path, stop: Stop
         init = load_boxes(c.init_boxes, dataset_num_rows=run_data.num_rows, fingerprint=run_data.fingerprint)
         table.load_state(init.boxes, {"init_boxes": c.init_boxes})
     state = TrainState(table, skipped=SkipCounter(run_data.num_rows))
+    if c.localizer:  # load it now (cached for the passes): a bad one stops the run before training, not after warm-up
+        external_localizer(c.localizer, spec.mean, spec.std, accelerator.device)
     on_gpu = recipe.data.batched_views and accelerator.device.type == "cuda"  # crop on the host, augment on the GPU
     collate = SeededCollate(
         ViewCollate.from_spec(spec, table, groups=recipe.view_groups(spec.image_size, spec.blur), alpha=c.alpha,
@@ -285,9 +293,7 @@ def end_of_epoch(run: Run, record: dict[str, Any]) -> None:
     sync_buffers(accelerator, online)
     if state.epoch in recipe.localization_epochs():
         record |= localization_pass(accelerator, online.localization_encoder, run.run_data, state, recipe, run.out)
-        accelerator.print(f"epoch {state.epoch}: localized {record['loc_images']} images in "
-                          f"{record['loc_seconds']:.1f}s, mean box area {record['box_area']:.2f}"
-                          + (f", IoU with ground truth {record['box_iou']:.3f}" if "box_iou" in record else ""))
+        accelerator.print(f"epoch {state.epoch}: {pass_line(record)}")
     if run.run_data.knn_test is not None and (state.epoch % t.knn_every == 0 or state.epoch == t.epochs):
         knn = knn_monitor(accelerator, online.localization_encoder, run.run_data, recipe)
         record |= {f"knn_{k}": v for k, v in knn.items()}

@@ -10,11 +10,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from hub_ccrop import data as data_lib
 from hub_ccrop.attention import heatmap_source
+from hub_ccrop.box_quality import box_centres, box_quality
 from hub_ccrop.distributed import default_autocast_dtype
 from hub_ccrop.evaluate import extract_features, knn_accuracy
-from hub_ccrop.localize import heatmaps, localize_boxes, picture_heatmaps
+from hub_ccrop.localize import input_heatmaps, localize_boxes
+from hub_ccrop.localizer import Localizer, box_settings, pass_localizer, table_metadata
 from hub_ccrop.recipe import Recipe
 from hub_ccrop.training.data_source import RunData, eval_loader, eval_source, is_streaming
 from hub_ccrop.training.state import TrainState
@@ -44,25 +45,24 @@ def localization_pass(accelerator: Accelerator, encoder, run_data: RunData, stat
     collate.skipped = state.skipped  # the training views' ids: each bad image is reported once per run
     start = time.perf_counter()
     source = eval_source(accelerator, run_data, "pretrain")
-    ids, boxes = localize_boxes(encoder, eval_loader(accelerator, source, collate, recipe),
-                                k=recipe.crop.k, alignment=recipe.crop.heatmap_alignment,
+    localizer = pass_localizer(recipe.crop.localizer, encoder, run_data.spec.mean, run_data.spec.std, accelerator.device)
+    ids, boxes = localize_boxes(localizer.model, eval_loader(accelerator, source, collate, recipe),
+                                **box_settings(recipe.crop), prepare=localizer.prepare,
                                 autocast_dtype=default_autocast_dtype(accelerator.device),
                                 channels_last=recipe.model.channels_last, accelerator=accelerator,
                                 heatmap=recipe.crop.heatmap)
     seconds = time.perf_counter() - start
     state.boxes.update(ids, boxes)
-    state.boxes.metadata.update(epoch=state.epoch, k=recipe.crop.k, heatmap_alignment=recipe.crop.heatmap_alignment,
-                                heatmap_source=heatmap_source(encoder, recipe.crop.heatmap))
+    state.boxes.metadata.update(epoch=state.epoch, **table_metadata(recipe.crop, localizer),
+                                heatmap_source=heatmap_source(localizer.model, recipe.crop.heatmap))
     check_same_on_every_process(accelerator, state.boxes.boxes)
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    stats = {"loc_seconds": seconds, "loc_images": len(ids), "box_area": float(area.mean())}
-    if run_data.gt_boxes is not None:
-        stats["box_iou"] = data_lib.mean_matched_iou(boxes, run_data.gt_boxes[ids])
+    gt = run_data.gt_boxes[ids] if run_data.gt_boxes is not None else None
+    stats = {"loc_seconds": seconds, "loc_images": len(ids), "localizer": localizer.source} | box_quality(boxes, gt).metrics()
     if accelerator.is_main_process:
         for suffix in (".parquet", ".safetensors"):
             state.boxes.save(out / "boxes" / f"epoch_{state.epoch:04d}{suffix}")
             state.boxes.save(out / f"boxes{suffix}")
-        draw_picture(encoder, run_data, collate, state, recipe, out / "pictures" / f"localization_epoch_{state.epoch:04d}.png")
+        draw_picture(localizer, run_data, collate, state, recipe, out / "pictures" / f"localization_epoch_{state.epoch:04d}.png")
     accelerator.wait_for_everyone()
     return stats
 
@@ -88,8 +88,8 @@ def check_same_on_every_process(accelerator: Accelerator, boxes: torch.Tensor) -
 
 
 @torch.no_grad()
-def draw_picture(encoder, run_data: RunData, collate: EvalCollate, state: TrainState, recipe: Recipe,
-                  path: Path) -> None:
+def draw_picture(localizer: Localizer, run_data: RunData, collate: EvalCollate, state: TrainState, recipe: Recipe,
+                 path: Path) -> None:
     """Heatmaps, boxes and crop pairs of a few fixed training images (the same ones at every pass)."""
     n = recipe.train.show_images
     if not n:
@@ -100,13 +100,14 @@ def draw_picture(encoder, run_data: RunData, collate: EvalCollate, state: TrainS
         positions = torch.linspace(0, len(run_data.pretrain) - 1, min(n, len(run_data.pretrain))).long()
         rows = [run_data.pretrain[int(i)] for i in positions]
     images, ids, _ = collate(rows)
-    was_training = encoder.training
+    encoder, was_training = localizer.model, localizer.model.training
     encoder.eval()
-    raw = heatmaps(encoder, images.to(next(encoder.parameters()).device), recipe.crop.heatmap).cpu()
+    maps = input_heatmaps(encoder, localizer.prepare(images.to(next(encoder.parameters()).device)),
+                          recipe.crop.heatmap_alignment, recipe.crop.heatmap_flip, recipe.crop.heatmap)[0].cpu()
     encoder.train(was_training)
-    maps = picture_heatmaps(encoder, raw, tuple(images.shape[-2:]), recipe.crop.heatmap_alignment)
     gt = run_data.gt_boxes[ids] if run_data.gt_boxes is not None else None
     draw_localization_grid(to_uint8(images, run_data.spec.mean, run_data.spec.std), maps, state.boxes.lookup(ids),
                            path, alpha=recipe.crop.alpha, scale=recipe.crop.scale, ratio=recipe.crop.ratio,
                            gt_boxes=gt, ids=ids.tolist(), title=f"{recipe.name}: boxes after epoch {state.epoch}",
-                           groups=recipe.view_groups(run_data.spec.image_size) if recipe.views else None)
+                           groups=recipe.view_groups(run_data.spec.image_size) if recipe.views else None,
+                           centre=box_centres(state.boxes.boxes).mean(dim=0).tolist())

@@ -10,8 +10,10 @@ from typing import Any
 import torch
 
 from hub_ccrop import data as data_lib
+from hub_ccrop.box_quality import BOX_KEYS, quality_line
 from hub_ccrop.crop import FULL_BOX, object_miss_rate
 from hub_ccrop.hub.sharing import data_terms
+from hub_ccrop.localize import TRAINED_BACKBONE
 from hub_ccrop.recipe import Recipe
 from hub_ccrop.run_info import RunInfo, Schedule
 from hub_ccrop.training.data_source import RunData
@@ -34,7 +36,8 @@ def run_info(recipe: Recipe, run_data: RunData, backbone, num_processes: int) ->
         grad_accum=recipe.train.grad_accum, per_process_batch_size=recipe.per_process_batch_size(num_processes),
         schedule=Schedule(crop=recipe.crop.mode, warmup_epochs=recipe.crop.warmup_epochs,
                           loc_epochs=tuple(recipe.localization_epochs()), k=recipe.crop.k, alpha=recipe.crop.alpha,
-                          heatmap_alignment=recipe.crop.heatmap_alignment),
+                          heatmap_alignment=recipe.crop.heatmap_alignment, box_rule=recipe.crop.box_rule,
+                          heatmap_flip=recipe.crop.heatmap_flip, localizer=recipe.crop.localizer),
         license=data_terms(spec, lookup=False).license, target=recipe.target,
     )
 
@@ -56,7 +59,7 @@ def final_metrics(recipe: Recipe, run_data: RunData, state: TrainState, images_p
     metrics: dict[str, Any] = {"epochs": recipe.train.epochs, "train_images_per_s": images_per_s,
                                "wall_seconds": wall, "final_loss": state.history[-1]["loss"], "skipped_images": skipped}
     for record in reversed(state.history):  # the latest value of each monitored number
-        for key in ("knn_top1", "knn_top5", "box_iou", "box_area"):
+        for key in ("knn_top1", "knn_top5", *BOX_KEYS, "localizer"):
             if key in record:
                 metrics.setdefault(key, record[key])
     if "knn_top1" in metrics:
@@ -84,9 +87,8 @@ def summary(recipe: Recipe, metrics: dict[str, Any], out: Path) -> str:
         lines.append(f"  kNN top-1 (k={recipe.train.knn_k}, T={recipe.train.knn_temperature}): {metrics['knn_top1']:.2f}% "
                      f"(chance {metrics['knn_chance']:.3g}%): test images classified by their nearest training "
                      "images in the frozen backbone's features, no labels used in training")
-    if "box_iou" in metrics:
-        lines.append(f"  learned boxes vs ground truth: mean IoU {metrics['box_iou']:.3f} (whole-image boxes: "
-                     f"{metrics['box_iou_whole_image']:.3f}), mean box area {metrics['box_area']:.2f}")
+    if "box_area" in metrics:
+        lines.append(f"  learned boxes ({metrics.get('localizer', TRAINED_BACKBONE)}): {quality_line(metrics)}")
     if "miss_rate_ccrop" in metrics:
         lines.append(f"  view pairs where a view misses the object (< 20% of it), the false positives ContrastiveCrop "
                      f"avoids: RandomResizedCrop {metrics['miss_rate_rcrop']:.3f}, ContrastiveCrop {metrics['miss_rate_ccrop']:.3f}")
