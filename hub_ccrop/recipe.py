@@ -77,9 +77,9 @@ class CropConfig:
     k: float = 0.1  # heatmap threshold: the box bounds the pixels above k in the min-max normalized heatmap
     heatmap_alignment: str = "receptive_field"  # receptive_field | official (the official code's boxes, for reproduction)
     heatmap: str = "auto"  # auto | cls_attention | feature_norm: where heatmaps come from (auto: attention for ViTs, the feature map for CNNs)
-    box_rule: str = "threshold"  # threshold (the paper's) | largest_component | quantile (localize.boxes_from_maps)
+    box_rule: str = "threshold"  # threshold (the paper's: around every pixel above k) | largest_component | quantile (k: each map's quantile)
     heatmap_flip: bool = True  # average each heatmap with the 180-degree-rotated image's: no positional prior
-    localizer: str | None = None  # another backbone for the passes (run folder, timm export, hf-hub:ORG/NAME)
+    localizer: str | None = None  # another backbone, for the passes only (run folder, timm export, hf-hub:ORG/NAME); warmup_epochs 0: a pass before epoch 1
     warmup_epochs: int = 100  # RandomResizedCrop epochs before ContrastiveCrop starts
     loc_interval: int = 100  # localize after every loc_interval epochs once warm-up is over
     loc_epochs: list[int] | None = None  # explicit epochs (1-based, after the epoch) instead of the interval
