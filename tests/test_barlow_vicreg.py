@@ -7,16 +7,31 @@ in plain torch so that the tests run without a copy of the official repositories
 
 from __future__ import annotations
 
+import copy
 import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from hub_ccrop.methods import barlow_twins_loss, method_config, off_diagonal, vicreg_loss
-from hub_ccrop.methods.redundancy import crop_pairs
-from hub_ccrop.optim import LARS
+from hub_ccrop.methods import barlow_twins_loss, build_method, method_config, off_diagonal, vicreg_loss
+from hub_ccrop.models import create_backbone
+from hub_ccrop.optim import LARS, build_optimizer, lr_at, set_step_schedule
+from hub_ccrop.recipe import Recipe, load_recipe
+from hub_ccrop.views import Views
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _barlow_vicreg_worker as worker  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = Path(worker.__file__)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -232,3 +247,223 @@ def test_defaults_are_the_official_ones_and_bad_options_are_named():
         method_config("barlow_twins", lambd=-1.0)
     with pytest.raises(ValueError, match="std_coeff"):
         method_config("vicreg", std_coeff="25")
+
+
+# -------------------------------------------------------------------------------- recipes and one step
+RECIPES = [f"{m}_{d}_{c}" for m in ("barlow_twins", "vicreg") for d in ("cifar10", "cifar100", "imagenet1k")
+           for c in ("rcrop", "ccrop")]
+STEPS_PER_EPOCH = 625  # ImageNet-1K's 1,281,167 images / 2048 (main.py: len(loader), drop_last False)
+
+
+def paper(name: str) -> Recipe:
+    return load_recipe(REPO / "recipes" / f"{name}.yaml")
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_redundancy_recipes_carry_the_official_values(name):
+    recipe = paper(name)
+    method, imagenet = recipe.method.name, "imagenet1k" in name
+    opts, o = recipe.method.options, recipe.optim
+    assert recipe.model.name == ("resnet50" if imagenet else "resnet18_cifar")
+    assert recipe.model.args["zero_init_last"] is True and recipe.model.sync_bn is True  # zero_init_residual, SyncBN
+    assert opts["projector"] == [8192 if imagenet else 2048] * 3
+    assert opts == {**method_config(method).__dict__, "projector": opts["projector"]}  # the other options: defaults
+    assert (o.name, o.lr, o.momentum, o.weight_decay, o.lr_scaling) == ("lars", 0.2, 0.9, 1e-6, "linear")
+    assert (o.schedule, o.final_lr_ratio, o.warmup_epochs, o.per_step) == ("cosine", 0.001, 10, True)
+    assert o.weight_decay_filter == "no_norm_bias"
+    assert recipe.data.batch_size == (2048 if imagenet else 256) and recipe.train.epochs == 1000
+    assert recipe.crop.mode == name.rsplit("_", 1)[1] and recipe.crop.heatmap_alignment == "official"
+    assert (recipe.crop.warmup_epochs, recipe.crop.loc_interval) == (200, 200)  # 20% of the epochs, as the paper
+    groups = recipe.view_groups(224 if imagenet else 32)
+    assert sum(g.count for g in groups) == 2
+    for g in groups:
+        assert (g.jitter, g.jitter_p, g.gray_p, g.flip_p) == ([0.4, 0.4, 0.2, 0.1], 0.8, 0.2, 0.5)
+    if imagenet:  # main.py::Transform, augmentations.py::TrainTransform
+        assert [(g.scale, g.blur_p, g.solarize_p) for g in groups] == [([0.08, 1.0], 1.0, 0.0), ([0.08, 1.0], 0.1, 0.2)]
+    elif method == "barlow_twins":  # solo-learn augmentations/asymmetric.yaml
+        assert [(g.scale, g.blur_p, g.solarize_p) for g in groups] == [([0.08, 1.0], 0.0, 0.0), ([0.08, 1.0], 0.0, 0.2)]
+    else:  # solo-learn vicreg.yaml
+        assert [(g.scale, g.blur_p, g.solarize_p) for g in groups] == [([0.2, 1.0], 0.0, 0.1)]
+    assert ("no published C-Crop number" in recipe.target) == name.endswith("ccrop")
+
+
+@pytest.mark.parametrize("name", ["barlow_twins_imagenet1k_ccrop", "vicreg_imagenet1k_ccrop"])
+def test_lr_schedule_equals_the_official_one_every_step(name):
+    """optim.lr_at at position step / len(loader) (what the training loop passes), times each group's lr_scale,
+    against adjust_learning_rate over the whole 1000-epoch schedule (every 97th step, and the warm-up's end)."""
+    recipe = paper(name)
+    base_lr = recipe.optim.lr * recipe.data.batch_size / 256  # the loop's lr_scaling: linear
+    steps = sorted({*range(0, 1000 * STEPS_PER_EPOCH, 97), 6249, 6250, 6251, 1000 * STEPS_PER_EPOCH - 1})
+    ours = [lr_at(recipe.optim, s / STEPS_PER_EPOCH, recipe.train.epochs, base_lr) for s in steps]
+    base = 1.0 if name.startswith("barlow") else 0.2  # Barlow: x learning_rate_weights below
+    theirs = [official_lr(s, STEPS_PER_EPOCH, 1000, 2048, base) * (0.2 if base == 1.0 else 1.0) for s in steps]
+    assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-15)
+    assert ours[0] == 0.0 and max(ours) == pytest.approx(1.6)
+
+
+def official_barlow_step_groups(model: nn.Module) -> list[dict]:
+    """main.py::main_worker: ``param.ndim == 1`` -> param_biases, else param_weights."""
+    weights = [p for p in model.parameters() if p.ndim != 1]
+    biases = [p for p in model.parameters() if p.ndim == 1]
+    return [{"params": weights}, {"params": biases}]
+
+
+def one_step_both(name: str, steps: tuple[int, ...]) -> tuple[nn.Module, nn.Module, list[float]]:
+    """The project's method, optimizer and per-step schedule from recipe ``name`` (a small expander, float64),
+    and the official update of an identical copy, over ``steps`` (global step indices of a 625-step epoch)."""
+    recipe = paper(name)
+    torch.manual_seed(0)
+    options = {**recipe.method.options, "projector": [48, 48, 32]}
+    ours = build_method(recipe.method.name, create_backbone("resnet_tiny_cifar", **recipe.model.args), **options).double()
+    ref = copy.deepcopy(ours)
+    batch = recipe.data.batch_size  # the lr's batch; the images: 32 per step
+    base_lr = recipe.optim.lr * batch / 256
+    optimizer = build_optimizer(ours.param_groups(base_lr, recipe.optim.weight_decay), recipe.optim, base_lr, module=ours)
+    barlow = recipe.method.name == "barlow_twins"
+    official = OfficialLARS(official_barlow_step_groups(ref) if barlow else ref.parameters(), lr=0,
+                            weight_decay=recipe.optim.weight_decay)
+    ours.train()
+    ref.train()
+    lrs = []
+    for i, step in enumerate(steps):
+        g = torch.Generator().manual_seed(i)
+        v1, v2 = (torch.randn(32, 3, 16, 16, generator=g, dtype=torch.float64) for _ in range(2))
+        set_step_schedule(optimizer, recipe.optim, step / STEPS_PER_EPOCH, recipe.train.epochs, base_lr)
+        loss, _ = ours(v1, v2)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        # official: adjust_learning_rate, then forward (projector(backbone(y)) per view), LARS step
+        if barlow:
+            lr = official_lr(step, STEPS_PER_EPOCH, recipe.train.epochs, batch, 1.0)
+            official.param_groups[0]["lr"], official.param_groups[1]["lr"] = lr * 0.2, lr * 0.0048
+            official_barlow_twins_loss(ref.encoder(v1), ref.encoder(v2), 32, 0.0051).backward()
+        else:
+            lr = official_lr(step, STEPS_PER_EPOCH, recipe.train.epochs, batch, 0.2)
+            official.param_groups[0]["lr"] = lr
+            official_vicreg_loss(ref.encoder(v1), ref.encoder(v2), 32).backward()
+        official.step()
+        official.zero_grad(set_to_none=True)
+        lrs.append(lr)
+    return ours, ref, lrs
+
+
+@pytest.mark.parametrize("name", ["barlow_twins_imagenet1k_ccrop", "vicreg_imagenet1k_ccrop"])
+def test_one_step_equals_official(name):
+    """Three LARS steps in float64, one in the warm-up and two on the cosine (the momentum buffers carry over),
+    from the recipe's options, optimizer and schedule, against the official loss, LARS, param groups and
+    adjust_learning_rate on an identical copy: every parameter equal."""
+    ours, ref, lrs = one_step_both(name, (3 * STEPS_PER_EPOCH + 17, 400 * STEPS_PER_EPOCH, 400 * STEPS_PER_EPOCH + 1))
+    assert 0 < lrs[0] < lrs[1]  # the warm-up's step is really smaller
+    ref_params = dict(ref.named_parameters())
+    moved = 0
+    for key, p in ours.named_parameters():
+        torch.testing.assert_close(p, ref_params[key], rtol=1e-10, atol=1e-13, msg=key)
+        moved += int(not torch.equal(p, build_reference_init(name)[key]))
+    assert moved == len(ref_params)  # every parameter took steps (biases and BN too)
+
+
+def build_reference_init(name: str) -> dict[str, torch.Tensor]:
+    recipe = paper(name)
+    torch.manual_seed(0)
+    options = {**recipe.method.options, "projector": [48, 48, 32]}
+    method = build_method(recipe.method.name, create_backbone("resnet_tiny_cifar", **recipe.model.args), **options)
+    return {k: v.double() for k, v in method.named_parameters()}
+
+
+def test_barlow_param_groups_and_the_bias_lr():
+    """main.py's two groups: ndim == 1 (biases, BatchNorm) at 0.0048 / 0.2 of the weights' lr, via lr_scale."""
+    torch.manual_seed(0)
+    method = build_method("barlow_twins", create_backbone("resnet_tiny_cifar"), projector=[16, 16, 8])
+    weights, biases = method.param_groups(0.4, 1e-6)
+    assert all(p.ndim > 1 for p in weights["params"]) and all(p.ndim == 1 for p in biases["params"])
+    assert len(weights["params"]) + len(biases["params"]) == len(list(method.parameters()))
+    cfg = paper("barlow_twins_imagenet1k_rcrop").optim
+    optimizer = build_optimizer([weights, biases], cfg, 0.4, module=method)
+    set_step_schedule(optimizer, cfg, 500.0, 1000, 0.4)
+    lrs = {len(g["params"]): g["lr"] for g in optimizer.param_groups}
+    assert lrs[len(biases["params"])] == pytest.approx(lrs[len(weights["params"])] * 0.0048 / 0.2, rel=1e-12)
+
+
+def test_multi_crop_averages_the_pair_losses():
+    """2 global + 2 local crops: the mean of the pair loss over every global crop with every other crop."""
+    torch.manual_seed(0)
+    method = build_method("vicreg", create_backbone("resnet_tiny_cifar"), projector=[32, 32, 16]).double().train()
+    g = torch.Generator().manual_seed(0)
+    big, small = (torch.randn(2, 8, 3, s, s, generator=g, dtype=torch.float64) for s in (16, 8))
+    views = Views([big, small], torch.arange(8), torch.zeros(8, dtype=torch.long))
+    loss, logs = method(views)
+    z = [method.encoder(c) for c in views.crops]
+    pairs = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3)]
+    expected = torch.stack([official_vicreg_loss(z[i], z[j], 8) for i, j in pairs]).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=0)
+    two, _ = method(big[0], big[1])
+    torch.testing.assert_close(two, official_vicreg_loss(z[0], z[1], 8), rtol=1e-10, atol=0)
+    assert {"invariance", "variance", "covariance", "pos_cosine"} <= set(logs)
+
+
+# ------------------------------------------------------------------------------------------- 2 processes
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> dict:
+    """One launch of 2 CPU processes (gloo) of _barlow_vicreg_worker.py; the single-process reference on the
+    whole batch (float64, BatchNorm over the batch) computed here. Returns both."""
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is needed")
+    workdir = tmp_path_factory.mktemp("barlow_vicreg")
+    g = torch.Generator().manual_seed(1)
+    inputs = {k: torch.randn(16, 3, 16, 16, generator=g, dtype=torch.float64) for k in ("v1", "v2")}
+    torch.save(inputs, workdir / "inputs.pt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), str(WORKER), str(workdir)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    launch = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert launch.returncode == 0, launch.stdout[-2000:] + launch.stderr[-3000:]
+    reference = {}
+    for name in worker.METHODS:
+        method = worker.build(name)
+        loss, logs = method(inputs["v1"], inputs["v2"])
+        loss.backward()
+        reference[name] = {"loss": loss.item(), "logs": {k: v.item() for k, v in logs.items()},
+                           "grads": {k: p.grad.clone() for k, p in method.named_parameters()}}
+    return {"reference": reference, "ranks": [torch.load(workdir / f"rank{r}.pt") for r in range(2)]}
+
+
+def relative_error(grads: dict, reference: dict) -> float:
+    """max over parameters of |g - ref| / |ref| (norms of the whole tensor)."""
+    return max(float((grads[k] - ref).norm() / ref.norm()) for k, ref in reference.items())
+
+
+@pytest.mark.parametrize("name", ["barlow_twins", "vicreg"])
+def test_two_processes_give_the_gradients_of_one_process_at_the_same_global_batch(two_processes, name):
+    """DDP over 2 processes x 8 rows: every parameter's gradient (backbone, expander, BatchNorm) equals one
+    process with the 16 rows, in float64, because the loss's reductions sum the gradients over processes."""
+    reference = two_processes["reference"][name]
+    ranks = [r[name] for r in two_processes["ranks"]]
+    if name == "barlow_twins":  # every process computes the global loss
+        assert [r["loss"] for r in ranks] == pytest.approx([reference["loss"]] * 2, rel=1e-12)
+    else:  # the invariance term is each process's own rows; the mean over processes is the global loss
+        assert (ranks[0]["loss"] + ranks[1]["loss"]) / 2 == pytest.approx(reference["loss"], rel=1e-12)
+        assert reference["logs"]["variance"] > 0.1  # the variance term is active (its gradient is checked)
+    for rank in ranks:
+        assert rank["grads"].keys() == reference["grads"].keys()
+        for key, grad in reference["grads"].items():
+            assert grad.norm() > 0, key
+            torch.testing.assert_close(rank["grads"][key], grad, rtol=1e-9, atol=1e-12, msg=key)
+
+
+@pytest.mark.parametrize("name", ["barlow_twins", "vicreg"])
+def test_reductions_without_backward_fail_the_two_process_check(two_processes, name):
+    """The same run with a plain all_reduce / all_gather (no backward) in the loss: the gradients come out
+    wrong; for Barlow Twins, where every term goes through the reduction, exactly 1 / world_size too small
+    (lightly issue 1977). The check above therefore catches that bug."""
+    reference = two_processes["reference"][name]["grads"]
+    for rank in two_processes["ranks"]:
+        grads = rank[f"{name}_without_backward"]["grads"]
+        assert relative_error(grads, reference) > 0.2
+        if name == "barlow_twins":
+            for key, grad in reference.items():
+                torch.testing.assert_close(grads[key], grad / 2, rtol=1e-9, atol=1e-12, msg=key)
