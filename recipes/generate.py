@@ -153,11 +153,11 @@ def redundancy_views(method: str, imagenet: bool) -> list[dict]:
     """The official two-view augmentation (ImageNet: blur p 1.0 / 0.1, solarization p 0 / 0.2, crop scale
     from 0.08), or solo-learn's CIFAR one (no blur; Barlow Twins' asymmetric.yaml, VICReg's vicreg.yaml)."""
     if imagenet:
-        return [{"count": 1, "scale": [0.08, 1.0], "jitter": JITTER_02, "blur_p": blur, "solarize_p": solarize}
+        return [{"count": 1, "scale": [0.08, 1.0], "jitter": list(JITTER_02), "blur_p": blur, "solarize_p": solarize}
                 for blur, solarize in ((1.0, 0.0), (0.1, 0.2))]
     if method == "vicreg":
-        return [{"count": 2, "scale": [0.2, 1.0], "jitter": JITTER_02, "blur_p": 0.0, "solarize_p": 0.1}]
-    return [{"count": 1, "scale": [0.08, 1.0], "jitter": JITTER_02, "blur_p": 0.0, "solarize_p": solarize}
+        return [{"count": 2, "scale": [0.2, 1.0], "jitter": list(JITTER_02), "blur_p": 0.0, "solarize_p": 0.1}]
+    return [{"count": 1, "scale": [0.08, 1.0], "jitter": list(JITTER_02), "blur_p": 0.0, "solarize_p": solarize}
             for solarize in (0.0, 0.2)]
 
 

@@ -11,28 +11,23 @@ proves it on two processes, and that a reduction without backward makes it ``1 /
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hub_ccrop.distributed import all_gather_with_grad, all_reduce_with_grad, get_world_size
-from hub_ccrop.methods.base import Encoder, MethodOptions, SSLMethod
+from hub_ccrop.methods.base import Encoder, MethodOptions, SSLMethod, view_pairs
 from hub_ccrop.methods.losses import mean_cosine
 from hub_ccrop.models import feature_dim
-
-if TYPE_CHECKING:
-    from hub_ccrop.views import Views
+from hub_ccrop.views.batch import Views
 
 __all__ = [
     "RedundancyOptions",
     "RedundancyReduction",
     "barlow_twins_loss",
     "batch_standardize",
-    "crop_pairs",
     "expander",
     "off_diagonal",
     "vicreg_loss",
@@ -125,12 +120,6 @@ def expander(dims: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def crop_pairs(num_crops: int, num_global: int) -> list[tuple[int, int]]:
-    """The crop pairs a redundancy loss compares: every global crop with every later crop. Two views: ``(0, 1)``,
-    the papers' loss; with local crops each of them against each global crop."""
-    return [(i, j) for i, j in itertools.combinations(range(num_crops), 2) if i < num_global]
-
-
 @dataclasses.dataclass
 class RedundancyOptions(MethodOptions):
     """Options shared by Barlow Twins and VICReg: the expander's layer widths after the backbone."""
@@ -145,7 +134,8 @@ class RedundancyOptions(MethodOptions):
 
 class RedundancyReduction(SSLMethod):
     """Backbone + expander (``encoder``); each crop goes through it on its own (BatchNorm statistics per
-    view, as the official code); the loss is ``pair_loss`` averaged over ``crop_pairs``."""
+    view, as the official code); the loss is ``pair_loss`` averaged over ``view_pairs`` (every global crop with
+    every other crop; with two views, the papers' loss)."""
 
     config: RedundancyOptions
 
@@ -162,8 +152,7 @@ class RedundancyReduction(SSLMethod):
 
     def forward(self, views: Views) -> tuple[Tensor, dict[str, Tensor]]:
         zs = [self.encoder(crop) for crop in views.crops]
-        pairs = crop_pairs(len(zs), views.num_global)
-        losses, terms = zip(*(self.pair_loss(zs[i], zs[j]) for i, j in pairs), strict=True)
+        losses, terms = zip(*(self.pair_loss(zs[i], zs[j]) for i, j in view_pairs(views)), strict=True)
         loss = torch.stack(losses).mean()
         mean_terms = {k: torch.stack([t[k] for t in terms]).mean() for k in terms[0]}
         return loss, self._logs(loss=loss, pos_cosine=mean_cosine(zs[0], zs[1]), **mean_terms)
