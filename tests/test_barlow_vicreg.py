@@ -8,9 +8,11 @@ in plain torch so that the tests run without a copy of the official repositories
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -466,3 +468,34 @@ def test_official_barlow_twins_gradient_is_one_over_world_size(two_processes):
         grads = rank["barlow_twins_official"]["grads"]
         for key, grad in reference.items():
             torch.testing.assert_close(grads[key], grad / 2, rtol=1e-9, atol=1e-12, msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["barlow_twins", "vicreg"])
+def test_recipe_trains_on_two_processes(tmp_path, name):
+    """``accelerate launch --multi_gpu --num_processes 2 -m hub_ccrop train`` of the CIFAR-10 recipe (official
+    optimizer, per-step schedule, view groups, SyncBN) on a tiny small-objects set: the run splits the global
+    batch, trains every step with a finite loss and writes its backbone."""
+    from safetensors.torch import load_file
+
+    from hub_ccrop.synthetic import small_objects_dir
+
+    data = small_objects_dir(tmp_path / "data", train=64, test=32)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "-m", "hub_ccrop", "train", str(REPO / "recipes" / f"{name}_cifar10_rcrop.yaml"), "--output-dir", str(tmp_path / "run")]
+    for item in ("model.name=resnet_tiny_cifar", "data.dataset=small_objects", f"data.data_dir={data}", "data.image_size=32",
+                 "data.batch_size=32", "data.num_workers=0", "train.epochs=1", "train.knn_every=0", "train.show_images=0",
+                 "train.mixed_precision=no", "method.options.projector=[64, 64, 64]"):
+        cmd += ["--set", item]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "global batch 32 = 2 processes x 16" in result.stdout + result.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert math.isfinite(metrics["final_loss"]) and metrics["final_loss"] > 0
+    assert load_file(tmp_path / "run" / "backbone.safetensors")
