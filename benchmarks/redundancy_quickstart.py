@@ -11,7 +11,8 @@ expander (8192 is the official width: minutes per epoch on a CPU). Then, from th
   with the untrained backbone (same seed), since random convolutional features are above chance already;
 - collapse: the per-dimension std over the test images of the L2-normalized backbone features and of
   the expander's embeddings, times sqrt(dim) (about 1 when the directions spread evenly, 0 at collapse);
-  the floor checked is 0.1 for the mean, and no dimension below 0.01.
+  the floor checked is 0.1 for both means, and no embedding dimension below 0.01 (the backbone's smallest
+  is not checked: a ReLU channel that never fires has std 0, in the untrained network too).
 
     .venv/bin/python benchmarks/redundancy_quickstart.py            # both methods, ~the quickstart's time each
     .venv/bin/python benchmarks/redundancy_quickstart.py --methods vicreg --set train.epochs=2 \
@@ -46,7 +47,7 @@ from hub_ccrop.models import create_backbone  # noqa: E402
 from hub_ccrop.recipe import Recipe, load_recipe  # noqa: E402
 from hub_ccrop.training import build_data, train  # noqa: E402
 
-STD_FLOOR, DIM_FLOOR = 0.1, 0.01  # mean and smallest per-dimension std x sqrt(dim)
+STD_FLOOR, DIM_FLOOR = 0.1, 0.01  # mean per-dimension std x sqrt(dim); the embedding's smallest
 OVERRIDES = [
     "method.options={projector: [512, 512, 512]}",
     "optim.name=lars", "optim.lr=0.2", "optim.lr_scaling=linear", "optim.weight_decay=1.0e-6",
@@ -100,9 +101,14 @@ def run_method(name: str, out_root: Path, extra: list[str]) -> dict[str, Any]:
         "backbone_spread": spread(trained_x), "backbone_spread_untrained": spread(untrained_x),
         "embedding_spread": spread(embeddings(recipe, run, run_data)),
     }
-    result["collapsed"] = any(s["mean_std_x_sqrt_dim"] < STD_FLOOR or s["min_std_x_sqrt_dim"] < DIM_FLOOR
-                              for s in (result["backbone_spread"], result["embedding_spread"]))
+    result["collapsed"] = collapsed(result)
     return result
+
+
+def collapsed(result: dict[str, Any]) -> bool:
+    backbone, embedding = result["backbone_spread"], result["embedding_spread"]
+    return (backbone["mean_std_x_sqrt_dim"] < STD_FLOOR or embedding["mean_std_x_sqrt_dim"] < STD_FLOOR
+            or embedding["min_std_x_sqrt_dim"] < DIM_FLOOR)
 
 
 def main() -> None:
