@@ -23,6 +23,7 @@ __all__ = [
     "CPUSyncBatchNorm",
     "all_gather_no_grad",
     "all_gather_with_grad",
+    "all_reduce_with_grad",
     "batch_shuffle",
     "batch_unshuffle",
     "convert_cpu_sync_bn",
@@ -101,6 +102,18 @@ def all_gather_with_grad(x: Tensor) -> Tensor:
     if get_world_size() == 1:
         return x
     return torch.cat(dist_autograd.all_gather(x.contiguous()))
+
+
+def all_reduce_with_grad(x: Tensor) -> Tensor:
+    """Sum ``x`` over all processes, keeping the autograd graph.
+
+    The backward of ``torch.distributed.nn.functional.all_reduce`` sums the incoming gradients over processes
+    (every process's loss depends on every addend); a plain ``dist.all_reduce`` has none, so under DDP's
+    averaging the gradient comes out ``1 / world_size`` too small (the bug of lightly issue 1977).
+    """
+    if get_world_size() == 1:
+        return x
+    return dist_autograd.all_reduce(x)
 
 
 @torch.no_grad()

@@ -4,6 +4,7 @@
 
 Small datasets: {SimCLR, MoCo v2, BYOL, SimSiam} x {CIFAR-10, CIFAR-100, STL-10, Tiny ImageNet} x
 {rcrop, ccrop}. ImageNet: {MoCo v1, MoCo v2, SimCLR, SimSiam} x {IN-200, IN-1K} x {rcrop, ccrop}.
+Redundancy reduction: {Barlow Twins, VICReg} x {CIFAR-10, CIFAR-100, IN-1K} x {rcrop, ccrop}.
 Each file carries the paper's linear top-1 for its setting as ``target``. Edit this script, not the
 generated files, when a shared setting changes; quickstart.yaml is written by hand.
 
@@ -121,6 +122,74 @@ def imagenet_recipe(method: str, dataset: str, crop: str) -> dict:
     }
 
 
+# Barlow Twins and VICReg: method, optimizer and ImageNet augmentation values of the official code
+# (facebookresearch/barlowtwins main.py, facebookresearch/vicreg main_vicreg.py + augmentations.py; neither
+# has a CIFAR setting: CIFAR widths, batch and augmentations are solo-learn's scripts/pretrain/cifar/*.yaml,
+# the setting of the CIFAR targets). docs/PARITY.md lists each value with its source.
+REDUNDANCY_METHODS = {
+    "barlow_twins": {"lambd": 0.0051, "bias_lr_scale": 0.024},  # --lambd; --learning-rate-biases 0.0048 / weights 0.2
+    "vicreg": {"sim_coeff": 25.0, "std_coeff": 25.0, "cov_coeff": 1.0},  # --sim-coeff, --std-coeff, --cov-coeff
+}
+REDUNDANCY_TARGETS = {  # linear top-1 of the R-Crop (RandomResizedCrop) setting; no published C-Crop number
+    ("barlow_twins", "imagenet1k"): "73.5 (official README: ResNet-50, 1000 epochs, batch 2048; the paper's Table 1: 73.2)",
+    ("vicreg", "imagenet1k"): "73.2 (official README: ResNet-50, 1000 epochs, batch 2048, base lr 0.2)",
+    ("barlow_twins", "cifar10"): "92.10 (solo-learn README: ResNet-18, 1000 epochs)",
+    ("barlow_twins", "cifar100"): "70.90 (solo-learn README: ResNet-18, 1000 epochs)",
+    ("vicreg", "cifar10"): "92.07 (solo-learn README: ResNet-18, 1000 epochs)",
+    ("vicreg", "cifar100"): "68.54 (solo-learn README: ResNet-18, 1000 epochs)",
+}
+JITTER_02 = [0.4, 0.4, 0.2, 0.1]  # ColorJitter(0.4, 0.4, 0.2, 0.1), p 0.8, grayscale p 0.2 (both codes)
+REDUNDANCY_NOTES = [
+    "data.batch_size is the global batch; lr 0.2 x batch / 256 (optim.lr_scaling: linear), LARS without decay "
+    "or adaptation on biases and norms, 10 warm-up epochs and a per-step cosine to 0.001 x lr, as the official code.",
+    "ContrastiveCrop at the paper's proportions: RandomResizedCrop for the first 20% of the epochs, boxes "
+    "re-localized every 20% (the official configs: 100 of 500 epochs on small data, 20 of 100 on ImageNet).",
+    "mixed precision bf16 (the official code: fp16 autocast with a GradScaler); the loss runs in float32.",
+    ALIGNMENT_NOTE,
+]
+
+
+def redundancy_views(method: str, imagenet: bool) -> list[dict]:
+    """The official two-view augmentation (ImageNet: blur p 1.0 / 0.1, solarization p 0 / 0.2, crop scale
+    from 0.08), or solo-learn's CIFAR one (no blur; Barlow Twins' asymmetric.yaml, VICReg's vicreg.yaml)."""
+    if imagenet:
+        return [{"count": 1, "scale": [0.08, 1.0], "jitter": list(JITTER_02), "blur_p": blur, "solarize_p": solarize}
+                for blur, solarize in ((1.0, 0.0), (0.1, 0.2))]
+    if method == "vicreg":
+        return [{"count": 2, "scale": [0.2, 1.0], "jitter": list(JITTER_02), "blur_p": 0.0, "solarize_p": 0.1}]
+    return [{"count": 1, "scale": [0.08, 1.0], "jitter": list(JITTER_02), "blur_p": 0.0, "solarize_p": solarize}
+            for solarize in (0.0, 0.2)]
+
+
+def redundancy_recipe(method: str, dataset: str, crop: str) -> dict:
+    imagenet = dataset == "imagenet1k"
+    epochs = 1000  # main.py's default; main_vicreg.py's README command for its 73.2%; solo-learn's CIFAR runs
+    reference = REDUNDANCY_TARGETS[method, dataset]
+    target = f"linear top-1 {reference}" if crop == "rcrop" else f"no published C-Crop number; R-Crop: {reference}"
+    notes = REDUNDANCY_NOTES if imagenet else [
+        "no official CIFAR setting: projector 2048-2048-2048, batch 256 and the augmentations of solo-learn's "
+        "CIFAR config (its target); method and optimizer values of the official code (solo-learn's LARS differs: "
+        "eta 0.02 with clipping, lr 0.3, weight decay 1e-4).", *REDUNDANCY_NOTES]
+    return {
+        "notes": notes,
+        "name": f"{method}_{dataset}_{crop}",
+        "target": target,
+        "model": {"name": "resnet50" if imagenet else "resnet18_cifar", "args": {"zero_init_last": True},
+                  **({"channels_last": True} if imagenet else {}), "sync_bn": True},
+        "method": {"name": method, "options": {"projector": [8192 if imagenet else 2048] * 3,
+                                               **REDUNDANCY_METHODS[method]}},
+        "data": {"dataset": dataset, "batch_size": 2048 if imagenet else 256, "num_workers": 10 if imagenet else 8},
+        "crop": {"mode": crop, "alpha": 0.6 if imagenet else 0.1, "k": 0.1, "warmup_epochs": epochs // 5,
+                 "loc_interval": epochs // 5, "heatmap_alignment": "official"},
+        "views": redundancy_views(method, imagenet),
+        "optim": {"name": "lars", "lr": 0.2, "momentum": 0.9, "weight_decay": 1e-6, "schedule": "cosine",
+                  "final_lr_ratio": 0.001, "warmup_epochs": 10, "lr_scaling": "linear", "per_step": True,
+                  "weight_decay_filter": "no_norm_bias"},
+        "train": {"epochs": epochs, "mixed_precision": "bf16", "knn_every": 0 if imagenet else 10,
+                  "checkpoint_every": 1 if imagenet else 5},
+    }
+
+
 def main() -> None:
     written = []
     for crop in ("rcrop", "ccrop"):
@@ -130,6 +199,9 @@ def main() -> None:
         for method in IMAGENET_METHODS:
             for dataset in ("imagenet200", "imagenet1k"):
                 written.append(imagenet_recipe(method, dataset, crop))
+        for method in REDUNDANCY_METHODS:
+            for dataset in ("cifar10", "cifar100", "imagenet1k"):
+                written.append(redundancy_recipe(method, dataset, crop))
     for recipe in written:
         header = f"# {recipe['name']}: generated by recipes/generate.py from docs/METHOD.md and the official code (docs/PARITY.md).\n"
         if recipe["target"]:

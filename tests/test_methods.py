@@ -53,6 +53,8 @@ def tiny(name: str, seed: int = 0, **cfg) -> SSLMethod:
         cfg.setdefault("queue_size", 64)
     if name == "dino":
         cfg.setdefault("out_dim", 256)
+    if name in ("barlow_twins", "vicreg"):
+        cfg.setdefault("projector", [128, 128, 128])  # the default 8192-wide expander takes minutes on a CPU
     return build_method(name, create_backbone("resnet_tiny_cifar"), **cfg)
 
 
@@ -225,7 +227,8 @@ def test_method_defaults_follow_design() -> None:
     dino, v3 = METHOD_DEFAULTS["dino"], METHOD_DEFAULTS["moco_v3"]  # main_dino.py / main_moco.py defaults
     assert (dino["out_dim"], dino["momentum"], dino["student_temperature"], dino["teacher_temperature"]) == (65536, 0.996, 0.1, 0.04)
     assert (v3["out_dim"], v3["hidden_dim"], v3["momentum"], v3["temperature"]) == (256, 4096, 0.99, 1.0)
-    assert set(METHOD_DEFAULTS) == {"simclr", "moco_v1", "moco_v2", "byol", "simsiam", "dino", "moco_v3"}
+    assert set(METHOD_DEFAULTS) == {"simclr", "moco_v1", "moco_v2", "byol", "simsiam", "dino", "moco_v3", "barlow_twins",
+                                    "vicreg"}
 
 
 def test_unknown_option_names_the_key_and_the_accepted_ones() -> None:

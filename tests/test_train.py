@@ -219,6 +219,7 @@ def test_every_recipe_builds_model_method_and_data_spec(path):
     recipe = load_recipe(path, ["data.dataset=small_objects"] if path.stem == "own_images" else [])  # a user's folder
     spec = get_spec(recipe.data.dataset)  # no download: specs are metadata
     assert spec.image_size in (32, 64, 96, 224) and spec.num_classes
-    assert _built(recipe.model.name, recipe.method.name, tuple(sorted(recipe.method.options.items())))
+    options = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in recipe.method.options.items()))
+    assert _built(recipe.model.name, recipe.method.name, options)  # (hashable: lists as tuples)
     if recipe.crop.mode == "ccrop":
         assert recipe.localization_epochs() and recipe.localization_epochs()[0] == recipe.crop.warmup_epochs

@@ -1,4 +1,5 @@
-"""SSL methods behind one interface: SimCLR, MoCo v1/v2/v3, BYOL, SimSiam, DINO on any timm backbone.
+"""SSL methods behind one interface: SimCLR, MoCo v1/v2/v3, BYOL, SimSiam, DINO, Barlow Twins, VICReg on any
+timm backbone.
 
     method = build_method("moco_v2", create_backbone("resnet18_cifar"), queue_size=4096)
     loss, logs = method(views)                  # a Views batch (or method(view1, view2)); logs: {"loss", "pos_cosine"}
@@ -17,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from hub_ccrop.methods.barlow_twins import BarlowTwins, BarlowTwinsConfig
 from hub_ccrop.methods.base import (
     Encoder,
     MethodOptions,
@@ -39,8 +41,10 @@ from hub_ccrop.methods.moco import (
     convert_split_bn,
 )
 from hub_ccrop.methods.moco_v3 import MoCoV3, MoCoV3Config
+from hub_ccrop.methods.redundancy import barlow_twins_loss, off_diagonal, vicreg_loss
 from hub_ccrop.methods.simclr import SimCLR, SimCLRConfig
 from hub_ccrop.methods.simsiam import SimSiam, SimSiamConfig
+from hub_ccrop.methods.vicreg import VICReg, VICRegConfig
 
 __all__ = [
     "BYOL",
@@ -49,6 +53,8 @@ __all__ = [
     "BYOLConfig",
     "DINO",
     "DINOConfig",
+    "BarlowTwins",
+    "BarlowTwinsConfig",
     "Encoder",
     "MethodOptions",
     "MoCo",
@@ -64,6 +70,9 @@ __all__ = [
     "SimSiam",
     "SimSiamConfig",
     "SplitBatchNorm2d",
+    "VICReg",
+    "VICRegConfig",
+    "barlow_twins_loss",
     "build_method",
     "convert_split_bn",
     "byol_loss",
@@ -76,6 +85,8 @@ __all__ = [
     "momentum_update",
     "negative_cosine",
     "nt_xent_loss",
+    "off_diagonal",
+    "vicreg_loss",
 ]
 
 #: name -> (method class, config dataclass)
@@ -87,6 +98,8 @@ METHODS: dict[str, tuple[type[SSLMethod], type[MethodOptions]]] = {
     "simsiam": (SimSiam, SimSiamConfig),
     "dino": (DINO, DINOConfig),
     "moco_v3": (MoCoV3, MoCoV3Config),
+    "barlow_twins": (BarlowTwins, BarlowTwinsConfig),
+    "vicreg": (VICReg, VICRegConfig),
 }
 
 #: name -> {option: default}
@@ -111,7 +124,7 @@ def method_config(name: str, **cfg: Any) -> MethodOptions:
 
 def build_method(name: str, backbone: nn.Module, **cfg: Any) -> SSLMethod:
     """Build SSL method ``name`` (``simclr``, ``moco_v1``, ``moco_v2``, ``byol``, ``simsiam``, ``dino``,
-    ``moco_v3``) around
-    ``backbone`` (a ``create_backbone`` model) with options ``cfg`` (see ``METHOD_DEFAULTS``)."""
+    ``moco_v3``, ``barlow_twins``, ``vicreg``) around ``backbone`` (a ``create_backbone`` model) with options
+    ``cfg`` (see ``METHOD_DEFAULTS``)."""
     key = _canonical(name)
     return METHODS[key][0](backbone, method_config(key, **cfg))
