@@ -31,12 +31,17 @@ def add_cli(subparsers: Any) -> None:
 def run_show(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from hub_ccrop.data import get_spec, list_specs
     from hub_ccrop.methods import method_config
     from hub_ccrop.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     raw = recipe.to_dict()  # the method's options with their defaults too (load_recipe checked them)
     raw["method"]["options"] = dataclasses.asdict(method_config(recipe.method.name, **recipe.method.options))
+    # the view groups as the run resolves them (size: a registered dataset's; else null = the data's own size)
+    spec = get_spec(recipe.data.dataset) if recipe.data.dataset in list_specs() else None
+    size = recipe.data.image_size or (spec.image_size if spec else None)
+    raw["views"] = [dataclasses.asdict(g) for g in recipe.view_groups(size, spec.blur if spec else False)]
     print(yaml.dump(raw, Dumper=_FlatListDumper, sort_keys=False), end="")
     return 0
 
