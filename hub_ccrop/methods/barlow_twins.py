@@ -17,9 +17,9 @@ __all__ = ["BarlowTwins", "BarlowTwinsConfig"]
 class BarlowTwinsConfig(RedundancyOptions):
     """Barlow Twins options (defaults: ``main.py``'s; projector 8192-8192-8192, lambda 0.0051)."""
 
-    lambd: float = 0.0051  # --lambd: weight of the off-diagonal terms
-    # --learning-rate-biases / --learning-rate-weights = 0.0048 / 0.2: the lr of biases and BatchNorm
-    # parameters relative to the weights' (the recipe's optim.lr is the weights' 0.2, times batch / 256)
+    lambd: float = 0.0051  # weight of the cross-correlation's off-diagonal terms (--lambd)
+    # lr of biases and BatchNorm parameters / the weights' lr (optim.lr): --learning-rate-biases 0.0048 /
+    # --learning-rate-weights 0.2
     bias_lr_scale: float = 0.024
 
     def __post_init__(self) -> None:

@@ -124,7 +124,8 @@ def expander(dims: Sequence[int]) -> nn.Sequential:
 class RedundancyOptions(MethodOptions):
     """Options shared by Barlow Twins and VICReg: the expander's layer widths after the backbone."""
 
-    projector: list[int] = dataclasses.field(default_factory=lambda: [8192, 8192, 8192])  # both main.py's default
+    # the expander's layer widths after the backbone (main.py's --projector, main_vicreg.py's --mlp)
+    projector: list[int] = dataclasses.field(default_factory=lambda: [8192, 8192, 8192])
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -16,9 +16,9 @@ __all__ = ["VICReg", "VICRegConfig"]
 class VICRegConfig(RedundancyOptions):
     """VICReg options (defaults: ``main_vicreg.py``'s; expander 8192-8192-8192, coefficients 25 / 25 / 1)."""
 
-    sim_coeff: float = 25.0  # --sim-coeff: invariance
-    std_coeff: float = 25.0  # --std-coeff: variance
-    cov_coeff: float = 1.0  # --cov-coeff: covariance
+    sim_coeff: float = 25.0  # weight of the invariance term, the views' mean squared error (--sim-coeff)
+    std_coeff: float = 25.0  # weight of the variance term, mean relu(1 - std) per dimension (--std-coeff)
+    cov_coeff: float = 1.0  # weight of the covariance term, squared off-diagonal covariances / dim (--cov-coeff)
 
     def __post_init__(self) -> None:
         super().__post_init__()
