@@ -16,16 +16,19 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from hub_ccrop import train
+from hub_ccrop.cli import main
+from hub_ccrop.training import SeededCollate, loop
+from hub_ccrop.views import Views
 
 
-def per_image_views(self: train.SeededCollate, rows: list[dict[str, Any]]) -> Any:
+def per_image_views(self: SeededCollate, rows: list[dict[str, Any]]) -> Any:
     parts = []
     for row in rows:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.batch_seed([row["id"]]))
             parts.append(self.collate([row]))
-    return tuple(torch.cat(column) for column in zip(*parts, strict=True))
+    groups = [torch.cat(group, dim=1) for group in zip(*(part.groups for part in parts), strict=True)]
+    return Views(groups, torch.cat([part.ids for part in parts]), torch.cat([part.labels for part in parts]))
 
 
 def build_and_save_init(*args: Any, **kwargs: Any) -> Any:
@@ -35,11 +38,11 @@ def build_and_save_init(*args: Any, **kwargs: Any) -> Any:
     return method
 
 
-train.SeededCollate.__call__ = per_image_views
-build_method = train.build_method
+SeededCollate.__call__ = per_image_views
+build_method = loop.build_method
 if os.environ.get("PARITY_INIT"):
-    train.build_method = build_and_save_init
+    loop.build_method = build_and_save_init
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    sys.exit(train.main(sys.argv[1:]))
+    sys.exit(main(["train", *sys.argv[1:]]))
