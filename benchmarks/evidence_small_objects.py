@@ -1,8 +1,8 @@
 """Evidence (issue 8, part 1): RandomResizedCrop vs ContrastiveCrop on the built-in small-objects set.
 
-Both modes train the same recipe (``recipes/quickstart.yaml``: SimCLR, ``resnet_tiny_cifar``, batch
-128) for the same epochs and seeds through the real loop (``hub_ccrop.training.train``). Only
-``crop.mode`` differs. For every run this script then measures, from the run folder:
+Both modes train the same recipe (``--recipe``, by default ``recipes/quickstart.yaml``: SimCLR,
+``resnet_tiny_cifar``, batch 128) for the same epochs and seeds through the real loop
+(``hub_ccrop.training.train``). Only ``crop.mode`` differs. For every run this script then measures, from the run folder:
 
 - kNN top-1 (k=200, T=0.1, cosine) on the 1,000 test images after every ``--knn-every`` epochs (the
   training loop's monitor) and at the end;
@@ -20,6 +20,8 @@ Both modes train the same recipe (``recipes/quickstart.yaml``: SimCLR, ``resnet_
     .venv/bin/python benchmarks/evidence_small_objects.py                       # the full run
     .venv/bin/python benchmarks/evidence_small_objects.py --seeds 0 --epochs 3 --warmup 1 \
         --loc-interval 1 --tag smoke                                             # a smoke test
+    .venv/bin/python benchmarks/evidence_small_objects.py --recipe recipes/dino_vit_tiny_cifar10_ccrop.yaml \
+        --set data.image_size=32 ...                                             # DINO on a ViT (issue 22)
 
 Writes ``benchmarks/evidence/small_objects[_TAG].json`` and PNG plots/pictures next to it.
 """
@@ -51,7 +53,8 @@ from torch.utils.data import DataLoader  # noqa: E402
 from hub_ccrop.boxes import pairwise_box_iou  # noqa: E402
 from hub_ccrop.crop import object_miss_rate  # noqa: E402
 from hub_ccrop.evaluate import extract_features, knn_accuracy, linear_probe_on_features  # noqa: E402
-from hub_ccrop.localize import heatmaps, localize_boxes, model_boxes, picture_heatmaps  # noqa: E402
+from hub_ccrop.localize import boxes_from_maps, input_heatmaps, localize_boxes  # noqa: E402
+from hub_ccrop.methods import build_method  # noqa: E402
 from hub_ccrop.models import create_backbone  # noqa: E402
 from hub_ccrop.recipe import Recipe, load_recipe  # noqa: E402
 from hub_ccrop.training import RunData, build_data, train  # noqa: E402
@@ -80,12 +83,16 @@ def machine() -> str:
 
 
 def backbone_from_state(recipe: Recipe, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A backbone with the weights of a run's ``backbone.safetensors`` or of a checkpoint's method state."""
+    """A backbone with the weights of a run's ``backbone.safetensors``, or the localization encoder (the
+    backbone whose heatmaps make the boxes: DINO's teacher, the online backbone otherwise) of a checkpoint's
+    method state."""
     model = create_backbone(recipe.model.name, **recipe.model.args)
     wanted = set(model.state_dict())
-    if not wanted <= set(state):  # a checkpoint of the whole method: find the backbone's prefix
-        candidates = {k[: -len("bn1.weight")] for k in state if k.endswith("bn1.weight")}
-        prefix = next(p for p in sorted(candidates, key=len) if all(p + w in state for w in wanted))
+    if not wanted <= set(state):  # a checkpoint of the whole method: the localization encoder's prefix
+        method = build_method(recipe.method.name, create_backbone(recipe.model.name, **recipe.model.args),
+                              **recipe.method.options)
+        prefix = next(name for name, module in method.named_modules()
+                      if module is method.localization_encoder) + "."
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     model.load_state_dict(state)
     return model.eval()
@@ -174,7 +181,7 @@ def plot_knn_and_cosine(ax_knn, ax_cosine, runs: list[dict[str, Any]], cosine_ma
 
 
 def make_recipe(args: argparse.Namespace, mode: str, seed: int) -> Recipe:
-    raw = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
+    raw = yaml.safe_load(Path(args.recipe).read_text())
     raw["name"] = f"evidence_small_objects_{mode}_s{seed}"
     overrides = [
         f"data.dataset={args.dataset}", f"crop.mode={mode}", f"train.seed={seed}", f"train.epochs={args.epochs}",
@@ -207,7 +214,8 @@ def analyse_run(recipe: Recipe, run: Path, run_data: RunData, args: argparse.Nam
         model = backbones[epoch]
         tic = time.perf_counter()
         ids, boxes = localize_boxes(model, loader(run_data.pretrain, collate, 512, args.workers), k=c.k,
-                                    alignment=c.heatmap_alignment, progress=False)
+                                    alignment=c.heatmap_alignment, heatmap=c.heatmap, rule=c.box_rule,
+                                    flip=c.heatmap_flip, progress=False)
         seconds = time.perf_counter() - tic
         table = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(run_data.num_rows, 1)
         table[ids] = boxes.float()
@@ -243,11 +251,10 @@ def picture(recipe: Recipe, run: Path, run_data: RunData, boxes_backbone: torch.
     positions = torch.linspace(0, len(run_data.pretrain) - 1, n).long()
     rows = [run_data.pretrain[int(i)] for i in positions]
     images, ids, _ = EvalCollate(run_data.spec, purpose="localize")(rows)
+    c = recipe.crop
     with torch.no_grad():
-        raw = heatmaps(boxes_backbone, images)
-    size, alignment = tuple(images.shape[-2:]), recipe.crop.heatmap_alignment
-    boxes = model_boxes(boxes_backbone, raw, size, recipe.crop.k, alignment)
-    maps = picture_heatmaps(boxes_backbone, raw, size, alignment)
+        maps, constant = input_heatmaps(boxes_backbone, images, c.heatmap_alignment, c.heatmap_flip, c.heatmap)
+    boxes = boxes_from_maps(maps, constant, c.k, c.box_rule, c.heatmap_alignment)
     draw_localization_grid(to_uint8(images, run_data.spec.mean, run_data.spec.std), maps, boxes, path,
                            alpha=recipe.crop.alpha, scale=recipe.crop.scale, ratio=recipe.crop.ratio,
                            gt_boxes=run_data.gt_boxes[ids], ids=ids.tolist(),
@@ -346,6 +353,8 @@ def plots(runs: list[dict[str, Any]], tag: str, settings: dict[str, Any]) -> lis
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="small_objects_hard", help="small_objects_hard (objects 5-30%%) or small_objects")
+    parser.add_argument("--recipe", default=str(REPO / "recipes" / "quickstart.yaml"),
+                        help="the recipe both modes train (default: the quickstart's SimCLR)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="more recipe overrides for both modes, e.g. --set crop.k=0.3")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -390,7 +399,7 @@ def main() -> None:
     results = {
         "meta": {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
                  "command": " ".join([".venv/bin/python", *[Path(sys.argv[0]).as_posix(), *sys.argv[1:]]]),
-                 "recipe": "recipes/quickstart.yaml + dataset/crop.mode/seed/epochs/warm-up/interval (+ --set) overrides",
+                 "recipe": f"{args.recipe} + dataset/crop.mode/seed/epochs/warm-up/interval (+ --set) overrides",
                  "settings": vars(args) | {"seeds": sorted({r["seed"] for r in runs}),
                                            "add_to": str(args.add_to) if args.add_to else None},
                  "earlier_commands": [earlier_meta["command"], *earlier_meta.get("earlier_commands", [])]

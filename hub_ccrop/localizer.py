@@ -22,7 +22,7 @@ from hub_ccrop.evaluate.backbone import backbone_data_config, load_backbone
 from hub_ccrop.localize import TRAINED_BACKBONE, check_localizer_source
 
 __all__ = ["TRAINED_BACKBONE", "Localizer", "box_settings", "check_localizer_source", "external_localizer",
-           "pass_localizer", "table_metadata"]
+           "network_name", "pass_localizer", "table_metadata"]
 
 
 @dataclass
@@ -56,10 +56,17 @@ class Localizer:
 
     def metadata(self) -> dict[str, Any]:
         """What a box table records about the localizer."""
-        meta: dict[str, Any] = {"localizer": self.source}
+        meta: dict[str, Any] = {"localizer": self.source, "localizer_network": network_name(self.model)}
         if self.external:
             meta["localizer_input_size"] = list(self.size) if self.size else None
         return meta
+
+
+def network_name(model: nn.Module) -> str:
+    """The timm architecture name of ``model`` (its class name when it has no timm config)."""
+    model = getattr(model, "_orig_mod", model)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return str(cfg.get("architecture") or type(model).__name__)
 
 
 @lru_cache(maxsize=2)

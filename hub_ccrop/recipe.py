@@ -44,7 +44,7 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "simclr"  # the self-supervised method: simclr, moco_v1, moco_v2, byol, simsiam
+    name: str = "simclr"  # simclr, moco_v1, moco_v2, byol, simsiam, dino, moco_v3 (or mocov3), barlow_twins, vicreg
     options: dict[str, Any] = field(default_factory=dict)  # passed to build_method (temperature, dims, ...)
 
 
@@ -386,7 +386,7 @@ def _check_names(recipe: Recipe) -> None:
 
     import hub_ccrop.models  # noqa: F401  (registers the CIFAR-stem ResNets with timm)
     from hub_ccrop.data import BOX_FORMATS, is_hub_id, list_specs, looks_like_path
-    from hub_ccrop.methods import METHODS, method_config
+    from hub_ccrop.methods import METHODS, canonical_method, method_config
 
     model = recipe.model.name
     if model.startswith("local-dir:") and not Path(model.removeprefix("local-dir:")).expanduser().is_dir():
@@ -394,7 +394,7 @@ def _check_names(recipe: Recipe) -> None:
     if not model.startswith(("hf-hub:", "local-dir:")) and not timm.is_model(model):
         raise RecipeError(f"model.name: unknown timm model {model!r}{_did_you_mean(model, timm.list_models())}; "
                           "list them with timm.list_models()")
-    method = recipe.method.name.strip().lower().replace("-", "_")
+    method = canonical_method(recipe.method.name)
     if method not in METHODS:
         raise RecipeError(f"method.name: unknown method {recipe.method.name!r}{_did_you_mean(method, list(METHODS))}; "
                           f"choose one of {', '.join(METHODS)}")

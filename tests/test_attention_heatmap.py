@@ -189,3 +189,4 @@ def test_recipe_heatmap_source_reaches_the_pass_and_the_box_table(heatmap, expec
         train(recipe, tmp_path / "run")
     table = BoxTable.load(tmp_path / "run" / "boxes.parquet")
     assert table.metadata["heatmap_source"] == expected and table.metadata["backbone"] == "vit_tiny_patch16_224"
+    assert table.metadata["localizer_network"] == "vit_tiny_patch16_224"  # the teacher, a ViT of that architecture

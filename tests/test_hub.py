@@ -515,3 +515,46 @@ def test_cli_subcommands(tmp_path, capsys):
     args = parser.parse_args(["export", str(run_dir), "--out", str(tmp_path / "out")])
     assert args.func(args) == 0
     assert "local-dir:" in capsys.readouterr().out and (tmp_path / "out" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(("localizer", "expected"), [
+    ("the backbone being trained", "`vit_small_patch16_224` (the backbone being trained)"),
+    ("hf-hub:org/dino-vit", "`vit_small_patch16_224` (an external localizer, `hf-hub:org/dino-vit`)"),
+])
+def test_card_says_how_the_boxes_were_made(localizer, expected, tmp_path):
+    """The box table's metadata (heatmap source, localizer and its network, rule) reaches the card's training
+    details and the picture's caption; a table without it adds nothing."""
+    from huggingface_hub import ModelCard
+
+    run_dir, _ = make_run(tmp_path / "run")
+    table = BoxTable.load(run_dir / "boxes.parquet")
+    table.metadata.update(heatmap_source="cls_attention", localizer=localizer, localizer_network="vit_small_patch16_224",
+                          box_rule="threshold", k=0.5, heatmap_flip=True)
+    table.save(run_dir / "boxes.parquet")
+    text = ModelCard.load(export_run(run_dir, tmp_path / "out") / "README.md").text
+    made_by = (f"heatmaps from the class token's attention to the patches in the last block (mean over heads) of "
+               f"{expected}; rule `threshold` at k = 0.5, heatmaps averaged with those of the image turned by 180 degrees")
+    assert f"- **Boxes:** {made_by}." in text and f"Boxes and heatmaps: {made_by}." in text
+    plain = ModelCard.load(export_run(make_run(tmp_path / "plain")[0], tmp_path / "plain_out") / "README.md").text
+    assert "**Boxes:**" not in plain and "Boxes and heatmaps:" not in plain
+
+
+@pytest.mark.parametrize(("method", "dataset", "expected"), [
+    ("moco_v2", "cifar10", PAPER_LINEAR_TOP1[("moco", "cifar10")]),
+    ("moco_v1", "ILSVRC/imagenet-1k", PAPER_LINEAR_TOP1[("moco_v1", "imagenet-1k")]),
+    ("moco_v3", "cifar10", None), ("mocov3", "imagenet-1k", None), ("dino", "cifar10", None),
+    ("barlow_twins", "cifar10", None),
+])
+def test_paper_reference_only_for_the_papers_methods(method, dataset, expected):
+    """The paper has MoCo v1/v2 rows, none for MoCo v3 (another method) or the newer methods."""
+    assert paper_reference(method, dataset) == expected
+
+
+@pytest.mark.parametrize(("method", "name"), [("moco_v3", "MoCo v3"), ("barlow_twins", "Barlow Twins"),
+                                              ("dino", "DINO"), ("vicreg", "VICReg")])
+def test_card_names_the_newer_methods(method, name, tmp_path):
+    from huggingface_hub import ModelCard
+
+    run_dir, _ = make_run(tmp_path / "run", method=method)
+    text = ModelCard.load(export_run(run_dir, tmp_path / "out") / "README.md").text
+    assert f"- **Method:** {name}, self-supervised" in text

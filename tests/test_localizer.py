@@ -97,6 +97,7 @@ def test_a_run_localized_by_another_run_from_the_first_epoch(tmp_path, one_threa
     assert f"learned boxes ({first}): IoU with the objects" in summary(recipe, metrics, out)
     before = BoxTable.load(out / "boxes" / "epoch_0000.parquet")
     assert before.metadata["localizer"] == str(first) and before.metadata["epoch"] == 0
+    assert before.metadata["localizer_network"] == "resnet_tiny_cifar"
     assert before.metadata["box_rule"] == recipe.crop.box_rule
     spec = get_spec("small_objects", data_dir=str(data), image_size=32)
     loader = DataLoader(load_images(spec), batch_size=32, collate_fn=EvalCollate(spec, purpose="localize"))

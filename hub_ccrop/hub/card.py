@@ -24,6 +24,7 @@ from hub_ccrop.hub.paper import (
     paper_reference,
 )
 from hub_ccrop.hub.sharing import DataTerms, data_terms
+from hub_ccrop.localize import TRAINED_BACKBONE
 from hub_ccrop.run_info import RunInfo
 
 __all__ = ["PLACEHOLDER_REPO", "TEMPLATE_PATH", "build_model_card", "dataset_names"]
@@ -208,7 +209,27 @@ def _card_files(run: RunInfo, boxes: BoxTable | None, picture: str | None, pictu
         boxes_epoch=box_meta.get("epoch"),
         boxes_fingerprint=box_meta.get("fingerprint"),
         boxes_id_scheme=box_meta.get("id_scheme", ID_SCHEME),
+        boxes_made_by=boxes_made_by(box_meta),
     )
+
+
+HEATMAP_NAMES = {"cls_attention": "the class token's attention to the patches in the last block (mean over heads)",
+                 "feature_norm": "the last feature map (channel sum; token L2 norm for a ViT)"}
+
+
+def boxes_made_by(box_meta: Mapping[str, Any]) -> str | None:
+    """One sentence on how a box table's boxes were made (heatmap source, network, localizer, rule), from its
+    metadata; None for a table that does not record it."""
+    source = box_meta.get("heatmap_source")
+    if source is None:
+        return None
+    network, localizer = box_meta.get("localizer_network"), box_meta.get("localizer")
+    of = f" of `{network}`" if network else ""
+    if localizer:
+        of += f" ({localizer})" if localizer == TRAINED_BACKBONE else f" (an external localizer, `{localizer}`)"
+    rule = f"rule `{box_meta.get('box_rule', 'threshold')}` at k = {box_meta.get('k')}"
+    flip = ", heatmaps averaged with those of the image turned by 180 degrees" if box_meta.get("heatmap_flip") else ""
+    return f"heatmaps from {HEATMAP_NAMES.get(source, source)}{of}; {rule}{flip}"
 
 
 def build_model_card(

@@ -45,7 +45,8 @@ PAPER_SETTINGS = {
     "imagenet-1k": "Table 2 of the paper (ResNet-50, 100 epochs, k=0.1, alpha=0.6)",
 }
 METHOD_NAMES = {"simclr": "SimCLR", "moco": "MoCo", "moco_v1": "MoCo v1", "moco_v2": "MoCo v2",
-                "byol": "BYOL", "simsiam": "SimSiam"}
+                "byol": "BYOL", "simsiam": "SimSiam", "moco_v3": "MoCo v3", "dino": "DINO",
+                "barlow_twins": "Barlow Twins", "vicreg": "VICReg"}
 DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "tiny-imagenet": "Tiny ImageNet",
                  "stl10": "STL-10", "imagenet-1k": "ImageNet-1K"}
 
@@ -53,7 +54,7 @@ DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "tiny-imagenet"
 def method_key(method: str) -> str:
     """``"MoCo-v2"`` -> ``"moco_v2"``: the method's key into the paper's tables."""
     key = re.sub(r"[^a-z0-9]", "", method.lower())
-    return {"mocov1": "moco_v1", "mocov2": "moco_v2"}.get(key, key)
+    return {"mocov1": "moco_v1", "mocov2": "moco_v2", "mocov3": "moco_v3", "barlowtwins": "barlow_twins"}.get(key, key)
 
 
 def dataset_key(dataset: str) -> str:
@@ -67,8 +68,8 @@ def dataset_key(dataset: str) -> str:
 def paper_reference(method: str, dataset: str) -> tuple[float, float] | None:
     """The paper's linear top-1 (R-Crop, C-Crop) for a method and dataset name or Hub id, or None."""
     m, d = method_key(method), dataset_key(dataset)
-    if d != "imagenet-1k" and m.startswith("moco"):
-        m = "moco"  # Table 1 has one MoCo row
+    if d != "imagenet-1k" and m in ("moco", "moco_v1", "moco_v2"):
+        m = "moco"  # Table 1 has one MoCo row (MoCo v3 is another method, not in the paper)
     elif d == "imagenet-1k" and m == "moco":
         m = "moco_v1"
     return PAPER_LINEAR_TOP1.get((m, d))

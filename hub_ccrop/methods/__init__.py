@@ -74,6 +74,7 @@ __all__ = [
     "VICRegConfig",
     "barlow_twins_loss",
     "build_method",
+    "canonical_method",
     "convert_split_bn",
     "byol_loss",
     "frozen_copy",
@@ -108,8 +109,18 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _canonical(name: str) -> str:
+# the names the methods' own papers and code use (MoCo v3's repository is "moco-v3", its code "mocov3")
+METHOD_ALIASES = {"mocov1": "moco_v1", "mocov2": "moco_v2", "mocov3": "moco_v3", "barlowtwins": "barlow_twins"}
+
+
+def canonical_method(name: str) -> str:
+    """A method name as a recipe may spell it (``MoCo-v3``, ``mocov3``) -> its registry key (``moco_v3``)."""
     key = name.strip().lower().replace("-", "_")
+    return METHOD_ALIASES.get(key, key)
+
+
+def _canonical(name: str) -> str:
+    key = canonical_method(name)
     if key not in METHODS:
         raise ValueError(f"unknown SSL method {name!r}; choose one of {', '.join(METHODS)}")
     return key
