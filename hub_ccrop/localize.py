@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from hub_ccrop.attention import cls_attention_maps, heatmap_source
 from hub_ccrop.choices import BOX_RULES
 from hub_ccrop.distributed import gather_by_id
+from hub_ccrop.inference import autocast, model_device, run_batches
 
 __all__ = [
     "ALIGNMENTS",
@@ -478,28 +478,14 @@ def localize_boxes(
     """
     _check_alignment(alignment)
     _check_rule(rule)
-    if device is None:
-        device = accelerator.device if accelerator is not None else next(model.parameters()).device
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    is_main = accelerator is None or accelerator.is_main_process
-    all_ids, all_boxes = [], []
-    try:
-        for images, ids, *_ in tqdm(loader, desc="localize", disable=not (progress and is_main), leave=False):
-            images = images.to(device, non_blocking=True)
-            if prepare is not None:
-                images = prepare(images)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                maps, constant = input_heatmaps(model, images, alignment, flip, heatmap)
-            all_ids.append(torch.as_tensor(ids, dtype=torch.int64, device=device))
-            all_boxes.append(boxes_from_maps(maps, constant, k, rule, alignment))
-    finally:
-        model.train(was_training)
-    ids = torch.cat(all_ids) if all_ids else torch.empty(0, dtype=torch.int64, device=device)
-    boxes = torch.cat(all_boxes) if all_boxes else torch.empty(0, 4, device=device)
+    device = torch.device(device) if device is not None else model_device(model, accelerator)
+
+    def boxes_of(images: Tensor) -> tuple[Tensor]:
+        with autocast(device, autocast_dtype):
+            maps, constant = input_heatmaps(model, images, alignment, flip, heatmap)
+        return (boxes_from_maps(maps, constant, k, rule, alignment),)
+
+    ids, _, columns = run_batches(model, loader, boxes_of, device=device, accelerator=accelerator, prepare=prepare,
+                                  channels_last=channels_last, progress=progress, desc="localize")
+    boxes = columns[0] if columns else torch.empty(0, 4, device=device)
     return gather_by_id(ids, boxes, accelerator=accelerator)

@@ -37,13 +37,14 @@ def test_prepare_gives_the_localizer_its_own_size_and_normalization(tmp_path):
     resized = F.interpolate(pixels, size=(48, 48), mode="bilinear", align_corners=False, antialias=True)
     expected = (resized - torch.tensor(cfg["mean"]).view(1, 3, 1, 1)) / torch.tensor(cfg["std"]).view(1, 3, 1, 1)
     assert torch.allclose(localizer.prepare(data_input.float()), expected.float(), atol=1e-5)
-    assert localizer.external and localizer.metadata() == {"localizer": str(run), "localizer_input_size": [48, 48]}
+    assert localizer.external and localizer.metadata() == {"localizer": str(run), "localizer_network": "resnet10t",
+                                                           "localizer_input_size": [48, 48]}
     x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
         assert torch.equal(localizer.model(x), weights(x))
     trained = pass_localizer(None, weights, DATA_MEAN, DATA_STD, "cpu")
     assert trained.model is weights and trained.prepare(data_input) is data_input
-    assert trained.metadata() == {"localizer": TRAINED_BACKBONE}
+    assert trained.metadata() == {"localizer": TRAINED_BACKBONE, "localizer_network": "resnet10t"}
 
 
 def test_hf_hub_localizer_from_an_offline_cache(tmp_path, monkeypatch):

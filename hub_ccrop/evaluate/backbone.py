@@ -13,14 +13,8 @@ import torch
 from torch import Tensor, nn
 
 import hub_ccrop.models  # noqa: F401  (registers the CIFAR-stem ResNets, e.g. resnet18_cifar, with timm)
+from hub_ccrop.inference import autocast
 from hub_ccrop.run_info import RUN_FILE, RunInfo
-
-
-def _model_device(model: nn.Module, accelerator: Any = None) -> torch.device:
-    if accelerator is not None:
-        return accelerator.device
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 @contextmanager
@@ -50,7 +44,7 @@ def _forward(
     images = images.to(device, non_blocking=True)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    with autocast(device, autocast_dtype):
         out = model(images)
     return out.float()
 

@@ -10,10 +10,9 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from hub_ccrop.distributed import gather_by_id, is_main_process
-from hub_ccrop.evaluate.backbone import _forward, _model_device
+from hub_ccrop.distributed import gather_by_id
+from hub_ccrop.inference import autocast, model_device, run_batches
 
 KNN_PROTOCOL = "knn (cosine, weighted exp(sim/T) voting)"
 
@@ -37,25 +36,18 @@ def extract_features(
     accelerator over several processes, each process runs its shard and results are gathered by id,
     so every process returns the same full result. The model's train/eval mode is restored.
     """
-    device = _model_device(backbone, accelerator)
-    was_training = backbone.training
-    backbone.eval()
-    all_ids, all_feats, all_labels = [], [], []
-    try:
-        for images, ids, labels in tqdm(
-            loader, desc=desc, disable=not (progress and is_main_process(accelerator)), leave=False
-        ):
-            feats = _forward(backbone, images, device, autocast_dtype, channels_last)
-            all_feats.append(F.normalize(feats, dim=1) if normalize else feats)
-            all_ids.append(torch.as_tensor(ids, dtype=torch.int64).to(device))
-            all_labels.append(torch.as_tensor(labels, dtype=torch.int64).to(device))
-    finally:
-        backbone.train(was_training)
-    if not all_feats:
-        raise ValueError("extract_features: the loader produced no batches")
-    ids, feats, labels = gather_by_id(
-        torch.cat(all_ids), torch.cat(all_feats), torch.cat(all_labels), accelerator=accelerator
-    )
+    device = model_device(backbone, accelerator)
+
+    def features(images: Tensor) -> tuple[Tensor]:
+        with autocast(device, autocast_dtype):
+            feats = backbone(images).float()
+        return (F.normalize(feats, dim=1) if normalize else feats,)
+
+    ids, labels, columns = run_batches(backbone, loader, features, device=device, accelerator=accelerator,
+                                       channels_last=channels_last, progress=progress, desc=desc)
+    if not columns or labels is None:
+        raise ValueError("extract_features: the loader produced no (images, ids, labels) batches")
+    ids, feats, labels = gather_by_id(ids, columns[0], labels, accelerator=accelerator)
     return ids, feats, labels
 
 

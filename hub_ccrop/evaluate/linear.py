@@ -14,8 +14,9 @@ from tqdm.auto import tqdm
 
 from hub_ccrop.data import DatasetSpec
 from hub_ccrop.distributed import is_distributed, is_main_process, set_loader_epoch
-from hub_ccrop.evaluate.backbone import _forward, _frozen, _model_device
+from hub_ccrop.evaluate.backbone import _forward, _frozen
 from hub_ccrop.evaluate.knn import extract_features, topk_accuracy
+from hub_ccrop.inference import model_device
 
 LINEAR_PROTOCOL = "linear-probe (paper): frozen backbone, augmented train images, last epoch"
 FAST_LINEAR_PROTOCOL = "linear-probe-cached-features (fast check, not the paper's protocol)"
@@ -184,7 +185,7 @@ def linear_probe(
     Returns the last epoch's ``top1``/``top5`` (the reported numbers), ``best_top1``/``best_epoch``
     (labelled as not the paper's protocol), the settings and the per-epoch history.
     """
-    device = _model_device(backbone, accelerator)
+    device = model_device(backbone, accelerator)
     with _frozen(backbone):
         _, test_feats, test_labels = extract_features(
             backbone, test_loader, accelerator=accelerator, autocast_dtype=autocast_dtype,
