@@ -558,3 +558,13 @@ def test_card_names_the_newer_methods(method, name, tmp_path):
     run_dir, _ = make_run(tmp_path / "run", method=method)
     text = ModelCard.load(export_run(run_dir, tmp_path / "out") / "README.md").text
     assert f"- **Method:** {name}, self-supervised" in text
+
+
+def test_export_refuses_weights_of_another_architecture(tmp_path):
+    """export builds the backbone the one way a run's backbone is built (evaluate.load_backbone, strictly):
+    weights that do not fit run.json's architecture end in one line naming the file and the architecture."""
+    run_dir, _ = make_run(tmp_path / "run")
+    other = timm.create_model("resnet18", num_classes=0)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(run_dir / "backbone.safetensors"))
+    with pytest.raises(ValueError, match=r"backbone.safetensors does not fit resnet10t with model_args=\{\}"):
+        export_run(run_dir, tmp_path / "out")

@@ -81,21 +81,6 @@ def _clean_pretrained_cfg(model: torch.nn.Module, run: RunInfo, license: str) ->
     }
 
 
-def _build_backbone(run: RunInfo, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
-    import timm
-
-    _ensure_architecture(run.model)
-    model_args = {**run.model_args, "num_classes": 0}
-    model = timm.create_model(run.model, pretrained=False, **model_args)
-    try:
-        model.load_state_dict(dict(state_dict), strict=True)
-    except RuntimeError as e:
-        raise ValueError(
-            f"backbone.safetensors does not fit {run.model} with model_args={model_args}: {e}"
-        ) from e
-    return model.eval()
-
-
 def _write_recipe(src: Path, dst: Path) -> None:
     """Copy the recipe, redacting values of keys that look like credentials."""
     text = src.read_text(encoding="utf-8")
@@ -202,15 +187,16 @@ def _write_weights(run_dir: Path, run: RunInfo, folder: Path, license: str) -> t
 
     Returns the backbone and whether loading it needs ``import hub_ccrop`` (an architecture timm lacks).
     """
-    import safetensors.torch
     from timm.models import save_for_hf
 
-    weights = run_dir / "backbone.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} not found (the run's final backbone)")
-    state_dict = safetensors.torch.load_file(str(weights), device="cpu")
-    model = _build_backbone(run, state_dict)
+    from hub_ccrop.evaluate.backbone import load_backbone
+
     needs_import = _ensure_architecture(run.model)
+    try:  # the one way to build a run's backbone: strictly, from backbone.safetensors and run.json
+        model = load_backbone(run_dir).eval()
+    except RuntimeError as e:
+        raise ValueError(f"{run_dir / 'backbone.safetensors'} does not fit {run.model} with model_args="
+                         f"{run.model_args}: {e}") from e
     cfg = _clean_pretrained_cfg(model, run, license)
     model.pretrained_cfg = cfg
     model.default_cfg = cfg
