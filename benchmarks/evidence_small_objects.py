@@ -50,7 +50,7 @@ import yaml  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from hub_ccrop.boxes import pairwise_box_iou  # noqa: E402
+from hub_ccrop.box_quality import box_quality  # noqa: E402
 from hub_ccrop.crop import object_miss_rate  # noqa: E402
 from hub_ccrop.evaluate import extract_features, knn_accuracy, linear_probe_on_features  # noqa: E402
 from hub_ccrop.localize import boxes_from_maps, input_heatmaps, localize_boxes  # noqa: E402
@@ -220,10 +220,10 @@ def analyse_run(recipe: Recipe, run: Path, run_data: RunData, args: argparse.Nam
         table = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(run_data.num_rows, 1)
         table[ids] = boxes.float()
         miss = object_miss_rate(run_data.gt_boxes, table, sizes, scale=c.scale, ratio=c.ratio, alpha=c.alpha)
-        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        record = {"epoch": epoch, "box_iou": float(pairwise_box_iou(boxes, run_data.gt_boxes[ids]).mean()),
-                  "box_area": float(area.mean()), "miss_rate_rcrop": miss["rcrop"],
-                  "miss_rate_ccrop_with_these_boxes": miss["ccrop"], "loc_seconds": seconds}
+        # box_iou beside the whole-image and centred same-size baselines, overall and on small objects
+        record = {"epoch": epoch, **box_quality(boxes, run_data.gt_boxes[ids]).metrics(),
+                  "miss_rate_rcrop": miss["rcrop"], "miss_rate_ccrop_with_these_boxes": miss["ccrop"],
+                  "loc_seconds": seconds}
         trained = next((h for h in history if h["epoch"] == epoch and "box_iou" in h), None)
         if trained is not None:  # C-Crop: the training loop's own pass on the same weights
             record["train_loop_box_iou"] = trained["box_iou"]
