@@ -15,6 +15,8 @@ __all__ = [
     "WEIGHT_DECAY_FILTERS",
 ]
 
+# other spellings of the methods' registry keys, as their papers and code write them (moco-v3: "mocov3")
+METHOD_ALIASES = {"mocov1": "moco_v1", "mocov2": "moco_v2", "mocov3": "moco_v3", "barlowtwins": "barlow_twins"}
 CROP_MODES = ("ccrop", "rcrop")  # ContrastiveCrop (Algorithm 1 inside each image's box); RandomResizedCrop
 HEATMAP_ALIGNMENTS = ("receptive_field", "official")
 # auto: the class token's last-block attention for ViTs, the last feature map's norm for CNNs

@@ -73,5 +73,5 @@ def run_batches(
     finally:
         model.train(was_training)
     ids = torch.cat(ids_seen) if ids_seen else torch.empty(0, dtype=torch.int64, device=device)
-    labels = torch.cat(labels_seen) if labels_seen and len(labels_seen) == len(ids_seen) else None
+    labels = torch.cat(labels_seen) if labels_seen else None
     return ids, labels, [torch.cat(column) for column in zip(*rows, strict=True)]

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from hub_ccrop.attention import cls_attention_maps, heatmap_source
 from hub_ccrop.choices import BOX_RULES
 from hub_ccrop.distributed import gather_by_id
-from hub_ccrop.inference import autocast, model_device, run_batches
+from hub_ccrop.inference import autocast, run_batches
 
 __all__ = [
     "ALIGNMENTS",
@@ -478,14 +478,13 @@ def localize_boxes(
     """
     _check_alignment(alignment)
     _check_rule(rule)
-    device = torch.device(device) if device is not None else model_device(model, accelerator)
 
     def boxes_of(images: Tensor) -> tuple[Tensor]:
-        with autocast(device, autocast_dtype):
+        with autocast(images.device, autocast_dtype):
             maps, constant = input_heatmaps(model, images, alignment, flip, heatmap)
         return (boxes_from_maps(maps, constant, k, rule, alignment),)
 
     ids, _, columns = run_batches(model, loader, boxes_of, device=device, accelerator=accelerator, prepare=prepare,
                                   channels_last=channels_last, progress=progress, desc="localize")
-    boxes = columns[0] if columns else torch.empty(0, 4, device=device)
+    boxes = columns[0] if columns else torch.empty(0, 4, device=ids.device)
     return gather_by_id(ids, boxes, accelerator=accelerator)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hub_ccrop.distributed import gather_by_id
-from hub_ccrop.inference import autocast, model_device, run_batches
+from hub_ccrop.inference import autocast, run_batches
 
 KNN_PROTOCOL = "knn (cosine, weighted exp(sim/T) voting)"
 
@@ -36,14 +36,13 @@ def extract_features(
     accelerator over several processes, each process runs its shard and results are gathered by id,
     so every process returns the same full result. The model's train/eval mode is restored.
     """
-    device = model_device(backbone, accelerator)
 
     def features(images: Tensor) -> tuple[Tensor]:
-        with autocast(device, autocast_dtype):
+        with autocast(images.device, autocast_dtype):
             feats = backbone(images).float()
         return (F.normalize(feats, dim=1) if normalize else feats,)
 
-    ids, labels, columns = run_batches(backbone, loader, features, device=device, accelerator=accelerator,
+    ids, labels, columns = run_batches(backbone, loader, features, accelerator=accelerator,
                                        channels_last=channels_last, progress=progress, desc=desc)
     if not columns or labels is None:
         raise ValueError("extract_features: the loader produced no (images, ids, labels) batches")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from hub_ccrop.choices import METHOD_ALIASES
+
 __all__ = ["DATASET_NAMES", "METHOD_NAMES", "PAPER_ARXIV_ID", "PAPER_CITATION", "PAPER_LINEAR_TOP1", "PAPER_SETTINGS", "PAPER_TITLE",
            "dataset_key", "method_key", "paper_reference"]
 
@@ -54,7 +56,7 @@ DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "tiny-imagenet"
 def method_key(method: str) -> str:
     """``"MoCo-v2"`` -> ``"moco_v2"``: the method's key into the paper's tables."""
     key = re.sub(r"[^a-z0-9]", "", method.lower())
-    return {"mocov1": "moco_v1", "mocov2": "moco_v2", "mocov3": "moco_v3", "barlowtwins": "barlow_twins"}.get(key, key)
+    return METHOD_ALIASES.get(key, key)
 
 
 def dataset_key(dataset: str) -> str:

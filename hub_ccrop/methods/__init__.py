@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from hub_ccrop.choices import METHOD_ALIASES
 from hub_ccrop.methods.barlow_twins import BarlowTwins, BarlowTwinsConfig
 from hub_ccrop.methods.base import (
     Encoder,
@@ -107,10 +108,6 @@ METHODS: dict[str, tuple[type[SSLMethod], type[MethodOptions]]] = {
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     name: dataclasses.asdict(config_cls()) for name, (_, config_cls) in METHODS.items()
 }
-
-
-# the names the methods' own papers and code use (MoCo v3's repository is "moco-v3", its code "mocov3")
-METHOD_ALIASES = {"mocov1": "moco_v1", "mocov2": "moco_v2", "mocov3": "moco_v3", "barlowtwins": "barlow_twins"}
 
 
 def canonical_method(name: str) -> str:
