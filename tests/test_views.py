@@ -140,7 +140,8 @@ def test_crop_geometry_is_exact_on_both_paths():
         i, j, h, w = crops.reshape(-1, 4).to(torch.float64).unbind(1)
         exp_x = (j + w / 2 - 0.5) * 4 / 255
         exp_y = (i + h / 2 - 0.5) * 5 / 255
-        tol = 2.5 / 255 if name == "per_image" else 1e-4  # uint8 rounding + PIL edge handling
+        # per image: uint8 rounding + PIL edge handling; batched: the uint8 resize rounds each pixel
+        tol = 2.5 / 255 if name == "per_image" else 0.5 / 255 + 1e-4
         assert torch.allclose(views[:, 0].mean((1, 2)).double(), exp_x, atol=tol), name
         assert torch.allclose(views[:, 1].mean((1, 2)).double(), exp_y, atol=tol), name
 
@@ -444,7 +445,7 @@ def test_device_resident_rejects_mixed_sizes_and_skips_bad_images():
 def test_crop_resize_matches_its_reference_on_every_strategy(size):
     """size 40/72 (images up to 2x the view): roi_align over the whole float batch (72: every crop fits
     the view, computed by grid_sample); size 16: each image converted over the union of its views, each
-    view torchvision's antialiased resized_crop."""
+    view torchvision's antialiased resized_crop, resized in uint8 on a CPU."""
     from torchvision.ops import roi_align
     from torchvision.transforms import functional as TF
 
@@ -466,8 +467,10 @@ def test_crop_resize_matches_its_reference_on_every_strategy(size):
         expected = torch.stack([TF.resized_crop(images[b].float(), *crops[v, b].tolist(), [size, size], antialias=True)
                                 for v in range(2) for b in range(len(shapes))])  # fmt: skip
     expected = expected / 255
-    assert torch.allclose(aug.crop_resize(padded, crops), expected, atol=1e-5)
-    assert torch.allclose(aug.crop_resize(padded, crops, order), expected[order], atol=1e-5)
+    # size 16 resizes the uint8 pixels: within one grey level (the vectorized kernel's fixed-point weights)
+    atol = 1e-5 if size > 16 else 1 / 255
+    assert torch.allclose(aug.crop_resize(padded, crops), expected, atol=atol)
+    assert torch.allclose(aug.crop_resize(padded, crops, order), expected[order], atol=atol)
 
 
 # -- decoding on the device (nvJPEG on CUDA; here a CPU stand-in decoder is injected) -----------------

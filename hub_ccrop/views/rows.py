@@ -135,19 +135,21 @@ def skip_bad_image(err: BadImageError, counter: SkipCounter) -> None:
 
 def stack_padded(images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """uint8 ``[3, h, w]`` images (on one device) -> ``[B, 3, H, W]`` edge-replicated to the largest size,
-    and sizes ``[B, 2]`` (on the host)."""
+    and sizes ``[B, 2]`` (on the host).
+
+    The batch is channels-last: decoders hand out ``[3, h, w]`` views of ``[h, w, 3]`` pixels, so each copy
+    is a plain one, and the batched executor's uint8 resize runs its vectorized channels-last kernel."""
     sizes = torch.tensor([[im.shape[1], im.shape[2]] for im in images], dtype=torch.int64).reshape(-1, 2)
     if not images:
         return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), sizes
     height, width = (int(v) for v in sizes.max(0).values)
-    if bool((sizes == sizes[0]).all()):
-        return torch.stack(list(images)), sizes
-    out = torch.empty(len(images), 3, height, width, dtype=torch.uint8, device=images[0].device)
+    out = torch.empty(len(images), 3, height, width, dtype=torch.uint8, device=images[0].device,
+                      memory_format=torch.channels_last)  # fmt: skip
     for b, im in enumerate(images):
         h, w = im.shape[1:]
         out[b, :, :h, :w] = im
-        out[b, :, :h, w:] = im[:, :, w - 1 : w]  # replicate the edge: roi_align's border clamp stays exact
-        out[b, :, h:, :] = out[b, :, h - 1 : h, :]
+        if w < width:
+            out[b, :, :h, w:] = im[:, :, w - 1 : w]  # replicate the edge: roi_align's border clamp stays exact
+        if h < height:
+            out[b, :, h:, :] = out[b, :, h - 1 : h, :]
     return out, sizes
-
-
