@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -99,7 +100,7 @@ class BatchedViewAugment(nn.Module):
             if order is not None:
                 view_order = order.cpu()
                 i, j, h, w, index = i[view_order], j[view_order], h[view_order], w[view_order], index[view_order]
-            x = images.to(torch.float32, memory_format=torch.contiguous_format)
+            x = images.to(torch.float32)
             if rect.numel() and int(rect[..., 2:].max()) <= self.size:
                 # No crop larger than the view: roi_align takes one bilinear sample per output pixel, at the
                 # bin centers; grid_sample at the same points gives the same numbers, twice as fast on a CPU.
@@ -200,35 +201,36 @@ class BatchedViewAugment(nn.Module):
         bounds = [0, *itertools.accumulate(torch.bincount(key, minlength=8 * (n_perm + 1)).tolist())]
         return order, bounds
 
-    def _color_grouped(self, xs: Tensor, p: dict[str, Tensor], bounds: list[int], order: Tensor) -> Tensor:
-        """CPU: the views sorted by :meth:`_grouping` (``xs``, ``p``; overwritten) -> normalized, in the
-        original order (view ``order[r]`` is sorted row ``r``).
-
-        Each run of views with the same ops is taken in chunks of about 1 MB, and a chunk goes through
-        all of its ops, the normalization and into its place while it is in the cache (large fresh
-        temporaries and full passes over the batch cost page faults and cache misses)."""
+    def _color_grouped(self, xs: Tensor, p: dict[str, Tensor], bounds: list[int]) -> Tensor:
+        """CPU, in place on views sorted by :meth:`_grouping`: every op runs on contiguous rows, in
+        chunks of about 1 MB (large fresh temporaries cost page faults and cache misses)."""
         factors, active = self._factors(p)
         chunk = max(1, (1 << 20) // (xs[0:1].numel() * xs.element_size() or 1))
-        out = torch.empty_like(xs)
-        for key, (lo, hi) in enumerate(itertools.pairwise(bounds)):
-            group, ops = divmod(key, 8)  # ops = 4 * flip + 2 * gray + blur
-            flip, to_gray, blur = ops & 4, ops & 2, ops & 1
-            jitter = [op for op in PERMUTATIONS[group] if op in active] if group < len(PERMUTATIONS) else []
-            for a in range(lo, hi, chunk):
-                rows = slice(a, min(a + chunk, hi))
+
+        def apply(lo: int, hi: int, fn: Any, *args: Tensor) -> None:
+            for a in range(bounds[lo], bounds[hi], chunk):
+                rows = slice(a, min(a + chunk, bounds[hi]))
                 view = xs[rows]
-                for op in jitter:  # brightness/contrast/saturation blend in place, hue returns a new tensor
-                    view = JITTER_OPS[op](view, factors[op][rows])
-                if flip:
-                    view = view.flip(-1)
-                if to_gray:
-                    view = gray(view).expand(-1, 3, -1, -1)
-                if blur:
-                    view = gaussian_blur(view, p["sigma"][rows], self.kernel_size)
-                if "solarize" in p:  # the last op, as in BYOL's pipeline
-                    view = torch.where(per_image(p["solarize"][rows]), solarize(view), view)
-                out.index_copy_(0, order[rows], (view - self.mean) / self.std)
-        return out
+                out = fn(view, *(t[rows] for t in args))
+                if out is not view:  # the blends work in place
+                    view.copy_(out)
+
+        for g in range(len(PERMUTATIONS) + 1):
+            base = 8 * g
+            if g < len(PERMUTATIONS):
+                for op in PERMUTATIONS[g]:
+                    if op in active:
+                        apply(base, base + 8, JITTER_OPS[op], factors[op])
+            apply(base + 4, base + 8, lambda v: v.flip(-1))
+            for gray_rows in (base + 2, base + 6):
+                apply(gray_rows, gray_rows + 2, lambda v: gray(v).expand(-1, 3, -1, -1))
+            if self.blur:
+                for blur in (base + 1, base + 3, base + 5, base + 7):
+                    apply(blur, blur + 1, lambda v, sg: gaussian_blur(v, sg, self.kernel_size), p["sigma"])
+        if "solarize" in p:  # only the views drawn for it (a full-batch select costs a quarter of the time)
+            rows = p["solarize"].nonzero().squeeze(1)
+            xs.index_copy_(0, rows, solarize(xs.index_select(0, rows)))
+        return xs
 
     def normalize(self, x: Tensor) -> Tensor:
         """``(x - mean) / std`` in place."""
@@ -240,10 +242,11 @@ class BatchedViewAugment(nn.Module):
         p = self.sample(n, images.device, generator)
         if images.device.type != "cpu":
             x = self.normalize(self._color_masked(self.crop_resize(images, crops), p))
-        else:  # views come out of the resize already grouped, and go back to their places normalized
+        else:  # views come out of the resize already grouped, are augmented in place, then unsorted once
             order, bounds = self._grouping(p)
             xs = self.crop_resize(images, crops, order)
-            x = self._color_grouped(xs, {k: v[order] for k, v in p.items()}, bounds, order)
+            xs = self.normalize(self._color_grouped(xs, {k: v[order] for k, v in p.items()}, bounds))
+            x = xs.index_select(0, torch.argsort(order))
         return x.view(*crops.shape[:2], *x.shape[1:])
 
 

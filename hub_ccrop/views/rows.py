@@ -143,6 +143,8 @@ def stack_padded(images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     if not images:
         return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), sizes
     height, width = (int(v) for v in sizes.max(0).values)
+    if bool((sizes == sizes[0]).all()):  # [h, w, 3] pixels stacked: one copy, channels-last
+        return torch.stack([im.permute(1, 2, 0) for im in images]).permute(0, 3, 1, 2), sizes
     out = torch.empty(len(images), 3, height, width, dtype=torch.uint8, device=images[0].device,
                       memory_format=torch.channels_last)  # fmt: skip
     for b, im in enumerate(images):
