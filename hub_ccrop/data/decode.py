@@ -173,6 +173,16 @@ def _orient_tensor(img: Tensor, orientation: int) -> Tensor:
     return img
 
 
+def _jpeg_within(data: bytes, max_side: int | None) -> bool:
+    """Whether JPEG bytes are decoded at full size (no ``max_side`` cap applies), from the header."""
+    if max_side is None:
+        return True
+    try:
+        return max(Image.open(io.BytesIO(data)).size) <= max_side
+    except Exception:  # noqa: BLE001 - decode_image reports a broken file with its sample id
+        return False
+
+
 def _jpeg_orientation(data: bytes) -> int:
     """EXIF orientation of JPEG bytes; no parsing at all for the common JPEG without EXIF."""
     if b"Exif" not in data:
@@ -189,11 +199,12 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 def decode_to_tensor(value: Any, sample_id: Any = None, *, max_side: int | None = None) -> Tensor:
     """Like :func:`decode_image` but returns a uint8 ``[3, H, W]`` tensor.
 
-    JPEG bytes take torchvision's libjpeg-turbo decoder (no PIL round trip; the EXIF orientation applied
-    like :func:`decode_image`'s); everything else goes through :func:`decode_image`. Failures raise :class:`BadImageError` with the id.
+    JPEG bytes within ``max_side`` take torchvision's libjpeg-turbo decoder (no PIL round trip, about 2x
+    faster; the EXIF orientation applied like :func:`decode_image`'s); everything else goes through
+    :func:`decode_image`. Failures raise :class:`BadImageError` with the id.
     """
     data = value.get("bytes") if isinstance(value, dict) else value
-    if max_side is None and isinstance(data, bytes | bytearray) and data[:3] == _JPEG_MAGIC:
+    if isinstance(data, bytes | bytearray) and data[:3] == _JPEG_MAGIC and _jpeg_within(data, max_side):
         from torchvision.io import ImageReadMode, decode_jpeg
 
         try:
