@@ -1,10 +1,13 @@
 """The one inference loop: a model in eval mode, without gradients, over ``(images, ids[, labels])``
 batches. The localization passes (:func:`hub_ccrop.localize.localize_boxes`) and the features of kNN and the
-probes (:func:`hub_ccrop.evaluate.extract_features`) both run through :func:`run_batches`."""
+probes (:func:`hub_ccrop.evaluate.extract_features`) both run through :func:`run_batches`; detection's
+evaluation (lists of images of different sizes in, boxes out) and the monitors' pictures use its
+:func:`evaluating` and :func:`model_device`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -13,7 +16,7 @@ from tqdm.auto import tqdm
 
 from hub_ccrop.distributed import is_main_process
 
-__all__ = ["autocast", "model_device", "run_batches"]
+__all__ = ["autocast", "evaluating", "model_device", "run_batches"]
 
 
 def model_device(model: nn.Module, accelerator: Any = None) -> torch.device:
@@ -29,7 +32,18 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-@torch.no_grad()
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode without gradients inside the block; its mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
 def run_batches(
     model: nn.Module,
     loader: Iterable,
@@ -51,14 +65,12 @@ def run_batches(
     (:func:`hub_ccrop.distributed.gather_by_id`), since every process must take part.
     """
     device = torch.device(device) if device is not None else model_device(model, accelerator)
-    was_training = model.training
-    model.eval()
     if channels_last:
         model.to(memory_format=torch.channels_last)
     ids_seen: list[Tensor] = []
     labels_seen: list[Tensor] = []
     rows: list[Sequence[Tensor]] = []
-    try:
+    with evaluating(model):
         for images, ids, *rest in tqdm(loader, desc=desc, disable=not (progress and is_main_process(accelerator)),
                                        leave=False):
             images = images.to(device, non_blocking=True)
@@ -70,8 +82,6 @@ def run_batches(
             ids_seen.append(torch.as_tensor(ids, dtype=torch.int64).to(device))
             if rest:
                 labels_seen.append(torch.as_tensor(rest[0], dtype=torch.int64).to(device))
-    finally:
-        model.train(was_training)
     ids = torch.cat(ids_seen) if ids_seen else torch.empty(0, dtype=torch.int64, device=device)
     labels = torch.cat(labels_seen) if labels_seen else None
     return ids, labels, [torch.cat(column) for column in zip(*rows, strict=True)]

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from hub_ccrop.data import decode_image
 from hub_ccrop.distributed import is_main_process, set_loader_epoch
 from hub_ccrop.evaluate.backbone import load_backbone
+from hub_ccrop.inference import evaluating, model_device
 
 # ----------------------------------------------------------------------------------------------------
 # model
@@ -218,7 +219,6 @@ def _to_device(
     ]
 
 
-@torch.no_grad()
 def evaluate_detection(
     model: nn.Module, loader: Iterable, *, accelerator: Any = None, progress: bool = True
 ) -> dict[str, float | None]:
@@ -230,11 +230,9 @@ def evaluate_detection(
     """
     from torchmetrics.detection import MeanAveragePrecision
 
-    device = accelerator.device if accelerator is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    device = model_device(model, accelerator)
     rows: list[tuple[int, dict, dict]] = []
-    try:
+    with evaluating(model):
         for images, targets in tqdm(
             loader,
             desc="detection eval",
@@ -250,8 +248,6 @@ def evaluate_detection(
                     "labels": out["labels"].cpu(),
                 }
                 rows.append((int(tgt["image_id"]), pred, {k: tgt[k].cpu() for k in ("boxes", "labels")}))
-    finally:
-        model.train(was_training)
     if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 

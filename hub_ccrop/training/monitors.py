@@ -14,6 +14,7 @@ from hub_ccrop.attention import heatmap_source
 from hub_ccrop.box_quality import box_centres, box_quality
 from hub_ccrop.distributed import default_autocast_dtype
 from hub_ccrop.evaluate import extract_features, knn_accuracy
+from hub_ccrop.inference import evaluating, model_device
 from hub_ccrop.localize import input_heatmaps, localize_boxes
 from hub_ccrop.localizer import Localizer, box_settings, pass_localizer, table_metadata
 from hub_ccrop.recipe import Recipe
@@ -100,11 +101,9 @@ def draw_picture(localizer: Localizer, run_data: RunData, collate: EvalCollate, 
         positions = torch.linspace(0, len(run_data.pretrain) - 1, min(n, len(run_data.pretrain))).long()
         rows = [run_data.pretrain[int(i)] for i in positions]
     images, ids, _ = collate(rows)
-    encoder, was_training = localizer.model, localizer.model.training
-    encoder.eval()
-    maps = input_heatmaps(encoder, localizer.prepare(images.to(next(encoder.parameters()).device)),
-                          recipe.crop.heatmap_alignment, recipe.crop.heatmap_flip, recipe.crop.heatmap)[0].cpu()
-    encoder.train(was_training)
+    with evaluating(localizer.model) as encoder:
+        maps = input_heatmaps(encoder, localizer.prepare(images.to(model_device(encoder))),
+                              recipe.crop.heatmap_alignment, recipe.crop.heatmap_flip, recipe.crop.heatmap)[0].cpu()
     gt = run_data.gt_boxes[ids] if run_data.gt_boxes is not None else None
     draw_localization_grid(to_uint8(images, run_data.spec.mean, run_data.spec.std), maps, state.boxes.lookup(ids),
                            path, alpha=recipe.crop.alpha, scale=recipe.crop.scale, ratio=recipe.crop.ratio,
