@@ -450,6 +450,8 @@ def test_max_side_and_tensor_decoding_agree():
     full = np.asarray(decode_image(data)).astype(int)
     fast = decode_to_tensor(data).permute(1, 2, 0).numpy().astype(int)  # libjpeg-turbo in torchvision
     assert np.abs(full - fast).max() <= 2
+    within_cap = decode_to_tensor(data, max_side=40).permute(1, 2, 0).numpy().astype(int)  # torchvision's too
+    assert np.array_equal(within_cap, fast)
     png_data = encode(Image.fromarray(full.astype(np.uint8)))
     assert np.array_equal(decode_to_tensor(png_data).permute(1, 2, 0).numpy(), full.astype(np.uint8))
 

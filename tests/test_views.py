@@ -236,6 +236,44 @@ def test_batched_jitter_ops_are_torchvisions_tensor_ops():
     assert torch.equal(V.solarize(x), TF.solarize(x, 0.5))
 
 
+def test_blur_has_no_denormal_taps_and_matches_torchvision():
+    """An impulse's blur is the kernel: taps that would be denormal (sigma 0.3-0.8 at 23 taps; ~10x slower
+    products on x86) are zero, every other value is torchvision's."""
+    from torchvision.transforms import functional as TF
+
+    from hub_ccrop.views import ops as V
+
+    impulse = torch.zeros(4, 1, 33, 33)
+    impulse[:, :, 16, 16] = 1.0
+    sigma = torch.tensor([0.3, 0.45, 0.6, 0.8])
+    ours = V.gaussian_blur(impulse, sigma, 23)
+    theirs = torch.stack([TF.gaussian_blur(impulse[k], [23, 23], [float(sigma[k])] * 2) for k in range(4)])
+    assert (theirs[theirs != 0].abs() < torch.finfo(torch.float32).tiny).any()  # torchvision's are there
+    assert not ((ours != 0) & (ours.abs() < torch.finfo(torch.float32).tiny)).any()
+    kept = ours != 0
+    assert torch.allclose(ours[kept], theirs[kept], rtol=1e-5, atol=1e-9)
+    assert (theirs[~kept].abs() < V.NEGLIGIBLE_TAP).all()
+
+
+def test_per_image_blur_draws_and_rounds_like_torchvision():
+    """GaussianBlurPIL: torchvision's sigma draw (the RNG ends where torchvision's does) and its uint8
+    result, up to a rounding tie."""
+    from torchvision import transforms as T
+
+    from hub_ccrop.views.collate import GaussianBlurPIL
+
+    rng = np.random.default_rng(0)
+    for seed in range(6):
+        img = Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+        torch.manual_seed(seed)
+        expected = np.asarray(T.GaussianBlur(5, (0.1, 2.0))(img)).astype(int)
+        after_theirs = torch.rand(1)
+        torch.manual_seed(seed)
+        got = np.asarray(GaussianBlurPIL(5, (0.1, 2.0))(img)).astype(int)
+        assert torch.equal(torch.rand(1), after_theirs)
+        assert np.abs(got - expected).max() <= 1 and (got != expected).mean() < 0.01
+
+
 def test_blur_distributions_match():
     board = np.indices((32, 32)).sum(0) % 2 * 255
     rows = rows_of(encode(Image.fromarray(np.stack([board] * 3, -1).astype(np.uint8))), 600)

@@ -31,9 +31,10 @@ __all__ = [
 
 JITTER = (0.4, 0.4, 0.4, 0.1)  # ColorJitter(brightness, contrast, saturation, hue) of SimCLR / MoCo v2
 BLUR_SIGMA = (0.1, 2.0)
-# Gaussian taps below this change no float32 result of a blur of [0, 1] pixels, but the denormal numbers
-# they make (exp(-0.5 * (t / sigma) ** 2) underflows for sigma 0.3-0.8) slow every product ~10x on x86 CPUs.
-NEGLIGIBLE_TAP = 1e-30
+# Gaussian taps below this move a blurred [0, 1] pixel by less than 1e-10, but as they underflow
+# (exp(-0.5 * (t / sigma) ** 2) for sigma 0.3-0.8 at 23 taps) they and their products with the second pass's
+# taps and with pixels make denormal numbers, which slow every product ~10x on x86 CPUs.
+NEGLIGIBLE_TAP = 1e-12
 SOLARIZE_THRESHOLD = 0.5  # torchvision's threshold for float images (128 for uint8 / PIL)
 
 
