@@ -103,17 +103,17 @@ def dino_resnet50(crop: str) -> dict:
     }
 
 
-def moco_v3_vit_small(crop: str) -> dict:
+def mocov3_vit_small(crop: str) -> dict:
     """CONFIG.md 'ViT-Small, 4-node (32-GPU) pre-training' (batch 4096, main_moco.py's default)."""
     return {
         "notes": ["CONFIG.md ViT-Small: -a vit_small --optimizer=adamw --lr=1.5e-4 --weight-decay=.1 --epochs=300 "
                   "--warmup-epochs=40 --stop-grad-conv1 --moco-m-cos --moco-t=.2, batch 4096; vits.py::vit_small "
                   "has 12 heads (timm's vit_small_patch16_224: 6), hence model.args.num_heads.", *MOCO_NOTES],
-        "name": f"moco_v3_vit_small_imagenet1k_{crop}",
+        "name": f"mocov3_vit_small_imagenet1k_{crop}",
         "target": "official CONFIG.md (ViT-Small, 300 epochs, batch 4096): linear 73.2 (top-1, MoCo v3 with "
                   "RandomResizedCrop)",
         "model": {"name": "vit_small_patch16_224", "args": {"num_heads": 12}, "sync_bn": True},
-        "method": {"name": "moco_v3", "options": {
+        "method": {"name": "mocov3", "options": {
             "temperature": 0.2, "out_dim": 256, "hidden_dim": 4096, "momentum": 0.99, "momentum_schedule": "cosine",
             "vit_init": True, "stop_grad_conv1": True}},
         "data": {"dataset": "imagenet1k", "batch_size": 4096, "num_workers": 10},
@@ -126,16 +126,16 @@ def moco_v3_vit_small(crop: str) -> dict:
     }
 
 
-def moco_v3_resnet50(crop: str) -> dict:
+def mocov3_resnet50(crop: str) -> dict:
     """CONFIG.md 'ResNet-50, 100-epoch pre-training' (main_moco.py's defaults + --moco-m-cos --crop-min=.2)."""
     return {
         "notes": ["CONFIG.md ResNet-50 100 epochs: --moco-m-cos --crop-min=.2; main_moco.py's defaults: LARS lr 0.6, "
                   "wd 1e-6, momentum 0.9, batch 4096, warm-up 10, T 1.0, m 0.99; torchvision resnet50 with "
                   "zero_init_residual=True; SyncBN.", *MOCO_NOTES],
-        "name": f"moco_v3_resnet50_imagenet1k_{crop}",
+        "name": f"mocov3_resnet50_imagenet1k_{crop}",
         "target": "official CONFIG.md (ResNet-50, 100 epochs): linear 68.9 (top-1, MoCo v3 with RandomResizedCrop)",
         "model": {"name": "resnet50", "args": {"zero_init_last": True}, "channels_last": True, "sync_bn": True},
-        "method": {"name": "moco_v3", "options": {
+        "method": {"name": "mocov3", "options": {
             "temperature": 1.0, "out_dim": 256, "hidden_dim": 4096, "momentum": 0.99, "momentum_schedule": "cosine"}},
         "data": {"dataset": "imagenet1k", "batch_size": 4096, "num_workers": 10},
         "views": views(224, [0.2, 1.0], local=None, blur=True),
@@ -176,13 +176,13 @@ def dino_vit_tiny_small(crop: str) -> dict:
     }
 
 
-def moco_v3_vit_tiny_small(crop: str) -> dict:
+def mocov3_vit_tiny_small(crop: str) -> dict:
     return {
         "notes": [*SMALL_NOTES, *MOCO_NOTES],
-        "name": f"moco_v3_vit_tiny_cifar10_{crop}",
+        "name": f"mocov3_vit_tiny_cifar10_{crop}",
         "target": None,
         "model": TINY_VIT,
-        "method": {"name": "moco_v3", "options": {
+        "method": {"name": "mocov3", "options": {
             "temperature": 0.2, "out_dim": 256, "hidden_dim": 1024, "momentum": 0.99, "momentum_schedule": "cosine",
             "vit_init": True, "stop_grad_conv1": True}},
         "data": {"dataset": "cifar10", "batch_size": 256, "num_workers": 4},
@@ -194,8 +194,8 @@ def moco_v3_vit_tiny_small(crop: str) -> dict:
     }
 
 
-RECIPES = (dino_vit_small, dino_resnet50, moco_v3_vit_small, moco_v3_resnet50, dino_vit_tiny_small,
-           moco_v3_vit_tiny_small)
+RECIPES = (dino_vit_small, dino_resnet50, mocov3_vit_small, mocov3_resnet50, dino_vit_tiny_small,
+           mocov3_vit_tiny_small)
 
 
 def main() -> None:

@@ -295,7 +295,7 @@ def test_training_steps_equal_the_official_ones(arch):
     """Four steps with the ImageNet recipe's method options and optimizer (optim.py): the ViT with AdamW (wd
     0.1 on every parameter, the frozen patch projection untouched), the ResNet with LARS; warm-up then
     cosine lr per step, cosine momentum: every parameter and BN statistic equals the official training's."""
-    name = f"moco_v3_{'vit_small' if arch == 'vit' else 'resnet50'}_imagenet1k_rcrop"
+    name = f"mocov3_{'vit_small' if arch == 'vit' else 'resnet50'}_imagenet1k_rcrop"
     recipe = paper(name, "train.epochs=2", "optim.warmup_epochs=1", "data.batch_size=8",
                    "method.options.hidden_dim=32", "method.options.out_dim=16")
     torch.manual_seed(0)
@@ -436,11 +436,11 @@ MOCO_DEFAULTS = dict(batch_size=4096, lr=0.6, momentum=0.9, weight_decay=1e-6, m
                      moco_m=0.99, moco_t=1.0, optimizer="lars", warmup_epochs=10, crop_min=0.08, epochs=100)
 OFFICIAL = {
     # "ViT-Small, 4-node (32-GPU) pre-training" (the ViT table's batch 4096)
-    "moco_v3_vit_small_imagenet1k": dict(MOCO_DEFAULTS, arch="vit_small", optimizer="adamw", lr=1.5e-4,
+    "mocov3_vit_small_imagenet1k": dict(MOCO_DEFAULTS, arch="vit_small", optimizer="adamw", lr=1.5e-4,
                                          weight_decay=0.1, epochs=300, warmup_epochs=40, stop_grad_conv1=True,
                                          moco_m_cos=True, moco_t=0.2),
     # "ResNet-50, 100-epoch pre-training"
-    "moco_v3_resnet50_imagenet1k": dict(MOCO_DEFAULTS, arch="resnet50", moco_m_cos=True, crop_min=0.2),
+    "mocov3_resnet50_imagenet1k": dict(MOCO_DEFAULTS, arch="resnet50", moco_m_cos=True, crop_min=0.2),
 }
 
 
@@ -449,7 +449,7 @@ OFFICIAL = {
 def test_recipe_settings_equal_the_official_ones(name, crop):
     official, recipe = OFFICIAL[name], paper(f"{name}_{crop}")
     opts = MoCoV3Config(**recipe.method.options)
-    assert recipe.method.name == "moco_v3" and recipe.crop.mode == crop
+    assert recipe.method.name == "mocov3" and recipe.crop.mode == crop
     assert (opts.temperature, opts.out_dim, opts.hidden_dim, opts.momentum) == (
         official["moco_t"], official["moco_dim"], official["moco_mlp_dim"], official["moco_m"])
     assert opts.momentum_schedule == ("cosine" if official["moco_m_cos"] else "constant")
@@ -477,13 +477,13 @@ def test_recipe_settings_equal_the_official_ones(name, crop):
 
 
 def test_timm_vit_small_with_12_heads_is_mocov3s_vit_small():
-    vit = create_backbone(**{"name": "vit_small_patch16_224", **paper("moco_v3_vit_small_imagenet1k_ccrop").model.args})
+    vit = create_backbone(**{"name": "vit_small_patch16_224", **paper("mocov3_vit_small_imagenet1k_ccrop").model.args})
     assert (vit.patch_embed.patch_size, vit.embed_dim, len(vit.blocks), vit.blocks[0].attn.num_heads) == ((16, 16), 384, 12, 12)
     assert vit.blocks[0].mlp.fc1.out_features == 4 * 384 and vit.blocks[0].attn.qkv.bias is not None
     assert vit.norm.eps == 1e-6 and vit.global_pool == "token"
 
 
-@pytest.mark.parametrize("name", ["moco_v3_vit_small_imagenet1k_ccrop", "moco_v3_resnet50_imagenet1k_ccrop"])
+@pytest.mark.parametrize("name", ["mocov3_vit_small_imagenet1k_ccrop", "mocov3_resnet50_imagenet1k_ccrop"])
 def test_lr_and_momentum_follow_the_official_schedules_every_step(name):
     """adjust_learning_rate(epoch + i / iters) and adjust_moco_momentum: the loop's per-step lr at the same
     fractional epoch, and the momentum it passes after the step before, equal them at every step."""
@@ -506,7 +506,7 @@ def test_mocov3_is_the_same_method_by_any_of_its_names(name):
     from hub_ccrop.recipe import load_recipe
 
     assert canonical_method(name) == "moco_v3" and isinstance(method_config(name), MoCoV3Config)
-    recipe = load_recipe("recipes/moco_v3_vit_tiny_cifar10_ccrop.yaml", [f"method.name={name}"])
+    recipe = load_recipe("recipes/mocov3_vit_tiny_cifar10_ccrop.yaml", [f"method.name={name}"])
     assert recipe.method.name == name  # kept as written; the registry resolves it
     with pytest.raises(ValueError, match="unknown SSL method 'mocov4'"):
         method_config("mocov4")
