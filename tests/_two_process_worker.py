@@ -76,7 +76,7 @@ def moco_queue(inputs: dict, rank: int, world: int) -> dict:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        method.after_optimizer_step(step / 5)
+        method.after_optimizer_step(step, 5)
         if step < 3:
             parts = [torch.empty_like(k_direct) for _ in range(world)]
             dist.all_gather(parts, k_direct)
@@ -97,7 +97,7 @@ def every_method_one_ddp_step(rank: int) -> dict:
         model = DDP(method)
         loss, _ = model(*ddp_step_views(rank))
         loss.backward()
-        method.after_optimizer_step(0.5)
+        method.after_optimizer_step(0, 2)
         out[name] = torch.cat([p.grad.flatten() for p in method.parameters() if p.requires_grad])
     return out
 

@@ -285,7 +285,7 @@ def test_interface(name: str) -> None:
         for p in method.parameters():
             p.add_(torch.randn_like(p) if p.requires_grad else 0.0)  # online != target, as after a step
     before = {k: v.clone() for k, v in method.state_dict().items()}
-    method.after_optimizer_step(0.5)
+    method.after_optimizer_step(0, 2)
     after = method.state_dict()
     if hasattr(method, "target"):
         m = method.current_momentum
@@ -335,7 +335,7 @@ def test_runs_with_sync_bn_and_channels_last() -> None:
         loss, _ = model(*inputs)
         loss.backward()
         torch.optim.SGD(model.param_groups(0.1, 0.0), lr=0.1).step()
-        model.after_optimizer_step(0.1)
+        model.after_optimizer_step(0, 10)
         losses.append(loss.item())
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     expected = reference.target.state_dict()
@@ -418,20 +418,21 @@ def perturb(module: nn.Module) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "cfg", "progress", "expected_m"),
-    [
-        ("moco_v2", {}, 0.3, 0.999),
-        ("byol", {}, 0.3, 0.996),
-        ("byol", {"momentum_schedule": "cosine"}, 0.5, 0.998),
-        ("byol", {"momentum_schedule": "cosine"}, 1.0, 1.0),
+    ("name", "cfg", "step", "expected_m"),
+    [  # after step `step` of 10: BYOL/MoCo at progress (step + 1) / 10, DINO at step / 10
+        ("moco_v2", {}, 2, 0.999),
+        ("byol", {}, 2, 0.996),
+        ("byol", {"momentum_schedule": "cosine"}, 4, 0.998),
+        ("byol", {"momentum_schedule": "cosine"}, 9, 1.0),
+        ("dino", {}, 5, 0.998),
     ],
 )
-def test_momentum_update_moves_target_by_the_right_amount(name, cfg, progress, expected_m) -> None:
+def test_momentum_update_moves_target_by_the_right_amount(name, cfg, step, expected_m) -> None:
     method = tiny(name, **cfg)
     perturb(method.online)  # as after optimizer steps
     before = [p.clone() for p in method.target.parameters()]
     buffers = [b.clone() for b in method.target.buffers()]
-    method.after_optimizer_step(progress)
+    method.after_optimizer_step(step, 10)
     assert method.current_momentum == pytest.approx(expected_m)
     for t0, t1, o in zip(before, method.target.parameters(), method.online.parameters(), strict=True):
         assert torch.allclose(t1, expected_m * t0 + (1 - expected_m) * o, atol=1e-6)
@@ -514,6 +515,6 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(name: str) -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        method.after_optimizer_step(step / 10)
+        method.after_optimizer_step(step, 10)
         losses.append(loss.item())
     assert losses[-1] < losses[0] - max(0.05 * abs(losses[0]), 0.02), losses

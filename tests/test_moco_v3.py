@@ -245,8 +245,8 @@ def test_loss_equals_the_official_contrastive_loss():
 
 def test_momentum_schedule_equals_adjust_moco_momentum():
     """main_moco.py updates the momentum encoder at the start of iteration ``it`` with
-    adjust_moco_momentum(it / iters); the loop calls after_optimizer_step((it + 1) / total) after the step
-    before it: the same momentum for the same update."""
+    adjust_moco_momentum(it / iters); the loop calls after_optimizer_step(it - 1, total) after the step
+    before it, which takes the schedule at it / total: the same momentum for the same update."""
     epochs, iters = 5, 7
     for it in range(1, epochs * iters):
         official = official_momentum(it / iters, 0.99, epochs)
@@ -287,7 +287,7 @@ def project_steps(method, optimizer, recipe, batches, *, base_lr, iters):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        method.after_optimizer_step((it + 1) / (epochs * iters))
+        method.after_optimizer_step(it, epochs * iters)
 
 
 @pytest.mark.parametrize("arch", ["vit", "resnet"])

@@ -206,7 +206,7 @@ def project_steps(method: nn.Module, recipe: Recipe, batches, epoch: int) -> Non
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        method.after_optimizer_step(0.5)
+        method.after_optimizer_step(0, 2)
 
 
 def official_sgd(groups: list[tuple[list[nn.Parameter], float]], momentum: float, wd: float, buffers: dict) -> None:

@@ -4,7 +4,7 @@ timm backbone.
     method = build_method("moco_v2", create_backbone("resnet18_cifar"), queue_size=4096)
     loss, logs = method(views)                  # a Views batch (or method(view1, view2)); logs: {"loss", "pos_cosine"}
     loss.backward(); optimizer.step()
-    method.after_optimizer_step(progress)       # momentum / EMA updates; progress in [0, 1]
+    method.after_optimizer_step(step, total)    # momentum / EMA updates after step `step` of `total`
     method.localization_encoder                 # the online backbone, for the heatmaps
 
 Options per method and their defaults: ``METHOD_DEFAULTS`` (the paper's small-dataset settings; head

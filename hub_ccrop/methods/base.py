@@ -166,8 +166,9 @@ class SSLMethod(nn.Module):
     - ``start_epoch(epoch, epochs)``: called before each epoch (0-based): per-epoch schedules of the method.
     - ``before_optimizer_step()``: called after the backward pass of an optimizer step, with unscaled
       gradients (gradient clipping, cancelling a frozen layer's gradients).
-    - ``after_optimizer_step(progress)``: call after every ``optimizer.step()`` with ``progress`` in [0, 1]
-      over the whole training (momentum / EMA updates; a no-op for SimCLR and SimSiam).
+    - ``after_optimizer_step(step, total_steps)``: call after every ``optimizer.step()`` with the 0-based
+      index of that step and the number of steps of the whole training (momentum / EMA updates, each at its
+      official code's point of the schedule; a no-op for SimCLR and SimSiam).
     - ``param_groups(lr, weight_decay)``: optimizer groups; groups flagged ``fix_lr`` must keep their lr
       (``optim.set_lr`` keeps them).
     - ``check_dataset_size(num_rows)``: called by the training loop with the training-set size, before
@@ -200,7 +201,7 @@ class SSLMethod(nn.Module):
     def before_optimizer_step(self) -> None:
         """Nothing between backward and step (methods that clip or cancel gradients override this)."""
 
-    def after_optimizer_step(self, progress: float) -> None:
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
         """Nothing to do after the optimizer step (methods with a momentum target override this)."""
 
     def check_dataset_size(self, num_rows: int) -> bool:
@@ -222,6 +223,11 @@ class MomentumMethod(SSLMethod):
     encoders, BYOL's online and target networks. The target starts as an exact copy, never receives
     gradients, and moves toward the online encoder after every optimizer step."""
 
+    # The update after step ``it`` of ``total`` takes the momentum schedule at (it + offset) / total: 1 for
+    # BYOL (tau at k / K after k steps) and MoCo v3 (adjust_moco_momentum at the start of the next step);
+    # DINO's main_dino.py uses momentum_schedule[it], offset 0.
+    momentum_step_offset: int = 1
+
     def __init__(self, online: Encoder, config: Any) -> None:
         super().__init__(config)
         self.online = online
@@ -232,6 +238,7 @@ class MomentumMethod(SSLMethod):
     def localization_encoder(self) -> nn.Module:
         return self.online.backbone
 
-    def after_optimizer_step(self, progress: float) -> None:
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        progress = (step + self.momentum_step_offset) / max(total_steps, 1)
         self.current_momentum = momentum_at(progress, self.config.momentum, self.config.momentum_schedule)
         momentum_update(self.target, self.online, self.current_momentum)

@@ -201,6 +201,8 @@ class DINO(MomentumMethod):
 
     config: DINOConfig
 
+    momentum_step_offset = 0  # main_dino.py: the teacher update after step it uses momentum_schedule[it]
+
     def __init__(self, backbone: nn.Module, config: DINOConfig | None = None) -> None:
         config = config or DINOConfig()
         head = DINOHead(feature_dim(backbone), config.out_dim, use_bn=config.use_bn_in_head,

@@ -217,7 +217,7 @@ def train_one_epoch(run: Run) -> dict[str, Any] | None:
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
             if accelerator.sync_gradients:
-                online.after_optimizer_step((state.global_step + 1) / run.total_steps)
+                online.after_optimizer_step(state.global_step, run.total_steps)
         state.step_in_epoch += 1
         state.global_step += 1
         run.images_seen += views.batch_size * accelerator.num_processes
