@@ -24,7 +24,14 @@ photos flipped upside down, flipped back, against the boxes on the photos: mean 
     .venv/bin/python benchmarks/box_study.py tables --run /tmp/boxes_runs/tin_ccrop_k05_s*
 
 ``tables``: ``box_quality`` of the box tables each run saved (the boxes its training used).
-Writes ``benchmarks/evidence/box_prior[_TAG].json`` / ``box_rules[_TAG].json`` / ``box_tables[_TAG].json``.
+
+``follow``: does the ground-truth-free ``box_follow`` score (``hub_ccrop/box_follow.py``) tell boxes that know
+where the objects are from boxes that do not? For each run (any dataset with ground truth: the photos or the
+generated small-objects sets), its final backbone localizes ``--rows`` images with the run's own pass settings;
+the score beside the IoU gain over the centred box of the same size.
+
+Writes ``benchmarks/evidence/box_prior[_TAG].json`` / ``box_rules[_TAG].json`` / ``box_tables[_TAG].json`` /
+``box_follow[_TAG].json``.
 """
 
 from __future__ import annotations
@@ -207,9 +214,38 @@ def tables(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def follow(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``box_follow`` score beside ``box_quality`` for each run's final backbone, with the run's pass settings."""
+    from hub_ccrop.box_follow import FollowCheck
+    from hub_ccrop.localize import image_boxes
+    from hub_ccrop.localizer import box_settings
+
+    out: dict[str, Any] = {}
+    for run in args.run:
+        recipe, model, images, gt = photos(run, args.rows)
+        images, gt, c = images[:args.rows], gt[:args.rows], recipe.crop
+
+        def box_fn(x: torch.Tensor, c=c, model=model) -> torch.Tensor:
+            return image_boxes(model, x, heatmap=c.heatmap, **box_settings(c))
+
+        check = FollowCheck(images=len(images))
+        with torch.no_grad():
+            boxes = []
+            for batch in images.split(500):
+                check.update(box_fn, batch)
+                boxes.append(box_fn(batch))
+        q = box_quality(torch.cat(boxes), gt, follow=check.score()).metrics()
+        out[run.name] = {"dataset": recipe.data.dataset, "heatmap": c.heatmap, "heatmap_flip": c.heatmap_flip,
+                         "k": c.k, "box_rule": c.box_rule, **q, "gain": q["box_iou"] - q["box_iou_centred"],
+                         "gain_small": q["box_iou_small"] - q["box_iou_centred_small"]}
+        print(f"{run.name}: gain {out[run.name]['gain']:+.3f} (small {out[run.name]['gain_small']:+.3f}), "
+              f"box_follow {q['box_follow']:.2f}", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("study", choices=("prior", "rules", "tables"))
+    parser.add_argument("study", choices=("prior", "rules", "tables", "follow"))
     parser.add_argument("--run", type=Path, nargs="+", required=True)
     parser.add_argument("--rows", type=int, default=4000)
     parser.add_argument("--tag", default="")
@@ -219,11 +255,13 @@ def main() -> None:
         result = prior(args)
     elif args.study == "tables":
         result = tables(args)
+    elif args.study == "follow":
+        result = follow(args)
     else:
         result = {"runs": [rule_study(run, args.rows) for run in args.run]}
     result["meta"] = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "seconds": time.perf_counter() - tic,
                       "command": " ".join([".venv/bin/python", "benchmarks/box_study.py", *sys.argv[1:]])}
-    name = {"prior": "box_prior", "rules": "box_rules", "tables": "box_tables"}[args.study]
+    name = {"prior": "box_prior", "rules": "box_rules", "tables": "box_tables", "follow": "box_follow"}[args.study]
     path = EVIDENCE / f"{name}{'_' + args.tag if args.tag else ''}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")

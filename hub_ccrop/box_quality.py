@@ -10,7 +10,8 @@ Two such baselines are reported beside every IoU:
 Both overall and on images with **small objects** (ground-truth area <= ``SMALL_AREA``), where a box that
 knows nothing loses most. The mean box centre against the image centre (and the objects' mean centre)
 shows a positional prior: boxes that sit in the same place whatever the image shows.
-Without ground truth only the area and the centre are reported.
+Without ground truth only the area and the centre are reported, and :mod:`hub_ccrop.box_follow`'s score
+(``box_follow``: do the boxes stay on the content when the frame moves?), which needs none.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ SMALL_AREA = 0.25  # "small object": ground-truth box area <= 25% of the image
 # the metric keys of BoxQuality.metrics(), in print order (train.py keeps the latest of each)
 BOX_KEYS = ("box_iou", "box_iou_whole_image", "box_iou_centred", "box_iou_small", "box_iou_whole_image_small",
             "box_iou_centred_small", "small_objects", "box_area", "box_centre_x", "box_centre_y", "gt_centre_x",
-            "gt_centre_y")
+            "gt_centre_y", "box_follow")
 
 
 def box_areas(boxes: Tensor) -> Tensor:
@@ -76,6 +77,7 @@ class BoxQuality:
     box_iou_centred_small: float = math.nan
     gt_centre_x: float = math.nan
     gt_centre_y: float = math.nan
+    box_follow: float = math.nan  # hub_ccrop.box_follow's score: 1 boxes stay on the content, 0 they move with the frame
 
     @property
     def has_ground_truth(self) -> bool:
@@ -102,8 +104,10 @@ def _best_iou(boxes: Tensor, gt: Tensor) -> Tensor:
     return iou.masked_fill(gt.isnan().any(dim=2), -1.0).max(dim=1).values.masked_fill(gt.isnan().all(dim=(1, 2)), math.nan)
 
 
-def box_quality(boxes: Tensor, gt_boxes: Tensor | None = None, small_area: float = SMALL_AREA) -> BoxQuality:
-    """Judge ``boxes`` ``[N, 4]`` against ``gt_boxes`` (matching rows) and the two baselines.
+def box_quality(boxes: Tensor, gt_boxes: Tensor | None = None, small_area: float = SMALL_AREA,
+                follow: float | None = None) -> BoxQuality:
+    """Judge ``boxes`` ``[N, 4]`` against ``gt_boxes`` (matching rows) and the two baselines; ``follow``: the
+    pass's :class:`hub_ccrop.box_follow.FollowCheck` score, kept as ``box_follow``.
 
     ``gt_boxes``: ``[N, 4]`` (one object per image) or ``[N, K, 4]`` (up to ``K``, NaN rows for fewer): each box
     is scored by its best-matching object, images without one are left out, an image counts as "small
@@ -112,7 +116,8 @@ def box_quality(boxes: Tensor, gt_boxes: Tensor | None = None, small_area: float
     boxes = torch.as_tensor(boxes).double().cpu()
     centre = box_centres(boxes).mean(dim=0) if len(boxes) else torch.full((2,), math.nan, dtype=torch.float64)
     base: dict[str, Any] = {"images": len(boxes), "box_area": _mean(box_areas(boxes)),
-                            "box_centre_x": float(centre[0]), "box_centre_y": float(centre[1])}
+                            "box_centre_x": float(centre[0]), "box_centre_y": float(centre[1]),
+                            "box_follow": math.nan if follow is None else float(follow)}
     if gt_boxes is None:
         return BoxQuality(**base)
     gt = torch.as_tensor(gt_boxes).double().cpu()
@@ -139,15 +144,17 @@ def quality_line(metrics: Mapping[str, Any]) -> str:
     """The one-line report of :meth:`BoxQuality.line` from its metric keys (e.g. a ``metrics.json``)."""
     m = metrics
     centre = f"mean box centre ({m['box_centre_x']:.2f}, {m['box_centre_y']:.2f})"
+    follow = (f"; boxes follow the content {m['box_follow']:.2f} (1: they stay on what the image shows when the "
+              "frame moves, 0: they move with the frame, as a centred box does)") if "box_follow" in m else ""
     if "box_iou" not in m:
-        return f"mean box area {m['box_area']:.2f}, {centre} (image centre (0.50, 0.50))"
+        return f"mean box area {m['box_area']:.2f}, {centre} (image centre (0.50, 0.50)){follow}"
     text = (f"IoU with the objects {m['box_iou']:.3f} (whole image {m['box_iou_whole_image']:.3f}, centred box of "
             f"the same size {m['box_iou_centred']:.3f})")
     if "box_iou_small" in m:
         text += (f"; small objects (area <= {SMALL_AREA:.0%}, {m['small_objects']} images) {m['box_iou_small']:.3f} "
                  f"(whole {m['box_iou_whole_image_small']:.3f}, centred {m['box_iou_centred_small']:.3f})")
     return (f"{text}; mean box area {m['box_area']:.2f}, {centre}, objects' ({m['gt_centre_x']:.2f}, "
-            f"{m['gt_centre_y']:.2f}), image centre (0.50, 0.50)")
+            f"{m['gt_centre_y']:.2f}), image centre (0.50, 0.50){follow}")
 
 
 def pass_line(record: Mapping[str, Any]) -> str:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hub_ccrop.attention import cls_attention_maps, heatmap_source
+from hub_ccrop.box_follow import FollowCheck
 from hub_ccrop.choices import BOX_RULES
 from hub_ccrop.distributed import gather_by_id
 from hub_ccrop.inference import autocast, run_batches
@@ -464,6 +465,7 @@ def localize_boxes(
     channels_last: bool = False,
     accelerator=None,
     progress: bool = True,
+    follow: FollowCheck | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run ``model`` over ``(images, ids, labels)`` batches; return ``(ids, boxes)`` sorted by id.
 
@@ -475,14 +477,20 @@ def localize_boxes(
     heatmap source (``auto``, ``cls_attention``, ``feature_norm``; see :func:`heatmaps`). ``rule`` and
     ``flip``: :func:`image_boxes`. ``prepare`` maps a loader batch to ``model``'s input (another backbone's
     normalization and size, :class:`hub_ccrop.localizer.Localizer`); boxes are fractions of the image either way.
+    ``follow``: a :class:`hub_ccrop.box_follow.FollowCheck` fed with the first images (its ``score()`` after).
     """
     _check_alignment(alignment)
     _check_rule(rule)
 
-    def boxes_of(images: Tensor) -> tuple[Tensor]:
+    def box_fn(images: Tensor) -> Tensor:
         with autocast(images.device, autocast_dtype):
             maps, constant = input_heatmaps(model, images, alignment, flip, heatmap)
-        return (boxes_from_maps(maps, constant, k, rule, alignment),)
+        return boxes_from_maps(maps, constant, k, rule, alignment)
+
+    def boxes_of(images: Tensor) -> tuple[Tensor]:
+        if follow is not None:
+            follow.update(box_fn, images)
+        return (box_fn(images),)
 
     ids, _, columns = run_batches(model, loader, boxes_of, device=device, accelerator=accelerator, prepare=prepare,
                                   channels_last=channels_last, progress=progress, desc="localize")

@@ -79,6 +79,7 @@ class CropConfig:
     heatmap: str = "auto"  # auto | cls_attention | feature_norm: where heatmaps come from (auto: attention for ViTs, the feature map for CNNs)
     box_rule: str = "threshold"  # threshold (the paper's: around every pixel above k) | largest_component | quantile (k: each map's quantile)
     heatmap_flip: bool = True  # average each heatmap with the 180-degree-rotated image's: no positional prior
+    follow_images: int = 512  # images per pass also localized through two shifted windows: do boxes follow the content? (0: off)
     localizer: str | None = None  # another backbone, for the passes only (run folder, timm export, hf-hub:ORG/NAME); warmup_epochs 0: a pass before epoch 1
     warmup_epochs: int = 100  # RandomResizedCrop epochs before ContrastiveCrop starts
     loc_interval: int = 100  # localize after every loc_interval epochs once warm-up is over
@@ -231,7 +232,7 @@ _POSITIVE = {
     "train.checkpoint_every", "train.keep_checkpoints", "train.knn_k", "train.knn_temperature", "train.log_every",
 }
 _NON_NEGATIVE = {
-    "data.num_workers", "data.holdout", "crop.warmup_epochs", "optim.momentum", "optim.weight_decay",
+    "data.num_workers", "data.holdout", "crop.warmup_epochs", "crop.follow_images", "optim.momentum", "optim.weight_decay",
     "optim.warmup_epochs", "optim.final_lr_ratio", "optim.step_factor", "train.knn_every", "train.show_images",
     "optim.weight_decay_end",
 }

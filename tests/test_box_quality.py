@@ -22,7 +22,7 @@ def test_baselines_by_hand():
     # image 2: a large object (area 0.64) in the centre, box half its width
     gt = torch.tensor([[0.0, 0.0, 0.2, 0.2], [0.1, 0.1, 0.9, 0.9]], dtype=torch.float64)
     boxes = torch.tensor([[0.0, 0.0, 0.2, 0.2], [0.1, 0.1, 0.5, 0.9]], dtype=torch.float64)
-    q = box_quality(boxes, gt)
+    q = box_quality(boxes, gt, follow=0.25)
     iou = [1.0, 0.32 / 0.64]
     whole = [0.04, 0.64]
     # centred: image 1's box moves to (0.4, 0.4, 0.6, 0.6): no overlap; image 2's to (0.3, 0.1, 0.7, 0.9): inside
@@ -35,6 +35,7 @@ def test_baselines_by_hand():
     assert (q.box_centre_x, q.box_centre_y) == pytest.approx(((0.1 + 0.3) / 2, (0.1 + 0.5) / 2))
     assert (q.gt_centre_x, q.gt_centre_y) == pytest.approx((0.3, 0.3))
     assert q.box_area == pytest.approx((0.04 + 0.32) / 2)
+    assert q.box_follow == 0.25
     assert list(q.metrics()) == list(BOX_KEYS)
 
 
@@ -53,6 +54,12 @@ def test_without_ground_truth_only_area_and_centre():
     assert not q.has_ground_truth
     assert q.metrics() == pytest.approx({"box_area": 0.2, "box_centre_x": 0.25, "box_centre_y": 0.4})
     assert q.line() == "mean box area 0.20, mean box centre (0.25, 0.40) (image centre (0.50, 0.50))"
+    followed = box_quality(boxes, follow=0.875)  # the one sign without ground truth
+    assert followed.metrics()["box_follow"] == 0.875
+    assert followed.line() == (
+        "mean box area 0.20, mean box centre (0.25, 0.40) (image centre (0.50, 0.50)); boxes follow the content "
+        "0.88 (1: they stay on what the image shows when the frame moves, 0: they move with the frame, as a "
+        "centred box does)")
 
 
 def test_line_and_pass_line_name_every_number():

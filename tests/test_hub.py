@@ -245,6 +245,23 @@ def test_card_for_rcrop_run_without_metrics(tmp_path):
     assert card.text.lstrip().startswith("# resnet10t-mocov2-rcrop-cifar10")
 
 
+def test_card_reports_the_boxes_beside_their_baselines(tmp_path):
+    """A run's box metrics go on the card as the training summary's line: IoU beside the whole-image and
+    centred baselines and the follow score; they are not listed again among the other metrics."""
+    from huggingface_hub import ModelCard
+
+    from hub_ccrop.box_quality import box_quality, quality_line
+
+    gt = torch.tensor([[0.0, 0.0, 0.2, 0.2], [0.1, 0.1, 0.9, 0.9]])
+    boxes = torch.tensor([[0.0, 0.0, 0.2, 0.2], [0.1, 0.1, 0.5, 0.9]])
+    box_metrics = box_quality(boxes, gt, follow=0.7).metrics()
+    run_dir, _ = make_run(tmp_path / "run", metrics={"knn_top1": 70.0, "wall_seconds": 12.5, **box_metrics})
+    text = ModelCard.load(export_run(run_dir, tmp_path / "out") / "README.md").text
+    assert f"Boxes of the last localization pass: {quality_line(box_metrics)}." in text
+    assert "centred box of the same size 0.250" in text and "boxes follow the content 0.70" in text
+    assert "`wall_seconds`: 12.5" in text and "`box_iou_centred`" not in text
+
+
 def test_card_takes_results_of_evaluate_commands(tmp_path):
     """eval_knn.json / eval_linear.json (hub-ccrop eval-knn/eval-linear RUN) give the model-index entries."""
     from huggingface_hub import ModelCard

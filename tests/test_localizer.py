@@ -96,6 +96,9 @@ def test_a_run_localized_by_another_run_from_the_first_epoch(tmp_path, one_threa
     assert [h.get("crop") for h in history] == [None, "ccrop", "ccrop"]  # ContrastiveCrop from epoch 1 on
     assert metrics["localizer"] == str(first) and "box_iou_centred" in metrics
     assert f"learned boxes ({first}): IoU with the objects" in summary(recipe, metrics, out)
+    # every pass checks whether its boxes follow the content (all 64 images: fewer than crop.follow_images)
+    passes = [h for h in history if "box_area" in h]
+    assert passes and all(-1.0 < h["box_follow"] < 2.0 for h in passes) and "boxes follow the content" in summary(recipe, metrics, out)
     before = BoxTable.load(out / "boxes" / "epoch_0000.parquet")
     assert before.metadata["localizer"] == str(first) and before.metadata["epoch"] == 0
     assert before.metadata["localizer_network"] == "resnet_tiny_cifar"

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hub_ccrop.box_quality import BOX_KEYS, quality_line
 from hub_ccrop.boxes import ID_SCHEME, BoxTable
 from hub_ccrop.hub.paper import (
     DATASET_NAMES,
@@ -171,10 +172,14 @@ def _card_training(run: RunInfo) -> dict[str, Any]:
 
 
 def _card_metrics(results: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """The template's results section: kNN/linear top-1 (``_card_results``), box IoU, the other metrics."""
+    """The template's results section: kNN/linear top-1 (``_card_results``), the boxes' report line beside its
+    baselines (``quality_line``; older runs: the box IoU alone), the other metrics."""
+    boxes_line = quality_line(metrics) if "box_area" in metrics else None
+    shown = {"knn_top1", "linear_top1", "box_iou", *(BOX_KEYS if boxes_line else ())}
     extra_metrics = {k: _number(v, 4) if isinstance(v, float) else v for k, v in metrics.items()
-                     if k not in ("knn_top1", "linear_top1", "box_iou") and isinstance(v, (int, float, str))}
-    return dict(**results, box_iou=_number(metrics.get("box_iou"), 4), extra_metrics=extra_metrics)
+                     if k not in shown and isinstance(v, (int, float, str))}
+    return dict(**results, box_iou=_number(metrics.get("box_iou"), 4), boxes_line=boxes_line,
+                extra_metrics=extra_metrics)
 
 
 def _card_paper(mkey: str, dkey: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import torch
 from accelerate import Accelerator
 
 from hub_ccrop.attention import heatmap_source
+from hub_ccrop.box_follow import FollowCheck
 from hub_ccrop.box_quality import box_centres, box_quality
 from hub_ccrop.distributed import default_autocast_dtype
 from hub_ccrop.evaluate import extract_features, knn_accuracy
@@ -47,18 +48,20 @@ def localization_pass(accelerator: Accelerator, encoder, run_data: RunData, stat
     start = time.perf_counter()
     source = eval_source(accelerator, run_data, "pretrain")
     localizer = pass_localizer(recipe.crop.localizer, encoder, run_data.spec.mean, run_data.spec.std, accelerator.device)
+    follow = FollowCheck(-(-recipe.crop.follow_images // accelerator.num_processes))  # ceil: the pass's share
     ids, boxes = localize_boxes(localizer.model, eval_loader(accelerator, source, collate, recipe),
                                 **box_settings(recipe.crop), prepare=localizer.prepare,
                                 autocast_dtype=default_autocast_dtype(accelerator.device),
                                 channels_last=recipe.model.channels_last, accelerator=accelerator,
-                                heatmap=recipe.crop.heatmap)
+                                heatmap=recipe.crop.heatmap, follow=follow)
     seconds = time.perf_counter() - start
     state.boxes.update(ids, boxes)
     state.boxes.metadata.update(epoch=state.epoch, **table_metadata(recipe.crop, localizer),
                                 heatmap_source=heatmap_source(localizer.model, recipe.crop.heatmap))
     check_same_on_every_process(accelerator, state.boxes.boxes)
     gt = run_data.gt_boxes[ids] if run_data.gt_boxes is not None else None
-    stats = {"loc_seconds": seconds, "loc_images": len(ids), "localizer": localizer.source} | box_quality(boxes, gt).metrics()
+    stats = {"loc_seconds": seconds, "loc_images": len(ids), "localizer": localizer.source} | box_quality(
+        boxes, gt, follow=follow.score(accelerator)).metrics()
     if accelerator.is_main_process:
         for suffix in (".parquet", ".safetensors"):
             state.boxes.save(out / "boxes" / f"epoch_{state.epoch:04d}{suffix}")

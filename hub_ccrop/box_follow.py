@@ -1,0 +1,79 @@
+"""Do the boxes follow the image content? A check of a localization pass that needs no ground truth.
+
+Every image is localized twice more, through two windows of it shifted against each other by ``shift`` of
+its side (the top-left and the bottom-right window, each resized to the input size), and both boxes are
+mapped back onto the image. Boxes that sit on what the image shows land in the same place whichever window
+they were found through; boxes that sit where the *frame* puts them (a fixed or centred box, the whole
+image, a positional prior, noise) move with the window. Per image and axis the offset is the move of the
+box centre between the two windows in units of the shift, and the score is ``1 - mean offset``: **1** when
+the boxes stay on the content, **0** when they move with the frame, as the centred box and the whole image
+do by construction. On data with ground-truth boxes the score tracks the IoU gain over the centred box of
+the same size (``benchmarks/README.md``); on a user's own photos, which have none, it is the only sign.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["FOLLOW_SHIFT", "FollowCheck", "follow_offsets", "window_boxes"]
+
+FOLLOW_SHIFT = 0.25  # the windows' shift, as a fraction of the image side (each window: 1 - shift of the side)
+
+BoxFn = Callable[[Tensor], Tensor]  # images [B, 3, H, W] -> boxes [B, 4] as fractions of the image
+
+
+def window_boxes(box_fn: BoxFn, images: Tensor, shift: float = FOLLOW_SHIFT) -> tuple[Tensor, Tensor, Tensor]:
+    """The boxes of the top-left and the bottom-right windows of ``images``, each window resized to the input
+    size for ``box_fn``, mapped back to fractions of the whole image; and the windows' shift ``(x, y)``
+    as fractions of the image (``shift`` rounded to whole pixels)."""
+    height, width = images.shape[-2:]
+    dy, dx = max(1, round(shift * height)), max(1, round(shift * width))
+    wh, ww = height - dy, width - dx
+    size = torch.tensor([ww / width, wh / height, ww / width, wh / height], device=images.device)
+    out = []
+    for y0, x0 in ((0, 0), (dy, dx)):
+        window = images[..., y0:y0 + wh, x0:x0 + ww]
+        boxes = box_fn(F.interpolate(window, size=(height, width), mode="bilinear", align_corners=False))
+        origin = torch.tensor([x0 / width, y0 / height] * 2, device=images.device)
+        out.append(boxes.float() * size + origin)
+    return out[0], out[1], torch.tensor([dx / width, dy / height], device=images.device)
+
+
+def follow_offsets(box_fn: BoxFn, images: Tensor, shift: float = FOLLOW_SHIFT) -> Tensor:
+    """``[B, 2]`` per image and axis ``(x, y)``: how far the box centre moves between the two windows of
+    :func:`window_boxes`, in units of their shift (0: it stays on the content; 1: it moves with the frame)."""
+    first, second, moved = window_boxes(box_fn, images, shift)
+    return ((second[:, :2] + second[:, 2:]) - (first[:, :2] + first[:, 2:])) / (2 * moved)
+
+
+class FollowCheck:
+    """Accumulates :func:`follow_offsets` over a pass's first ``images`` images (per process), then
+    :meth:`score` sums them over the processes: ``1 - mean offset`` over both axes, or None if none ran."""
+
+    def __init__(self, images: int, shift: float = FOLLOW_SHIFT) -> None:
+        if images < 0 or not 0 < shift < 1:
+            raise ValueError(f"FollowCheck: images must be >= 0 and shift in (0, 1), got {images}, {shift}")
+        self.images, self.shift = images, shift
+        self.total = torch.zeros(2, dtype=torch.float64)
+        self.count = 0
+
+    def update(self, box_fn: BoxFn, images: Tensor) -> None:
+        """Check the first of ``images`` until ``images`` of the pass have been checked."""
+        take = min(self.images - self.count, len(images))
+        if take > 0:
+            self.total += follow_offsets(box_fn, images[:take], self.shift).double().sum(dim=0).cpu()
+            self.count += take
+
+    def score(self, accelerator: Any = None) -> float | None:
+        """``1 - mean offset`` over every process's checked images and both axes; every process must call it."""
+        sums = torch.cat([self.total, torch.tensor([float(self.count)], dtype=torch.float64)])
+        if accelerator is not None and accelerator.num_processes > 1:
+            sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+        count = float(sums[2])
+        return None if count == 0 else 1.0 - float(sums[:2].sum()) / (2 * count)
+
