@@ -28,7 +28,7 @@ photos flipped upside down, flipped back, against the boxes on the photos: mean 
 ``follow``: does the ground-truth-free ``box_follow`` score (``hub_ccrop/box_follow.py``) tell boxes that know
 where the objects are from boxes that do not? For each run (any dataset with ground truth: the photos or the
 generated small-objects sets), its final backbone localizes ``--rows`` images with the run's own pass settings;
-the score beside the IoU gain over the centred box of the same size.
+the score beside the IoU gain over the centred box of the same size (``--set crop.KEY=VALUE`` changes them).
 
 Writes ``benchmarks/evidence/box_prior[_TAG].json`` / ``box_rules[_TAG].json`` / ``box_tables[_TAG].json`` /
 ``box_follow[_TAG].json``.
@@ -67,12 +67,13 @@ QUANTILES = (0.3, 0.5, 0.7)
 Maps = tuple[torch.Tensor, torch.Tensor]
 
 
-def photos(run: Path, rows: int) -> tuple[Recipe, torch.nn.Module, torch.Tensor, torch.Tensor]:
-    """The run's recipe and final backbone, the first ``rows`` pretraining photos as the passes see them, their boxes."""
+def photos(run: Path, rows: int, overrides: list[str] = ()) -> tuple[Recipe, torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """The run's recipe (with ``overrides``) and final backbone, the first ``rows`` pretraining photos as the
+    passes see them, their boxes."""
     from hub_ccrop.training import build_data
 
     register(rows=rows)
-    recipe = load_recipe(run / "recipe.yaml", ["train.knn_every=0"])
+    recipe = load_recipe(run / "recipe.yaml", ["train.knn_every=0", *overrides])
     backbone = backbone_from_state(recipe, load_file(str(run / "backbone.safetensors")))
     data = build_data(recipe)
     collate = EvalCollate(data.spec, purpose="localize")
@@ -222,7 +223,7 @@ def follow(args: argparse.Namespace) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     for run in args.run:
-        recipe, model, images, gt = photos(run, args.rows)
+        recipe, model, images, gt = photos(run, args.rows, args.overrides)
         images, gt, c = images[:args.rows], gt[:args.rows], recipe.crop
 
         def box_fn(x: torch.Tensor, c=c, model=model) -> torch.Tensor:
@@ -249,6 +250,8 @@ def main() -> None:
     parser.add_argument("--run", type=Path, nargs="+", required=True)
     parser.add_argument("--rows", type=int, default=4000)
     parser.add_argument("--tag", default="")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="follow: KEY=VALUE recipe override of the pass settings, e.g. crop.heatmap_flip=true")
     args = parser.parse_args()
     tic = time.perf_counter()
     if args.study == "prior":

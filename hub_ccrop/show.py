@@ -7,6 +7,8 @@ One row per image (labelled with its file name or sample id): the box (yellow) t
 gives at threshold k, the heatmap, two ContrastiveCrop views from that box and two RandomResizedCrop
 views for comparison. Images get the localization passes' preprocessing (the whole image at the model's
 input size). The picture goes to RUN/pictures/show_NNNN.png (or ./show_NNNN.png), never over an earlier one.
+A line states the boxes (beside the baselines when the images have ground-truth boxes) and whether they
+follow the content (:mod:`hub_ccrop.box_follow`): the one sign, on your own photos, that they know anything.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any
 
 import torch
 
+from hub_ccrop.box_follow import FollowCheck
+from hub_ccrop.box_quality import box_quality
 from hub_ccrop.data import decode_to_tensor
 from hub_ccrop.errors import UserError
 from hub_ccrop.evaluate import backbone_data_config, load_backbone
@@ -102,12 +106,20 @@ def show(source: str, *, inputs: list[str] | None = None, num_images: int = 8, k
     else:
         raise ValueError("give --input FILES_OR_FOLDER (this source is not a run folder with its own data)")
     batch = localization_batch(images, cfg)
+
+    def box_fn(images: torch.Tensor) -> torch.Tensor:
+        return boxes_from_maps(*input_heatmaps(model, images, alignment, schedule.heatmap_flip, "auto"), k,
+                               schedule.box_rule, alignment)
+
     # the class token's attention for ViTs, the feature map for CNNs
     maps, constant = input_heatmaps(model, batch, alignment, schedule.heatmap_flip, "auto")
     boxes = boxes_from_maps(maps, constant, k, schedule.box_rule, alignment)
+    follow = FollowCheck(len(batch))
+    follow.update(box_fn, batch)
     pixels = to_uint8(batch, cfg["mean"], cfg["std"])
     out = Path(out) if out else next_picture_path(run_dir / "pictures" if run is not None else Path.cwd())
     path = draw_localization_grid(pixels, maps, boxes, out, alpha=alpha, gt_boxes=gt, seed=seed, ids=names,
                                   title=f"{source}: heatmaps at k={k} ({alignment} alignment), crops at alpha={alpha}")
     print(f"wrote {path} ({len(images)} images: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
+    print(f"boxes: {box_quality(boxes, gt, follow=follow.score()).line()}")
     return path

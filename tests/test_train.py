@@ -169,7 +169,7 @@ def test_published_boxes_start_contrastive_crop_without_warmup(tiny_objects, sha
         train(other, tmp_path / "third")
 
 
-def test_show_draws_a_picture_for_a_run_and_for_own_images(shared_run, tmp_path):
+def test_show_draws_a_picture_for_a_run_and_for_own_images(shared_run, tmp_path, capsys):
     from PIL import Image
 
     from hub_ccrop.cli import main as cli
@@ -182,8 +182,14 @@ def test_show_draws_a_picture_for_a_run_and_for_own_images(shared_run, tmp_path)
         Image.new("RGB", (50 + 10 * k, 40), (40 * k, 90, 200)).save(photos / f"p{k}.png")
     assert cli(["show", str(run), "--input", str(photos), "--out", str(tmp_path / "own.png")]) == 0
     assert (tmp_path / "own.png").stat().st_size > 5_000
-    for _ in range(2):  # the run's own images, into the run's pictures/, never over an earlier picture
-        assert cli(["show", str(run), "--images", "2"]) == 0
+    # own photos have no ground truth: area, centre and whether the boxes follow the content
+    out = capsys.readouterr().out
+    assert "\nboxes: mean box area " in out and "boxes follow the content" in out
+    # the run's own images (they have ground-truth boxes), into the run's pictures/, never over an earlier picture
+    assert cli(["show", str(run), "--images", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "boxes: IoU with the objects " in out and "boxes follow the content" in out
+    assert cli(["show", str(run), "--images", "2"]) == 0
     assert sorted(p.name for p in (run / "pictures").glob("show_*.png")) == ["show_0001.png", "show_0002.png"]
 
 
