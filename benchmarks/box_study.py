@@ -231,10 +231,11 @@ def follow(args: argparse.Namespace) -> dict[str, Any]:
 
         check = FollowCheck(images=len(images))
         with torch.no_grad():
-            boxes = []
+            boxes, offsets = [], []
             for batch in images.split(500):
-                check.update(box_fn, batch)
+                offsets.append(check.offsets(box_fn, batch))
                 boxes.append(box_fn(batch))
+        check.record(torch.cat(offsets))
         q = box_quality(torch.cat(boxes), gt, follow=check.score()).metrics()
         out[run.name] = {"dataset": recipe.data.dataset, "heatmap": c.heatmap, "heatmap_flip": c.heatmap_flip,
                          "k": c.k, "box_rule": c.box_rule, **q, "gain": q["box_iou"] - q["box_iou_centred"],

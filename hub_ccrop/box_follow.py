@@ -14,7 +14,6 @@ the same size (``benchmarks/README.md``); on a user's own photos, which have non
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,28 +51,33 @@ def follow_offsets(box_fn: BoxFn, images: Tensor, shift: float = FOLLOW_SHIFT) -
 
 
 class FollowCheck:
-    """Accumulates :func:`follow_offsets` over a pass's first ``images`` images (per process), then
-    :meth:`score` sums them over the processes: ``1 - mean offset`` over both axes, or None if none ran."""
+    """The check of one pass: :meth:`offsets` for the first ``images`` images each process sees (NaN rows
+    after them), then :meth:`record` of the offsets gathered by sample id over the processes (so images a
+    sharded loader repeats count once), and :meth:`score`."""
 
     def __init__(self, images: int, shift: float = FOLLOW_SHIFT) -> None:
         if images < 0 or not 0 < shift < 1:
             raise ValueError(f"FollowCheck: images must be >= 0 and shift in (0, 1), got {images}, {shift}")
         self.images, self.shift = images, shift
-        self.total = torch.zeros(2, dtype=torch.float64)
-        self.count = 0
+        self.count = 0  # images checked by this process so far
+        self.gathered: Tensor | None = None
 
-    def update(self, box_fn: BoxFn, images: Tensor) -> None:
-        """Check the first of ``images`` until ``images`` of the pass have been checked."""
+    def offsets(self, box_fn: BoxFn, images: Tensor) -> Tensor:
+        """``[B, 2]`` :func:`follow_offsets` of the batch's first images until ``images`` were checked; NaN after."""
+        out = torch.full((len(images), 2), float("nan"), device=images.device)
         take = min(self.images - self.count, len(images))
         if take > 0:
-            self.total += follow_offsets(box_fn, images[:take], self.shift).double().sum(dim=0).cpu()
+            out[:take] = follow_offsets(box_fn, images[:take], self.shift).float()
             self.count += take
+        return out
 
-    def score(self, accelerator: Any = None) -> float | None:
-        """``1 - mean offset`` over every process's checked images and both axes; every process must call it."""
-        sums = torch.cat([self.total, torch.tensor([float(self.count)], dtype=torch.float64)])
-        if accelerator is not None and accelerator.num_processes > 1:
-            sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
-        count = float(sums[2])
-        return None if count == 0 else 1.0 - float(sums[:2].sum()) / (2 * count)
+    def record(self, offsets: Tensor) -> None:
+        """Keep the pass's offsets ``[N, 2]``, one row per image (gathered over the processes, by id)."""
+        self.gathered = offsets.double().cpu()
 
+    def score(self) -> float | None:
+        """``1 - mean offset`` over the checked images and both axes; None when no image was checked."""
+        if self.gathered is None:
+            return None
+        checked = self.gathered[~self.gathered.isnan().any(dim=1)]
+        return None if not len(checked) else 1.0 - float(checked.mean())

@@ -477,7 +477,7 @@ def localize_boxes(
     heatmap source (``auto``, ``cls_attention``, ``feature_norm``; see :func:`heatmaps`). ``rule`` and
     ``flip``: :func:`image_boxes`. ``prepare`` maps a loader batch to ``model``'s input (another backbone's
     normalization and size, :class:`hub_ccrop.localizer.Localizer`); boxes are fractions of the image either way.
-    ``follow``: a :class:`hub_ccrop.box_follow.FollowCheck` fed with the first images (its ``score()`` after).
+    ``follow``: a :class:`hub_ccrop.box_follow.FollowCheck`, run on the first images (its ``score()`` after).
     """
     _check_alignment(alignment)
     _check_rule(rule)
@@ -487,12 +487,14 @@ def localize_boxes(
             maps, constant = input_heatmaps(model, images, alignment, flip, heatmap)
         return boxes_from_maps(maps, constant, k, rule, alignment)
 
-    def boxes_of(images: Tensor) -> tuple[Tensor]:
-        if follow is not None:
-            follow.update(box_fn, images)
-        return (box_fn(images),)
+    def boxes_of(images: Tensor) -> tuple[Tensor, ...]:
+        return (box_fn(images),) if follow is None else (box_fn(images), follow.offsets(box_fn, images))
 
     ids, _, columns = run_batches(model, loader, boxes_of, device=device, accelerator=accelerator, prepare=prepare,
                                   channels_last=channels_last, progress=progress, desc="localize")
-    boxes = columns[0] if columns else torch.empty(0, 4, device=ids.device)
-    return gather_by_id(ids, boxes, accelerator=accelerator)
+    widths = (4,) if follow is None else (4, 2)  # boxes, follow offsets
+    columns = columns or [torch.empty(0, width, device=ids.device) for width in widths]  # an empty shard
+    ids, boxes, *offsets = gather_by_id(ids, *columns, accelerator=accelerator)
+    if follow is not None:
+        follow.record(offsets[0])
+    return ids, boxes

@@ -115,7 +115,7 @@ def show(source: str, *, inputs: list[str] | None = None, num_images: int = 8, k
     maps, constant = input_heatmaps(model, batch, alignment, schedule.heatmap_flip, "auto")
     boxes = boxes_from_maps(maps, constant, k, schedule.box_rule, alignment)
     follow = FollowCheck(len(batch))
-    follow.update(box_fn, batch)
+    follow.record(follow.offsets(box_fn, batch))
     pixels = to_uint8(batch, cfg["mean"], cfg["std"])
     out = Path(out) if out else next_picture_path(run_dir / "pictures" if run is not None else Path.cwd())
     path = draw_localization_grid(pixels, maps, boxes, out, alpha=alpha, gt_boxes=gt, seed=seed, ids=names,

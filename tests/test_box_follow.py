@@ -56,7 +56,7 @@ def test_boxes_on_the_content_score_one_and_boxes_of_the_frame_score_zero():
     for frame_box in (centred_box, whole_image):  # the baselines move with the window: exactly 1 shift
         assert torch.allclose(follow_offsets(frame_box, images), torch.ones(32, 2), atol=1e-6)
         check = FollowCheck(images=32)
-        check.update(frame_box, images)
+        check.record(check.offsets(frame_box, images))
         assert check.score() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -69,7 +69,7 @@ def test_random_boxes_score_zero():
         return torch.cat([lo, lo + 0.2 + torch.rand(len(images), 2, generator=g) * 0.2], dim=1)
 
     check = FollowCheck(images=4000)
-    check.update(random_boxes, torch.zeros(4000, 3, 16, 16))
+    check.record(check.offsets(random_boxes, torch.zeros(4000, 3, 16, 16)))
     # per image and axis the offset has sd ~0.9 around 1: the mean of 8,000 is within 0.03 of it (3 sd)
     assert check.score() == pytest.approx(0.0, abs=0.03)
 
@@ -83,29 +83,30 @@ def test_the_check_takes_only_its_first_images_over_batches():
         return centred_box(x)
 
     check = FollowCheck(images=7)
-    for batch in images.split(4):
-        check.update(counting, batch)
-    assert check.count == 7 and seen == [4, 4, 3, 3]  # two windows per checked batch
+    offsets = torch.cat([check.offsets(counting, batch) for batch in images.split(4)])
+    assert check.count == 7 and seen == [4, 4, 3, 3]  # two windows per checked batch, none after the seventh image
+    assert not offsets[:7].isnan().any() and offsets[7:].isnan().all()
+    check.record(offsets)
+    assert check.score() == pytest.approx(0.0, abs=1e-6)  # the NaN rows are left out
     assert FollowCheck(images=0).score() is None
 
 
-def test_score_sums_over_processes():
-    """With several processes the sums (not the per-process scores) are reduced: a process that checked
-    more images weighs more."""
-
-    class TwoProcesses:  # the reduction accelerate does, with the other process's sums given
-        num_processes = 2
-        device = torch.device("cpu")
-
-        def reduce(self, tensor: Tensor, reduction: str) -> Tensor:
-            assert reduction == "sum"
-            return tensor + torch.tensor([0.0, 0.0, 3.0], dtype=tensor.dtype)  # 3 images on the content
-
-    images, _ = planted_squares(1)
-    check = FollowCheck(images=1)
-    check.update(centred_box, images)  # offset 1 on both axes
-    assert check.score() == pytest.approx(0.0)
-    assert check.score(TwoProcesses()) == pytest.approx(1 - 2 / (2 * 4))
+def test_an_image_a_sharded_loader_repeats_counts_once():
+    """accelerate pads the last batches of a shard with repeated samples: the offsets are gathered by id, so
+    the score is that of the distinct images."""
+    images, _ = planted_squares(8)
+    content = torch.zeros(8, dtype=torch.bool)
+    content[:2] = True  # images 0 and 1 have their square; the others are blank: whole-image boxes, offset 1
+    images[~content] = 0.0
+    distinct = DataLoader(list(zip(images, range(8), strict=True)), batch_size=4)
+    padded = DataLoader(list(zip(images, range(8), strict=True)) + [(images[0], 0), (images[1], 1)] * 3, batch_size=4)
+    scores = []
+    for loader in (distinct, padded):
+        check = FollowCheck(images=20)
+        localize_boxes(BrightnessMap(), loader, k=0.5, progress=False, follow=check)
+        scores.append(check.score())
+    assert scores[0] == pytest.approx(scores[1], abs=1e-9)
+    assert scores[0] == pytest.approx(2 / 8, abs=0.02)  # two images of eight on the content
 
 
 class BrightnessMap(nn.Module):
@@ -138,6 +139,7 @@ def test_a_pass_reports_whether_its_boxes_follow_the_content(flip):
     for name, model in (("content", BrightnessMap()), ("prior", FixedMap())):
         check = FollowCheck(images=24)
         _, boxes = localize_boxes(model, loader, k=0.5, flip=flip, progress=False, follow=check)
+        assert (~check.gathered.isnan().any(dim=1)).sum() == 24  # the first 24 of 40
         assert check.count == 24
         scores[name] = check.score()
         quality = box_quality(boxes, truth, follow=scores[name])

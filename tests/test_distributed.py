@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from hub_ccrop.box_follow import FollowCheck
 from hub_ccrop.boxes import BoxTable
 from hub_ccrop.data import get_spec, load_images
 from hub_ccrop.localize import localize_boxes
@@ -150,6 +151,10 @@ def test_training_with_two_processes_matches_one(runs: dict, one_thread) -> None
     # Same per-process localization batches (default global 2 x data.batch_size = 64 = 2 processes x 32) and
     # one thread, as in the launched run: the same float sums.
     loader = torch.utils.data.DataLoader(load_images(spec), batch_size=32, collate_fn=EvalCollate(spec, purpose="localize"))
-    ids, boxes = localize_boxes(backbone, loader, k=load_recipe(QUICKSTART).crop.k, progress=False)
+    follow = FollowCheck(images=96)
+    ids, boxes = localize_boxes(backbone, loader, k=load_recipe(QUICKSTART).crop.k, progress=False, follow=follow)
     assert torch.equal(ids, torch.arange(96))
     assert torch.equal(boxes, saved.boxes)
+    # the follow check's sums are reduced over the processes: each checked its 48 images, together all 96
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [h["box_follow"] for h in history if "box_follow" in h] == [pytest.approx(follow.score(), abs=1e-9)]

@@ -61,7 +61,7 @@ def localization_pass(accelerator: Accelerator, encoder, run_data: RunData, stat
     check_same_on_every_process(accelerator, state.boxes.boxes)
     gt = run_data.gt_boxes[ids] if run_data.gt_boxes is not None else None
     stats = {"loc_seconds": seconds, "loc_images": len(ids), "localizer": localizer.source} | box_quality(
-        boxes, gt, follow=follow.score(accelerator)).metrics()
+        boxes, gt, follow=follow.score()).metrics()
     if accelerator.is_main_process:
         for suffix in (".parquet", ".safetensors"):
             state.boxes.save(out / "boxes" / f"epoch_{state.epoch:04d}{suffix}")
