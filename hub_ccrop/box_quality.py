@@ -27,10 +27,14 @@ from torch import Tensor
 from hub_ccrop.boxes import pairwise_box_iou
 from hub_ccrop.localize import TRAINED_BACKBONE
 
-__all__ = ["BOX_KEYS", "SMALL_AREA", "BoxQuality", "box_areas", "box_centres", "box_quality", "centred_boxes",
-           "pass_line", "quality_line"]
+__all__ = ["BOX_KEYS", "SMALL_AREA", "BoxQuality", "box_areas", "box_centres", "box_quality", "box_verdict",
+           "centred_boxes", "pass_line", "quality_line"]
 
 SMALL_AREA = 0.25  # "small object": ground-truth box area <= 25% of the image
+KNOWS_GAIN = 0.02  # IoU over the centred box of the same size that counts as knowing where the objects are
+# box_follow measured (benchmarks/README.md): 0.60-0.77 where boxes beat the centred box by 0.2-0.5, at most
+# 0.17 where they did not
+FOLLOWS, DOES_NOT_FOLLOW = 0.5, 0.2
 
 # the metric keys of BoxQuality.metrics(), in print order (train.py keeps the latest of each)
 BOX_KEYS = ("box_iou", "box_iou_whole_image", "box_iou_centred", "box_iou_small", "box_iou_whole_image_small",
@@ -155,6 +159,27 @@ def quality_line(metrics: Mapping[str, Any]) -> str:
                  f"(whole {m['box_iou_whole_image_small']:.3f}, centred {m['box_iou_centred_small']:.3f})")
     return (f"{text}; mean box area {m['box_area']:.2f}, {centre}, objects' ({m['gt_centre_x']:.2f}, "
             f"{m['gt_centre_y']:.2f}), image centre (0.50, 0.50){follow}")
+
+
+def box_verdict(metrics: Mapping[str, Any]) -> str | None:
+    """What :func:`quality_line`'s numbers mean, in one sentence: with ground truth, do the boxes know more than
+    a centred box of their size; without, do they at least follow the content. None when nothing says."""
+    stronger = "a stronger localizer (crop.localizer) may do better"
+    if "box_iou" in metrics:
+        gain = metrics["box_iou"] - metrics["box_iou_centred"]
+        if gain > KNOWS_GAIN:
+            return f"the boxes know where the objects are: {gain:+.3f} IoU over a centred box of their size"
+        return (f"the boxes know no more than a centred box of their size ({gain:+.3f} IoU): ContrastiveCrop "
+                f"cannot gain from them; {stronger}")
+    follow = metrics.get("box_follow")
+    if follow is None:
+        return None
+    if follow >= FOLLOWS:
+        return f"the boxes follow the image content (box_follow {follow:.2f} >= {FOLLOWS}), as boxes that find objects do"
+    if follow < DOES_NOT_FOLLOW:
+        return (f"the boxes hardly follow the image content (box_follow {follow:.2f} < {DOES_NOT_FOLLOW}), as a "
+                f"centred box would: they are unlikely to know where the objects are; {stronger}")
+    return f"the boxes follow the image content only in part (box_follow {follow:.2f})"
 
 
 def pass_line(record: Mapping[str, Any]) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from hub_ccrop.box_follow import FollowCheck
-from hub_ccrop.box_quality import box_quality
+from hub_ccrop.box_quality import box_quality, box_verdict, quality_line
 from hub_ccrop.data import decode_to_tensor
 from hub_ccrop.errors import UserError
 from hub_ccrop.evaluate import backbone_data_config, load_backbone
@@ -121,5 +121,7 @@ def show(source: str, *, inputs: list[str] | None = None, num_images: int = 8, k
     path = draw_localization_grid(pixels, maps, boxes, out, alpha=alpha, gt_boxes=gt, seed=seed, ids=names,
                                   title=f"{source}: heatmaps at k={k} ({alignment} alignment), crops at alpha={alpha}")
     print(f"wrote {path} ({len(images)} images: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
-    print(f"boxes: {box_quality(boxes, gt, follow=follow.score()).line()}")
+    metrics = box_quality(boxes, gt, follow=follow.score()).metrics()
+    verdict = box_verdict(metrics)
+    print(f"boxes: {quality_line(metrics)}" + (f"\n  so {verdict}" if verdict else ""))
     return path

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hub_ccrop.box_quality import BOX_KEYS, box_quality, centred_boxes, pass_line, quality_line
+from hub_ccrop.box_quality import BOX_KEYS, box_quality, box_verdict, centred_boxes, pass_line, quality_line
 
 
 def test_centred_boxes_keep_size_and_sit_on_the_image_centre():
@@ -103,3 +103,22 @@ def test_localization_picture_marks_the_mean_box_centre(tmp_path):
     assert path.stat().st_size > 1000
     assert _centre_legend([0.35, 0.3]) == "; mean box centre x (0.35, 0.30) vs image centre +"
     assert _centre_legend(None) == ""
+
+
+@pytest.mark.parametrize(("metrics", "starts"), [
+    ({"box_iou": 0.55, "box_iou_centred": 0.50, "box_follow": 0.1}, "the boxes know where the objects are: +0.050"),
+    ({"box_iou": 0.51, "box_iou_centred": 0.50, "box_follow": 0.9}, "the boxes know no more than a centred box"),
+    ({"box_follow": 0.66}, "the boxes follow the image content (box_follow 0.66 >= 0.5)"),
+    ({"box_follow": 0.35}, "the boxes follow the image content only in part (box_follow 0.35)"),
+    ({"box_follow": 0.04}, "the boxes hardly follow the image content (box_follow 0.04 < 0.2)"),
+])
+def test_verdict_says_what_the_numbers_mean(metrics, starts):
+    """Ground truth decides when there is some (the IoU gain over the centred box, not the follow score);
+    without it, the follow score at the bounds its measurements suggest (benchmarks/README.md)."""
+    verdict = box_verdict({"box_area": 0.5, "box_centre_x": 0.5, "box_centre_y": 0.5, **metrics})
+    assert verdict.startswith(starts)
+    assert ("crop.localizer" in verdict) == ("no more" in starts or "hardly" in starts)
+
+
+def test_no_verdict_without_ground_truth_or_follow_score():
+    assert box_verdict(box_quality(torch.tensor([[0.0, 0.2, 0.5, 0.6]])).metrics()) is None

@@ -99,6 +99,7 @@ def test_a_run_localized_by_another_run_from_the_first_epoch(tmp_path, one_threa
     # every pass checks whether its boxes follow the content (all 64 images: fewer than crop.follow_images)
     passes = [h for h in history if "box_area" in h]
     assert passes and all(-1.0 < h["box_follow"] < 2.0 for h in passes) and "boxes follow the content" in summary(recipe, metrics, out)
+    assert "\n    so the boxes know" in summary(recipe, metrics, out)  # ground truth: the verdict is the IoU gain's
     before = BoxTable.load(out / "boxes" / "epoch_0000.parquet")
     assert before.metadata["localizer"] == str(first) and before.metadata["epoch"] == 0
     assert before.metadata["localizer_network"] == "resnet_tiny_cifar"

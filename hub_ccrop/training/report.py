@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from hub_ccrop import data as data_lib
-from hub_ccrop.box_quality import BOX_KEYS, quality_line
+from hub_ccrop.box_quality import BOX_KEYS, box_verdict, quality_line
 from hub_ccrop.crop import FULL_BOX, object_miss_rate
 from hub_ccrop.hub.sharing import data_terms
 from hub_ccrop.localize import TRAINED_BACKBONE
@@ -89,6 +89,8 @@ def summary(recipe: Recipe, metrics: dict[str, Any], out: Path) -> str:
                      "images in the frozen backbone's features, no labels used in training")
     if "box_area" in metrics:
         lines.append(f"  learned boxes ({metrics.get('localizer', TRAINED_BACKBONE)}): {quality_line(metrics)}")
+        if verdict := box_verdict(metrics):
+            lines.append(f"    so {verdict}")
     if "miss_rate_ccrop" in metrics:
         lines.append(f"  view pairs where a view misses the object (< 20% of it), the false positives ContrastiveCrop "
                      f"avoids: RandomResizedCrop {metrics['miss_rate_rcrop']:.3f}, ContrastiveCrop {metrics['miss_rate_ccrop']:.3f}")
