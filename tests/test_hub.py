@@ -259,6 +259,7 @@ def test_card_reports_the_boxes_beside_their_baselines(tmp_path):
     text = ModelCard.load(export_run(run_dir, tmp_path / "out") / "README.md").text
     assert f"Boxes of the last localization pass: {quality_line(box_metrics)}." in text
     assert "centred box of the same size 0.250" in text and "boxes follow the content 0.70" in text
+    assert "So the boxes know where the objects are: +0.500 IoU over a centred box of their size." in text
     assert "`wall_seconds`: 12.5" in text and "`box_iou_centred`" not in text
 
 

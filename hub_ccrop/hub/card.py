@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hub_ccrop.box_quality import BOX_KEYS, quality_line
+from hub_ccrop.box_quality import BOX_KEYS, box_verdict, quality_line
 from hub_ccrop.boxes import ID_SCHEME, BoxTable
 from hub_ccrop.hub.paper import (
     DATASET_NAMES,
@@ -179,7 +179,7 @@ def _card_metrics(results: Mapping[str, Any], metrics: Mapping[str, Any]) -> dic
     extra_metrics = {k: _number(v, 4) if isinstance(v, float) else v for k, v in metrics.items()
                      if k not in shown and isinstance(v, (int, float, str))}
     return dict(**results, box_iou=_number(metrics.get("box_iou"), 4), boxes_line=boxes_line,
-                extra_metrics=extra_metrics)
+                boxes_verdict=box_verdict(metrics) if boxes_line else None, extra_metrics=extra_metrics)
 
 
 def _card_paper(mkey: str, dkey: str) -> dict[str, Any]:
