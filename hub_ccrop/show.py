@@ -123,5 +123,5 @@ def show(source: str, *, inputs: list[str] | None = None, num_images: int = 8, k
     print(f"wrote {path} ({len(images)} images: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
     metrics = box_quality(boxes, gt, follow=follow.score()).metrics()
     verdict = box_verdict(metrics)
-    print(f"boxes: {quality_line(metrics)}" + (f"\n  so {verdict}" if verdict else ""))
+    print(f"boxes of these {len(images)} images: {quality_line(metrics)}" + (f"\n  so {verdict}" if verdict else ""))
     return path

@@ -184,11 +184,11 @@ def test_show_draws_a_picture_for_a_run_and_for_own_images(shared_run, tmp_path,
     assert (tmp_path / "own.png").stat().st_size > 5_000
     # own photos have no ground truth: area, centre and whether the boxes follow the content
     out = capsys.readouterr().out
-    assert "\nboxes: mean box area " in out and "boxes follow the content" in out and "\n  so the boxes " in out
+    assert "\nboxes of these 3 images: mean box area " in out and "boxes follow the content" in out and "\n  so the boxes " in out
     # the run's own images (they have ground-truth boxes), into the run's pictures/, never over an earlier picture
     assert cli(["show", str(run), "--images", "2"]) == 0
     out = capsys.readouterr().out
-    assert "boxes: IoU with the objects " in out and "boxes follow the content" in out
+    assert "boxes of these 2 images: IoU with the objects " in out and "boxes follow the content" in out
     assert cli(["show", str(run), "--images", "2"]) == 0
     assert sorted(p.name for p in (run / "pictures").glob("show_*.png")) == ["show_0001.png", "show_0002.png"]
 
