@@ -7,8 +7,8 @@ rows; the kNN monitor uses them as its bank and the last 2,000 rows as its test 
     .venv/bin/python benchmarks/tiny_imagenet_boxes.py train --out /tmp/boxes_runs/tin_ccrop_s0 --seed 0
     .venv/bin/python benchmarks/tiny_imagenet_boxes.py train --out RUN --mode rcrop --epochs 16
 
-The recipe is ``recipes/quickstart.yaml`` (SimCLR, ``resnet_tiny_cifar``, 32 px, k 0.5) with the dataset
-pointed at the photos; ``--set KEY=VALUE`` adds overrides.
+The recipe is ``recipes/quickstart.yaml`` (SimCLR, ``resnet_tiny_cifar``, 32 px, k 0.5), or ``--recipe``, with the
+dataset pointed at the photos; ``--set KEY=VALUE`` adds overrides.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ def register(data_dir: Path | None = None, rows: int = 8000) -> DatasetSpec:
     ))
 
 
-def make_recipe(name: str, overrides: list[str]) -> Recipe:
-    raw = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
+def make_recipe(name: str, overrides: list[str], base: Path = REPO / "recipes" / "quickstart.yaml") -> Recipe:
+    raw = yaml.safe_load(base.read_text())
     raw["name"] = name
     return load_recipe(raw, [f"data.dataset={NAME}", *overrides])
 
@@ -64,13 +64,14 @@ def main() -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--epochs", type=int, default=8)
     t.add_argument("--set", dest="overrides", action="append", default=[])
+    t.add_argument("--recipe", type=Path, default=REPO / "recipes" / "quickstart.yaml")
     args = parser.parse_args()
     register(args.data, args.rows)
     from hub_ccrop.training import train
 
     recipe = make_recipe(args.out.name, [f"crop.mode={args.mode}", f"train.seed={args.seed}",
                                          f"train.epochs={args.epochs}", "train.keep_checkpoints=1",
-                                         *args.overrides])
+                                         *args.overrides], args.recipe)
     train(recipe, args.out)
 
 

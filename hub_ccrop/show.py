@@ -107,8 +107,8 @@ def show(source: str, *, inputs: list[str] | None = None, num_images: int = 8, k
         raise ValueError("give --input FILES_OR_FOLDER (this source is not a run folder with its own data)")
     batch = localization_batch(images, cfg)
 
-    def box_fn(images: torch.Tensor) -> torch.Tensor:
-        return boxes_from_maps(*input_heatmaps(model, images, alignment, schedule.heatmap_flip, "auto"), k,
+    def box_fn(x: torch.Tensor) -> torch.Tensor:
+        return boxes_from_maps(*input_heatmaps(model, x, alignment, schedule.heatmap_flip, "auto"), k,
                                schedule.box_rule, alignment)
 
     # the class token's attention for ViTs, the feature map for CNNs

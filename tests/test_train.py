@@ -126,10 +126,11 @@ def test_device_resident_passes_and_knn_decode_nothing(tiny_objects, tmp_path, m
         monkeypatch.setattr(module, "decode_rows", lambda rows, **kw: decoded.append(len(
             rows["id"] if isinstance(rows, dict) else rows)) or real(rows, **kw))
     recipe = tiny_recipe(tiny_objects, data={"batched_views": True, "device_resident": True},
-                         train={"epochs": 3, "knn_every": 1, "show_images": 0})
+                         crop={"follow_images": 0}, train={"epochs": 3, "knn_every": 1, "show_images": 0})
     metrics = train(recipe, tmp_path)
     history = json.loads((tmp_path / "metrics.json").read_text())["history"]
     assert sum("loc_images" in h for h in history) == 2 and all("knn_top1" in h for h in history)
+    assert not any("box_follow" in h for h in history)  # crop.follow_images 0: no follow check
     assert sorted(decoded) == [TEST_ROWS, TRAIN_ROWS]  # the test split and the training images, once each
     assert metrics["skipped_images"] == 0
 

@@ -48,7 +48,8 @@ def localization_pass(accelerator: Accelerator, encoder, run_data: RunData, stat
     start = time.perf_counter()
     source = eval_source(accelerator, run_data, "pretrain")
     localizer = pass_localizer(recipe.crop.localizer, encoder, run_data.spec.mean, run_data.spec.std, accelerator.device)
-    follow = FollowCheck(-(-recipe.crop.follow_images // accelerator.num_processes))  # ceil: the pass's share
+    # ceil: each process's share of the images checked (crop.follow_images 0: no check)
+    follow = FollowCheck(-(-recipe.crop.follow_images // accelerator.num_processes)) if recipe.crop.follow_images else None
     ids, boxes = localize_boxes(localizer.model, eval_loader(accelerator, source, collate, recipe),
                                 **box_settings(recipe.crop), prepare=localizer.prepare,
                                 autocast_dtype=default_autocast_dtype(accelerator.device),
@@ -61,7 +62,7 @@ def localization_pass(accelerator: Accelerator, encoder, run_data: RunData, stat
     check_same_on_every_process(accelerator, state.boxes.boxes)
     gt = run_data.gt_boxes[ids] if run_data.gt_boxes is not None else None
     stats = {"loc_seconds": seconds, "loc_images": len(ids), "localizer": localizer.source} | box_quality(
-        boxes, gt, follow=follow.score()).metrics()
+        boxes, gt, follow=follow.score() if follow is not None else None).metrics()
     if accelerator.is_main_process:
         for suffix in (".parquet", ".safetensors"):
             state.boxes.save(out / "boxes" / f"epoch_{state.epoch:04d}{suffix}")
