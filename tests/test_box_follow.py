@@ -28,10 +28,12 @@ def bright_box(images: Tensor) -> Tensor:
     """A localizer that knows where the object is: the rectangle around the pixels brighter than half."""
     mask = images.mean(dim=1) > 0.5
     height, width = mask.shape[-2:]
-    rows, cols = mask.any(dim=2), mask.any(dim=1)
-    first = lambda active: active.float().argmax(dim=1)  # noqa: E731
-    last = lambda active: active.shape[1] - active.flip(1).float().argmax(dim=1)  # noqa: E731
-    return torch.stack([first(cols) / width, first(rows) / height, last(cols) / width, last(rows) / height], dim=1)
+
+    def extent(active: Tensor) -> tuple[Tensor, Tensor]:  # first active index, one past the last
+        return active.float().argmax(dim=1), active.shape[1] - active.flip(1).float().argmax(dim=1)
+
+    (x0, x1), (y0, y1) = extent(mask.any(dim=1)), extent(mask.any(dim=2))
+    return torch.stack([x0 / width, y0 / height, x1 / width, y1 / height], dim=1)
 
 
 def centred_box(images: Tensor) -> Tensor:
