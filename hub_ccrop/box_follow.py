@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hub_ccrop.boxes import box_centres
+
 __all__ = ["FOLLOW_SHIFT", "FollowCheck", "follow_offsets", "window_boxes"]
 
 FOLLOW_SHIFT = 0.25  # the windows' shift, as a fraction of the image side (each window: 1 - shift of the side)
@@ -47,7 +49,7 @@ def follow_offsets(box_fn: BoxFn, images: Tensor, shift: float = FOLLOW_SHIFT) -
     """``[B, 2]`` per image and axis ``(x, y)``: how far the box centre moves between the two windows of
     :func:`window_boxes`, in units of their shift (0: it stays on the content; 1: it moves with the frame)."""
     first, second, moved = window_boxes(box_fn, images, shift)
-    return ((second[:, :2] + second[:, 2:]) - (first[:, :2] + first[:, 2:])) / (2 * moved)
+    return (box_centres(second) - box_centres(first)) / moved
 
 
 class FollowCheck:

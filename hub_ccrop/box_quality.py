@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hub_ccrop.boxes import pairwise_box_iou
+from hub_ccrop.boxes import box_centres, pairwise_box_iou
 from hub_ccrop.localize import TRAINED_BACKBONE
 
 __all__ = ["BOX_KEYS", "SMALL_AREA", "BoxQuality", "box_areas", "box_centres", "box_quality", "box_verdict",
@@ -45,11 +45,6 @@ BOX_KEYS = ("box_iou", "box_iou_whole_image", "box_iou_centred", "box_iou_small"
 def box_areas(boxes: Tensor) -> Tensor:
     """Areas ``[N]`` of ``[N, 4]`` boxes ``(x0, y0, x1, y1)`` (fractions of the image)."""
     return (boxes[:, 2] - boxes[:, 0]).clamp_min(0) * (boxes[:, 3] - boxes[:, 1]).clamp_min(0)
-
-
-def box_centres(boxes: Tensor) -> Tensor:
-    """Centres ``[N, 2]`` (x, y) of ``[N, 4]`` boxes."""
-    return (boxes[:, :2] + boxes[:, 2:]) / 2
 
 
 def centred_boxes(boxes: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-__all__ = ["ID_SCHEME", "BoxTable", "BoxTableMismatch", "image_key", "imagefolder_order", "official_id_map",
+__all__ = ["ID_SCHEME", "BoxTable", "BoxTableMismatch", "box_centres", "image_key", "imagefolder_order", "official_id_map",
            "pairwise_box_iou"]
 
 ID_SCHEME = "row-index-v1"
@@ -243,6 +243,11 @@ def official_id_map(official_keys: Sequence[Hashable], project_keys: Sequence[Ha
                            "to another dataset or split")
         ids.append(matches.pop())
     return torch.tensor(ids, dtype=torch.int64)
+
+
+def box_centres(boxes: Tensor) -> Tensor:
+    """Centres ``[N, 2]`` (x, y) of ``[N, 4]`` boxes."""
+    return (boxes[:, :2] + boxes[:, 2:]) / 2
 
 
 def pairwise_box_iou(a: Tensor, b: Tensor) -> Tensor:

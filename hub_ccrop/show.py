@@ -14,6 +14,7 @@ follow the content (:mod:`hub_ccrop.box_follow`): the one sign, on your own phot
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from hub_ccrop.box_quality import box_quality, box_verdict, quality_line
 from hub_ccrop.data import decode_to_tensor
 from hub_ccrop.errors import UserError
 from hub_ccrop.evaluate import backbone_data_config, load_backbone
-from hub_ccrop.localize import boxes_from_maps, input_heatmaps
+from hub_ccrop.localize import boxes_from_maps, image_boxes, input_heatmaps
 from hub_ccrop.run_info import RUN_FILE, RunInfo, Schedule
 from hub_ccrop.views import eval_image, max_side_for
 from hub_ccrop.viz import draw_localization_grid, to_uint8
@@ -106,11 +107,8 @@ def show(source: str, *, inputs: list[str] | None = None, num_images: int = 8, k
     else:
         raise ValueError("give --input FILES_OR_FOLDER (this source is not a run folder with its own data)")
     batch = localization_batch(images, cfg)
-
-    def box_fn(x: torch.Tensor) -> torch.Tensor:
-        return boxes_from_maps(*input_heatmaps(model, x, alignment, schedule.heatmap_flip, "auto"), k,
-                               schedule.box_rule, alignment)
-
+    box_fn = partial(image_boxes, model, k=k, alignment=alignment, rule=schedule.box_rule,
+                     flip=schedule.heatmap_flip, heatmap="auto")  # the boxes below, for the follow check
     # the class token's attention for ViTs, the feature map for CNNs
     maps, constant = input_heatmaps(model, batch, alignment, schedule.heatmap_flip, "auto")
     boxes = boxes_from_maps(maps, constant, k, schedule.box_rule, alignment)
