@@ -216,32 +216,28 @@ def tables(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def follow(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``box_follow`` score beside ``box_quality`` for each run's final backbone, with the run's pass settings."""
+    """The ``box_follow`` score beside ``box_quality`` for each run's final backbone, from a pass with the run's
+    settings (with ``crop.heatmap: auto`` on a ViT, the pass's choice between its two maps and both scores)."""
     from hub_ccrop.box_follow import FollowCheck
-    from hub_ccrop.localize import image_boxes
+    from hub_ccrop.localize import localize_boxes
     from hub_ccrop.localizer import box_settings
 
     out: dict[str, Any] = {}
     for run in args.run:
         recipe, model, images, gt = photos(run, args.rows, args.overrides)
         images, gt, c = images[:args.rows], gt[:args.rows], recipe.crop
-
-        def box_fn(x: torch.Tensor, c=c, model=model) -> torch.Tensor:
-            return image_boxes(model, x, heatmap=c.heatmap, **box_settings(c))
-
+        ids = torch.arange(len(images))
+        loader = [(images[i:i + 500], ids[i:i + 500]) for i in range(0, len(images), 500)]
         check = FollowCheck(images=len(images))
-        with torch.no_grad():
-            boxes, offsets = [], []
-            for batch in images.split(500):
-                offsets.append(check.offsets(box_fn, batch))
-                boxes.append(box_fn(batch))
-        check.record(torch.cat(offsets))
-        q = box_quality(torch.cat(boxes), gt, follow=check.score()).metrics()
-        out[run.name] = {"dataset": recipe.data.dataset, "heatmap": c.heatmap, "heatmap_flip": c.heatmap_flip,
-                         "k": c.k, "box_rule": c.box_rule, **q, "gain": q["box_iou"] - q["box_iou_centred"],
+        _, boxes = localize_boxes(model, loader, heatmap=c.heatmap, **box_settings(c), progress=False, follow=check)
+        q = box_quality(boxes, gt, follow=check.score()).metrics()
+        scores = dict(zip(check.sources, check.scores().tolist(), strict=True))
+        out[run.name] = {"dataset": recipe.data.dataset, "heatmap": c.heatmap, "heatmap_chosen": check.source,
+                         "heatmap_follow": scores, "heatmap_flip": c.heatmap_flip, "k": c.k, "box_rule": c.box_rule,
+                         **q, "gain": q["box_iou"] - q["box_iou_centred"],
                          "gain_small": q["box_iou_small"] - q["box_iou_centred_small"]}
-        print(f"{run.name}: gain {out[run.name]['gain']:+.3f} (small {out[run.name]['gain_small']:+.3f}), "
-              f"box_follow {q['box_follow']:.2f}", flush=True)
+        print(f"{run.name}: {check.source} gain {out[run.name]['gain']:+.3f} (small {out[run.name]['gain_small']:+.3f}), "
+              f"box_follow {q['box_follow']:.2f} ({', '.join(f'{k} {v:.2f}' for k, v in scores.items())})", flush=True)
     return out
 
 

@@ -7,9 +7,15 @@ fused attention (``scaled_dot_product_attention``, which never forms the attenti
 forward pre-hook captures the input of the last block's attention, and the class token's row of the
 softmax is recomputed from it (``q`` of one token against every ``k``: ``O(N)`` per head).
 
+The two can disagree: a briefly trained ViT's attention can be inverted (cold on every object) while its
+token norm sits on the objects (``benchmarks/README.md``, the DINO ViT study). So both maps come from the
+same forward pass (:func:`vit_heatmaps`), and with ``auto`` a localization pass keeps the one whose boxes
+follow the content best (:mod:`hub_ccrop.box_follow`).
+
 Heatmap sources (a recipe's ``crop.heatmap``): ``cls_attention`` (this module), ``feature_norm`` (the
-last feature map: channel sum for CNNs, token L2 norm for ViTs) and ``auto`` (attention where the model
-supports it, the feature map otherwise).
+last feature map: channel sum for CNNs, token L2 norm for ViTs) and ``auto`` (for a ViT with class-token
+attention, the one of the two that the pass's follow check prefers, attention when the check is off; the
+feature map otherwise).
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ from torch import Tensor, nn
 
 from hub_ccrop.choices import HEATMAP_SOURCES
 
-__all__ = ["HEATMAP_SOURCES", "cls_attention_maps", "heatmap_source", "supports_cls_attention"]
+__all__ = ["HEATMAP_SOURCES", "VIT_HEATMAPS", "cls_attention_maps", "heatmap_candidates", "heatmap_source",
+           "supports_cls_attention", "vit_heatmaps"]
 
+VIT_HEATMAPS = ("cls_attention", "feature_norm")  # the order breaks ties: attention first, as DINO shows it
 
 
 def _last_attention(model: nn.Module) -> Attention | None:
@@ -53,35 +61,54 @@ def heatmap_source(model: nn.Module, source: str = "auto") -> str:
     return source
 
 
+def heatmap_candidates(model: nn.Module, source: str = "auto") -> tuple[str, ...]:
+    """The sources a pass may choose between: both ViT maps for ``auto`` on a model with class-token
+    attention (the pass keeps the one whose boxes follow the content best), else ``heatmap_source``'s one."""
+    if source == "auto" and supports_cls_attention(model):
+        return VIT_HEATMAPS
+    return (heatmap_source(model, source),)
+
+
 @torch.no_grad()
-def cls_attention_maps(model: nn.Module, images: Tensor) -> Tensor:
-    """``[B, h, w]`` float32: the class token's attention to each patch in the last block, mean over heads.
+def vit_heatmaps(model: nn.Module, images: Tensor) -> dict[str, Tensor]:
+    """Both heatmaps ``[B, h, w]`` (float32) of a ViT with class-token attention, from one forward pass:
+    ``cls_attention`` (the class token's attention to each patch in the last block, mean over heads) and
+    ``feature_norm`` (the L2 norm of the last block's patch tokens, before the final norm).
 
     The softmax runs over every token, as in the model; the prefix tokens' columns (class token and
-    registers: ``num_prefix_tokens``) are dropped afterwards, so a map need not sum to 1. The patch grid
-    follows the input size (``dynamic_img_size`` models).
+    registers: ``num_prefix_tokens``) are dropped afterwards, so an attention map need not sum to 1. The
+    patch grid follows the input size (``dynamic_img_size`` models).
     """
     model = getattr(model, "_orig_mod", model)
     attn = _last_attention(model)
     if attn is None:
         raise ValueError(f"{type(model).__name__} has no class-token attention to read (see supports_cls_attention)")
-    captured: list[Tensor] = []
-    handle = attn.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+    captured: dict[str, Tensor] = {}
+    hooks = [attn.register_forward_pre_hook(lambda _module, args: captured.__setitem__("attention_input", args[0])),
+             model.blocks[-1].register_forward_hook(lambda _module, _args, out: captured.__setitem__("tokens", out))]
     try:
         model.forward_features(images)
     finally:
-        handle.remove()
-    x = captured[-1]  # [B, N, C]: the last block's normed tokens, as its attention sees them
+        for hook in hooks:
+            hook.remove()
+    x = captured["attention_input"]  # [B, N, C]: the last block's normed tokens, as its attention sees them
     batch, tokens, _ = x.shape
     qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k = attn.q_norm(qkv[0][:, :, :1]), attn.k_norm(qkv[1])  # the class token is token 0 in timm
+    prefix = model.num_prefix_tokens
     with torch.autocast(device_type=x.device.type, enabled=False):
         logits = (q.float() * attn.scale) @ k.float().transpose(-2, -1)  # [B, heads, 1, N]
-        probs = logits.softmax(dim=-1)[:, :, 0, model.num_prefix_tokens:].mean(dim=1)  # [B, patches]
+        probs = logits.softmax(dim=-1)[:, :, 0, prefix:].mean(dim=1)  # [B, patches]
+        norms = captured["tokens"][:, prefix:].float().norm(dim=-1)  # [B, patches]
     height, width = _grid(model, images.shape[-2:])
     if probs.shape[1] != height * width:
         raise ValueError(f"{type(model).__name__}: {probs.shape[1]} patch tokens do not form the {height}x{width} grid")
-    return probs.reshape(batch, height, width)
+    return {"cls_attention": probs.reshape(batch, height, width), "feature_norm": norms.reshape(batch, height, width)}
+
+
+def cls_attention_maps(model: nn.Module, images: Tensor) -> Tensor:
+    """``[B, h, w]`` float32: the class token's attention to each patch in the last block (:func:`vit_heatmaps`)."""
+    return vit_heatmaps(model, images)["cls_attention"]
 
 
 def _grid(model: nn.Module, size: tuple[int, int]) -> tuple[int, int]:

@@ -47,7 +47,8 @@ def window_boxes(box_fn: BoxFn, images: Tensor, shift: float = FOLLOW_SHIFT) -> 
 
 def follow_offsets(box_fn: BoxFn, images: Tensor, shift: float = FOLLOW_SHIFT) -> Tensor:
     """``[B, 2]`` per image and axis ``(x, y)``: how far the box centre moves between the two windows of
-    :func:`window_boxes`, in units of their shift (0: it stays on the content; 1: it moves with the frame)."""
+    :func:`window_boxes`, in units of their shift (0: it stays on the content; 1: it moves with the frame).
+    A ``box_fn`` that gives several heatmap sources' boxes ``[B, S, 4]`` gets ``[B, S, 2]``."""
     first, second, moved = window_boxes(box_fn, images, shift)
     return (box_centres(second) - box_centres(first)) / moved
 
@@ -55,31 +56,54 @@ def follow_offsets(box_fn: BoxFn, images: Tensor, shift: float = FOLLOW_SHIFT) -
 class FollowCheck:
     """The check of one pass: :meth:`offsets` for the first ``images`` images each process sees (NaN rows
     after them), then :meth:`record` of the offsets gathered by sample id over the processes (so images a
-    sharded loader repeats count once), and :meth:`score`."""
+    sharded loader repeats count once), and :meth:`score`. When the pass compared several heatmap sources
+    (``[N, S, 2]`` offsets), :attr:`best` is the one whose boxes follow the content best, and :meth:`score` its score."""
 
     def __init__(self, images: int, shift: float = FOLLOW_SHIFT) -> None:
         if images < 0 or not 0 < shift < 1:
             raise ValueError(f"FollowCheck: images must be >= 0 and shift in (0, 1), got {images}, {shift}")
         self.images, self.shift = images, shift
         self.count = 0  # images checked by this process so far
-        self.gathered: Tensor | None = None
+        self.gathered: Tensor | None = None  # [N, S, 2]
+        self.sources: tuple[str, ...] = ()
+        self._offset_shape: tuple[int, ...] = (2,)  # of one image: (2,) or (S, 2)
 
     def offsets(self, box_fn: BoxFn, images: Tensor) -> Tensor:
-        """``[B, 2]`` :func:`follow_offsets` of the batch's first images until ``images`` were checked; NaN after."""
-        out = torch.full((len(images), 2), float("nan"), device=images.device)
+        """:func:`follow_offsets` of the batch's first images until ``images`` were checked; NaN rows after."""
         take = min(self.images - self.count, len(images))
-        if take > 0:
-            out[:take] = follow_offsets(box_fn, images[:take], self.shift).float()
-            self.count += take
-        return out
+        if take <= 0:
+            return torch.full((len(images), *self._offset_shape), float("nan"), device=images.device)
+        checked = follow_offsets(box_fn, images[:take], self.shift).float()
+        self.count += take
+        self._offset_shape = tuple(checked.shape[1:])
+        return torch.cat([checked, checked.new_full((len(images) - take, *self._offset_shape), float("nan"))])
 
-    def record(self, offsets: Tensor) -> None:
-        """Keep the pass's offsets ``[N, 2]``, one row per image (gathered over the processes, by id)."""
-        self.gathered = offsets.double().cpu()
+    def record(self, offsets: Tensor, sources: tuple[str, ...] = ()) -> None:
+        """Keep the pass's offsets ``[N, 2]`` (or ``[N, S, 2]`` for the heatmap ``sources``), one row per image
+        (gathered over the processes, by id)."""
+        offsets = offsets.double().cpu()
+        self.gathered = offsets[:, None] if offsets.dim() == 2 else offsets
+        self.sources = tuple(sources)
 
-    def score(self) -> float | None:
-        """``1 - mean offset`` over the checked images and both axes; None when no image was checked."""
+    def scores(self) -> Tensor | None:
+        """``1 - mean offset`` ``[S]`` per heatmap source over the checked images and both axes; None when no image was checked."""
         if self.gathered is None:
             return None
-        checked = self.gathered[~self.gathered.isnan().any(dim=1)]
-        return None if not len(checked) else 1.0 - float(checked.mean())
+        checked = self.gathered[~self.gathered.isnan().flatten(1).any(dim=1)]
+        return None if not len(checked) else 1.0 - checked.mean(dim=(0, 2))
+
+    @property
+    def best(self) -> int:
+        """The index of the source whose boxes follow the content best (the first on ties; 0 without a score)."""
+        scores = self.scores()
+        return 0 if scores is None else int(torch.argmax(scores))
+
+    @property
+    def source(self) -> str | None:
+        """The name of :attr:`best` when :meth:`record` was given the sources."""
+        return self.sources[self.best] if self.sources else None
+
+    def score(self) -> float | None:
+        """The score of :attr:`best`; None when no image was checked."""
+        scores = self.scores()
+        return None if scores is None else float(scores[self.best])

@@ -246,8 +246,8 @@ def official_id_map(official_keys: Sequence[Hashable], project_keys: Sequence[Ha
 
 
 def box_centres(boxes: Tensor) -> Tensor:
-    """Centres ``[N, 2]`` (x, y) of ``[N, 4]`` boxes."""
-    return (boxes[:, :2] + boxes[:, 2:]) / 2
+    """Centres ``[..., 2]`` (x, y) of ``[..., 4]`` boxes."""
+    return (boxes[..., :2] + boxes[..., 2:]) / 2
 
 
 def pairwise_box_iou(a: Tensor, b: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hub_ccrop.attention import cls_attention_maps, heatmap_source
+from hub_ccrop.attention import cls_attention_maps, heatmap_candidates, heatmap_source, vit_heatmaps
 from hub_ccrop.box_follow import FollowCheck
 from hub_ccrop.choices import BOX_RULES
 from hub_ccrop.distributed import gather_by_id
@@ -49,10 +49,12 @@ __all__ = [
     "normalize_heatmaps",
     "official_boxes_from_heatmaps",
     "picture_heatmaps",
+    "source_heatmaps",
     "upsample_heatmaps",
 ]
 
 ALIGNMENTS = ("receptive_field", "official")
+Maps = tuple[Tensor, Tensor]  # normalized heatmaps [B, H, W] at the input size, which were constant [B]
 TRAINED_BACKBONE = "the backbone being trained"  # crop.localizer unset: the paper's localizer
 _LOCALIZER_PREFIXES = ("hf-hub:", "timm:", "local-dir:")
 
@@ -395,33 +397,46 @@ def boxes_from_maps(maps: Tensor, constant: Tensor, k: float | Tensor = 0.1, rul
     return _closure(mask, constant, end=0 if alignment == "official" else 1)
 
 
-def _input_maps(model: nn.Module, images: Tensor, alignment: str, heatmap: str) -> tuple[Tensor, Tensor]:
-    raw = heatmaps(model, images, heatmap)
+def _input_maps(model: nn.Module, images: Tensor, alignment: str, sources: tuple[str, ...]) -> list[Maps]:
+    # one forward pass for both ViT maps (only ViTs have two candidates, heatmap_candidates)
+    raws = [heatmaps(model, images, sources[0])] if len(sources) == 1 else list(map(vit_heatmaps(model, images).get, sources))
     size = tuple(images.shape[-2:])
-    with torch.autocast(raw.device.type, enabled=False):  # the network may run in bf16, the geometry does not
-        norm, constant = normalize_heatmaps(raw)
-        return upsample_heatmaps(norm, size, None if alignment == "official" else cell_centres(model, size)), constant
+    centres = None if alignment == "official" else cell_centres(model, size)
+    with torch.autocast(images.device.type, enabled=False):  # the network may run in bf16, the geometry does not
+        normalized = [normalize_heatmaps(raw) for raw in raws]
+        return [(upsample_heatmaps(norm, size, centres), constant) for norm, constant in normalized]
+
+
+def source_heatmaps(model: nn.Module, images: Tensor, alignment: str = "receptive_field", flip: bool = False,
+                    sources: tuple[str, ...] = ("feature_norm",)) -> list[Maps]:
+    """:func:`input_heatmaps` of each of ``sources`` (concrete sources, :func:`hub_ccrop.attention.heatmap_candidates`),
+    with one forward pass per image orientation whatever their number."""
+    _check_alignment(alignment)
+    maps = _input_maps(model, images, alignment, sources)
+    if not flip:
+        return maps
+    flipped = _input_maps(model, images.flip(-2, -1), alignment, sources)
+    out = []
+    with torch.autocast(images.device.type, enabled=False):
+        for (upright, constant), (turned, constant_turned) in zip(maps, flipped, strict=True):
+            norm, constant_sum = normalize_heatmaps(upright + turned.flip(-2, -1))
+            out.append((norm, constant_sum | (constant & constant_turned)))
+    return out
 
 
 def input_heatmaps(model: nn.Module, images: Tensor, alignment: str = "receptive_field",
                    flip: bool = False, heatmap: str = "feature_norm") -> tuple[Tensor, Tensor]:
     """Normalized heatmaps ``[B, H, W]`` at the input size of ``images``, and which maps were constant.
 
-    ``heatmap``: the source (:func:`heatmaps`). ``flip``: also localize the images flipped on both axes (rotated by 180 degrees) and average the two
+    ``heatmap``: the source (:func:`heatmaps`; ``auto`` is one map here, attention for a ViT: the choice between
+    the two ViT maps is :func:`localize_boxes`'). ``flip``: also localize the images flipped on both axes (rotated by 180 degrees) and average the two
     maps, the second flipped back. The flip is undone on the *input pixel grid*, after each map's cells
     were placed on their own receptive-field centres (a stride-2 stem's cells do not sit symmetrically in
     the image, so flipping the cell grid would misplace them). What a map owes to the position in the
     image rather than to the content (zero padding, the cells' placement) moves to the opposite side in
     the flipped map and cancels; what the content makes hot stays. The average is min-max normalized again.
     """
-    _check_alignment(alignment)
-    maps, constant = _input_maps(model, images, alignment, heatmap)
-    if not flip:
-        return maps, constant
-    flipped, constant_flipped = _input_maps(model, images.flip(-2, -1), alignment, heatmap)
-    with torch.autocast(maps.device.type, enabled=False):
-        norm, constant_sum = normalize_heatmaps(maps + flipped.flip(-2, -1))
-    return norm, constant_sum | (constant & constant_flipped)
+    return source_heatmaps(model, images, alignment, flip, (heatmap_source(model, heatmap),))[0]
 
 
 def image_boxes(model: nn.Module, images: Tensor, k: float = 0.1, alignment: str = "receptive_field",
@@ -478,14 +493,17 @@ def localize_boxes(
     ``flip``: :func:`image_boxes`. ``prepare`` maps a loader batch to ``model``'s input (another backbone's
     normalization and size, :class:`hub_ccrop.localizer.Localizer`); boxes are fractions of the image either way.
     ``follow``: a :class:`hub_ccrop.box_follow.FollowCheck`, run on the first images (its ``score()`` after).
+    With ``heatmap="auto"`` on a ViT it checks both ViT maps (:func:`hub_ccrop.attention.heatmap_candidates`)
+    and the pass keeps the boxes of the one whose boxes follow the content best (``follow.source``).
     """
     _check_alignment(alignment)
     _check_rule(rule)
+    sources = heatmap_candidates(model, heatmap) if follow is not None else (heatmap_source(model, heatmap),)
 
-    def box_fn(images: Tensor) -> Tensor:
+    def box_fn(images: Tensor) -> Tensor:  # [B, sources, 4]
         with autocast(images.device, autocast_dtype):
-            maps, constant = input_heatmaps(model, images, alignment, flip, heatmap)
-        return boxes_from_maps(maps, constant, k, rule, alignment)
+            maps = source_heatmaps(model, images, alignment, flip, sources)
+        return torch.stack([boxes_from_maps(m, constant, k, rule, alignment) for m, constant in maps], dim=1)
 
     def boxes_of(images: Tensor) -> tuple[Tensor, ...]:
         return (box_fn(images),) if follow is None else (box_fn(images), follow.offsets(box_fn, images))
@@ -493,8 +511,9 @@ def localize_boxes(
     ids, _, columns = run_batches(model, loader, boxes_of, device=device, accelerator=accelerator, prepare=prepare,
                                   channels_last=channels_last, progress=progress, desc="localize")
     widths = (4,) if follow is None else (4, 2)  # boxes, follow offsets
-    columns = columns or [torch.empty(0, width, device=ids.device) for width in widths]  # an empty shard
+    columns = columns or [torch.empty(0, len(sources), width, device=ids.device) for width in widths]  # an empty shard
     ids, boxes, *offsets = gather_by_id(ids, *columns, accelerator=accelerator)
-    if follow is not None:
-        follow.record(offsets[0])
-    return ids, boxes
+    if follow is None:
+        return ids, boxes[:, 0]
+    follow.record(offsets[0], sources)
+    return ids, boxes[:, follow.best]

@@ -14,7 +14,6 @@ follow the content (:mod:`hub_ccrop.box_follow`): the one sign, on your own phot
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from hub_ccrop.box_quality import box_quality, box_verdict, quality_line
 from hub_ccrop.data import decode_to_tensor
 from hub_ccrop.errors import UserError
 from hub_ccrop.evaluate import backbone_data_config, load_backbone
-from hub_ccrop.localize import boxes_from_maps, image_boxes, input_heatmaps
+from hub_ccrop.localize import input_heatmaps, localize_boxes
 from hub_ccrop.run_info import RUN_FILE, RunInfo, Schedule
 from hub_ccrop.views import eval_image, max_side_for
 from hub_ccrop.viz import draw_localization_grid, to_uint8
@@ -107,17 +106,18 @@ def show(source: str, *, inputs: list[str] | None = None, num_images: int = 8, k
     else:
         raise ValueError("give --input FILES_OR_FOLDER (this source is not a run folder with its own data)")
     batch = localization_batch(images, cfg)
-    box_fn = partial(image_boxes, model, k=k, alignment=alignment, rule=schedule.box_rule,
-                     flip=schedule.heatmap_flip, heatmap="auto")  # the boxes below, for the follow check
-    # the class token's attention for ViTs, the feature map for CNNs
-    maps, constant = input_heatmaps(model, batch, alignment, schedule.heatmap_flip, "auto")
-    boxes = boxes_from_maps(maps, constant, k, schedule.box_rule, alignment)
+    # as a pass with crop.heatmap auto: the feature map of a CNN; of a ViT's two maps (class-token attention,
+    # token norm), the one whose boxes follow the content best on these images
     follow = FollowCheck(len(batch))
-    follow.record(follow.offsets(box_fn, batch))
+    _, boxes = localize_boxes(model, [(batch, torch.arange(len(batch)))], k=k, alignment=alignment,
+                              rule=schedule.box_rule, flip=schedule.heatmap_flip, heatmap="auto", progress=False,
+                              follow=follow)
+    maps, _ = input_heatmaps(model, batch, alignment, schedule.heatmap_flip, follow.source)
     pixels = to_uint8(batch, cfg["mean"], cfg["std"])
     out = Path(out) if out else next_picture_path(run_dir / "pictures" if run is not None else Path.cwd())
     path = draw_localization_grid(pixels, maps, boxes, out, alpha=alpha, gt_boxes=gt, seed=seed, ids=names,
-                                  title=f"{source}: heatmaps at k={k} ({alignment} alignment), crops at alpha={alpha}")
+                                  title=f"{source}: {follow.source} heatmaps at k={k} ({alignment} alignment), "
+                                        f"crops at alpha={alpha}")
     print(f"wrote {path} ({len(images)} images: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
     metrics = box_quality(boxes, gt, follow=follow.score()).metrics()
     verdict = box_verdict(metrics)

@@ -11,7 +11,15 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from hub_ccrop.attention import cls_attention_maps, heatmap_source, supports_cls_attention
+from hub_ccrop.attention import (
+    VIT_HEATMAPS,
+    cls_attention_maps,
+    heatmap_candidates,
+    heatmap_source,
+    supports_cls_attention,
+    vit_heatmaps,
+)
+from hub_ccrop.box_follow import FollowCheck
 from hub_ccrop.localize import heatmaps, localize_boxes, model_boxes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -144,6 +152,24 @@ def test_source_selection():
         heatmap_source(resnet, "cls_attention")
     with pytest.raises(ValueError, match="auto, cls_attention, feature_norm"):
         heatmap_source(vit, "attention")
+    # what a pass with the follow check chooses between
+    assert heatmap_candidates(vit) == VIT_HEATMAPS == ("cls_attention", "feature_norm")
+    assert heatmap_candidates(resnet) == heatmap_candidates(pooled) == ("feature_norm",)
+    assert heatmap_candidates(vit, "feature_norm") == ("feature_norm",)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"reg_tokens": 4, "no_embed_class": True}, {"dynamic_img_size": True}])
+def test_one_forward_pass_gives_both_vit_maps(kwargs):
+    """vit_heatmaps reads the attention and the token norm of the same forward pass; each equals the map of
+    its own source (the token norm: timm's forward_intermediates, the feature map of token models)."""
+    model = tiny_vit(**kwargs)
+    size = 24 if kwargs.get("dynamic_img_size") else SIZE
+    images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(3))
+    both = vit_heatmaps(model, images)
+    torch.testing.assert_close(both["feature_norm"], heatmaps(model, images, "feature_norm"), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(both["cls_attention"].flatten(1), reference_cls_attention(model, images),
+                               rtol=1e-5, atol=1e-6)
+    assert not model.blocks[-1]._forward_hooks and not model.blocks[-1].attn._forward_pre_hooks
 
 
 def test_localize_heatmaps_selects_the_source():
@@ -168,10 +194,12 @@ def test_localization_pass_boxes_from_attention():
     torch.testing.assert_close(boxes, truth)  # k = 0.5: exactly the patch
 
 
-@pytest.mark.parametrize(("heatmap", "expected"), [("auto", "cls_attention"), ("feature_norm", "feature_norm")])
-def test_recipe_heatmap_source_reaches_the_pass_and_the_box_table(heatmap, expected, tmp_path, one_thread):
-    """crop.heatmap: the DINO ViT recipe's passes use the teacher's attention (auto) or its token norms,
-    and the box table's metadata says which."""
+@pytest.mark.parametrize(("heatmap", "follow_images", "expected"), [
+    ("auto", 512, None), ("auto", 0, "cls_attention"), ("feature_norm", 512, "feature_norm")])
+def test_recipe_heatmap_source_reaches_the_pass_and_the_box_table(heatmap, follow_images, expected, tmp_path, one_thread):
+    """crop.heatmap: the DINO ViT recipe's passes use the teacher's token norms, or with auto the one of its
+    attention and token norms that the follow check prefers (the attention when the check is off), and the
+    box table's metadata says which, with the scores it was chosen by."""
     import contextlib
     import io
 
@@ -184,9 +212,57 @@ def test_recipe_heatmap_source_reaches_the_pass_and_the_box_table(heatmap, expec
     recipe = load_recipe("recipes/dino_vit_tiny_cifar10_ccrop.yaml", [
         "data.dataset=small_objects", f"data.data_dir={data}", "data.batch_size=16", "data.num_workers=0",
         "data.image_size=32", "method.options.out_dim=64", "train.epochs=2", "train.knn_every=0",
-        "train.show_images=0", "crop.warmup_epochs=1", "crop.loc_interval=1", f"crop.heatmap={heatmap}"])
+        "train.show_images=0", "crop.warmup_epochs=1", "crop.loc_interval=1", f"crop.heatmap={heatmap}",
+        f"crop.follow_images={follow_images}"])
     with contextlib.redirect_stdout(io.StringIO()):
         train(recipe, tmp_path / "run")
     table = BoxTable.load(tmp_path / "run" / "boxes.parquet")
+    scores = table.metadata.get("heatmap_follow")
+    if expected is None:  # chosen: the better follow score (attention on a tie)
+        assert set(scores) == set(VIT_HEATMAPS)
+        expected = max(VIT_HEATMAPS, key=lambda source: (scores[source], source == "cls_attention"))
+    else:
+        assert scores is None
     assert table.metadata["heatmap_source"] == expected and table.metadata["backbone"] == "vit_tiny_patch16_224"
     assert table.metadata["localizer_network"] == "vit_tiny_patch16_224"  # the teacher, a ViT of that architecture
+
+
+@torch.no_grad()
+def positional_vit(follows: str) -> VisionTransformer:
+    """The planted-patch ViT with a bump on cell (0, 0) of the position embedding (channel 5), in every image.
+    ``follows="cls_attention"``: a tall bump that dominates the token norm, while the attention keeps reading
+    the brightness, so only the attention follows the content. ``follows="feature_norm"``: a low bump that the
+    attention's key reads instead, so only the token norm follows the content."""
+    model = planted_patch_vit()
+    bump_channel, key = 5, model.blocks[-1].attn.qkv.weight
+    model.pos_embed[0, 1, bump_channel] = 5.0 if follows == "cls_attention" else 0.3  # token 0 is the class token
+    if follows == "feature_norm":
+        key[DIM, 0], key[DIM, bump_channel] = 0.0, 4.0
+    return model
+
+
+@pytest.mark.parametrize("follows", VIT_HEATMAPS)
+def test_auto_pass_keeps_the_vit_map_whose_boxes_follow_the_content(follows):
+    """With the follow check, heatmap="auto" on a ViT checks both maps in one pass and keeps the boxes of the
+    one that follows the content: its score and boxes are those of a pass with that source alone."""
+    model = positional_vit(follows)
+    images, cells = planted_images()
+    inner = [i for i, (r, c) in enumerate(cells) if 2 <= r < GRID - 2 and 2 <= c < GRID - 2]  # in both windows
+    images = images[inner]
+    ids = torch.arange(len(images))
+    loader = [(images[i:i + 8], ids[i:i + 8]) for i in range(0, len(images), 8)]
+    alone = {}
+    for source in VIT_HEATMAPS:
+        check = FollowCheck(images=len(images))
+        _, boxes = localize_boxes(model, loader, k=0.5, heatmap=source, progress=False, follow=check)
+        alone[source] = (check.score(), boxes)
+    assert alone[follows][0] > 0.9 and max(score for score, _ in alone.values() if score != alone[follows][0]) < 0.2
+    check = FollowCheck(images=len(images))
+    _, boxes = localize_boxes(model, loader, k=0.5, heatmap="auto", progress=False, follow=check)
+    assert check.sources == VIT_HEATMAPS and check.source == follows
+    torch.testing.assert_close(check.scores(), torch.tensor([alone[s][0] for s in VIT_HEATMAPS], dtype=torch.float64))
+    assert check.score() == pytest.approx(alone[follows][0])
+    assert torch.equal(boxes, alone[follows][1])
+    # without the check there is nothing to choose by: the attention, as before
+    _, unchecked = localize_boxes(model, loader, k=0.5, heatmap="auto", progress=False)
+    assert torch.equal(unchecked, localize_boxes(model, loader, k=0.5, heatmap="cls_attention", progress=False)[1])

@@ -141,7 +141,7 @@ def test_a_pass_reports_whether_its_boxes_follow_the_content(flip):
     for name, model in (("content", BrightnessMap()), ("prior", FixedMap())):
         check = FollowCheck(images=24)
         _, boxes = localize_boxes(model, loader, k=0.5, flip=flip, progress=False, follow=check)
-        assert (~check.gathered.isnan().any(dim=1)).sum() == 24  # the first 24 of 40
+        assert (~check.gathered.isnan().flatten(1).any(dim=1)).sum() == 24  # the first 24 of 40
         assert check.count == 24
         scores[name] = check.score()
         quality = box_quality(boxes, truth, follow=scores[name])
@@ -150,3 +150,19 @@ def test_a_pass_reports_whether_its_boxes_follow_the_content(flip):
     assert scores["content"] > 0.9
     # a fixed map scores 0; flip averaging makes it symmetric, so its boxes are the same centred box: 0 too
     assert abs(scores["prior"]) < 0.05
+
+
+def test_several_sources_the_best_follower_wins():
+    """Offsets [N, S, 2] of a pass that compared heatmap sources: a score per source, the best one (the first
+    on a tie) gives the pass's score and name; rows past the checked images (NaN) are left out."""
+    frame, content = torch.ones(6, 2), torch.zeros(6, 2)  # moves with the frame / stays on the content
+    offsets = torch.stack([frame, content, content + 0.5], dim=1)
+    offsets[4:] = float("nan")
+    check = FollowCheck(images=4)
+    check.record(offsets, ("attention", "norm", "half"))
+    torch.testing.assert_close(check.scores(), torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64))
+    assert (check.best, check.source, check.score()) == (1, "norm", 1.0)
+    check.record(torch.stack([content, content], dim=1), ("attention", "norm"))
+    assert (check.best, check.source) == (0, "attention")
+    check.record(content)  # one source, no names: the single-source pass
+    assert (check.best, check.source, check.score()) == (0, None, 1.0)

@@ -557,6 +557,22 @@ def test_card_says_how_the_boxes_were_made(localizer, expected, tmp_path):
     assert "**Boxes:**" not in plain and "Boxes and heatmaps:" not in plain
 
 
+def test_card_says_the_follow_check_chose_the_heatmap(tmp_path):
+    """A pass that chose between a ViT's two maps (crop.heatmap auto) records both follow scores; the card
+    names the chosen map and the scores it was chosen by."""
+    from huggingface_hub import ModelCard
+
+    run_dir, _ = make_run(tmp_path / "run")
+    table = BoxTable.load(run_dir / "boxes.parquet")
+    table.metadata.update(heatmap_source="feature_norm", heatmap_follow={"cls_attention": -0.012, "feature_norm": 0.7712},
+                          localizer="the backbone being trained", localizer_network="vit_tiny_patch16_224", k=0.5)
+    table.save(run_dir / "boxes.parquet")
+    text = ModelCard.load(export_run(run_dir, tmp_path / "out") / "README.md").text
+    assert ("heatmaps from the last feature map (channel sum; token L2 norm for a ViT) of `vit_tiny_patch16_224` (the "
+            "backbone being trained) (chosen by the follow check: its boxes follow the content 0.77, cls_attention "
+            "-0.01); rule `threshold` at k = 0.5") in text
+
+
 @pytest.mark.parametrize(("method", "dataset", "expected"), [
     ("moco_v2", "cifar10", PAPER_LINEAR_TOP1[("moco", "cifar10")]),
     ("moco_v1", "ILSVRC/imagenet-1k", PAPER_LINEAR_TOP1[("moco_v1", "imagenet-1k")]),

@@ -234,7 +234,12 @@ def boxes_made_by(box_meta: Mapping[str, Any]) -> str | None:
         of += f" ({localizer})" if localizer == TRAINED_BACKBONE else f" (an external localizer, `{localizer}`)"
     rule = f"rule `{box_meta.get('box_rule', 'threshold')}` at k = {box_meta.get('k')}"
     flip = ", heatmaps averaged with those of the image turned by 180 degrees" if box_meta.get("heatmap_flip") else ""
-    return f"heatmaps from {HEATMAP_NAMES.get(source, source)}{of}; {rule}{flip}"
+    chosen = ""
+    follow = box_meta.get("heatmap_follow") or {}
+    if len(follow) > 1 and source in follow:
+        others = ", ".join(f"{name} {score:.2f}" for name, score in follow.items() if name != source)
+        chosen = f" (chosen by the follow check: its boxes follow the content {follow[source]:.2f}, {others})"
+    return f"heatmaps from {HEATMAP_NAMES.get(source, source)}{of}{chosen}; {rule}{flip}"
 
 
 def build_model_card(

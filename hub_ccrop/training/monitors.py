@@ -58,7 +58,7 @@ def localization_pass(accelerator: Accelerator, encoder, run_data: RunData, stat
     seconds = time.perf_counter() - start
     state.boxes.update(ids, boxes)
     state.boxes.metadata.update(epoch=state.epoch, **table_metadata(recipe.crop, localizer),
-                                heatmap_source=heatmap_source(localizer.model, recipe.crop.heatmap))
+                                **heatmap_choice(follow, localizer, recipe.crop.heatmap))
     check_same_on_every_process(accelerator, state.boxes.boxes)
     gt = run_data.gt_boxes[ids] if run_data.gt_boxes is not None else None
     stats = {"loc_seconds": seconds, "loc_images": len(ids), "localizer": localizer.source} | box_quality(
@@ -70,6 +70,18 @@ def localization_pass(accelerator: Accelerator, encoder, run_data: RunData, stat
         draw_picture(localizer, run_data, collate, state, recipe, out / "pictures" / f"localization_epoch_{state.epoch:04d}.png")
     accelerator.wait_for_everyone()
     return stats
+
+
+def heatmap_choice(follow: FollowCheck | None, localizer: Localizer, heatmap: str) -> dict[str, object]:
+    """What a box table records about its heatmap: the source the pass used and, when the follow check chose
+    it among several (``crop.heatmap: auto`` on a ViT), every candidate's follow score."""
+    if follow is None or follow.source is None:
+        return {"heatmap_source": heatmap_source(localizer.model, heatmap)}
+    scores = follow.scores()
+    choice: dict[str, object] = {"heatmap_source": follow.source}
+    if len(follow.sources) > 1 and scores is not None:
+        choice["heatmap_follow"] = {name: round(float(score), 4) for name, score in zip(follow.sources, scores, strict=True)}
+    return choice
 
 
 def sync_buffers(accelerator: Accelerator, module: torch.nn.Module) -> None:
@@ -107,7 +119,8 @@ def draw_picture(localizer: Localizer, run_data: RunData, collate: EvalCollate, 
     images, ids, _ = collate(rows)
     with evaluating(localizer.model) as encoder:
         maps = input_heatmaps(encoder, localizer.prepare(images.to(model_device(encoder))),
-                              recipe.crop.heatmap_alignment, recipe.crop.heatmap_flip, recipe.crop.heatmap)[0].cpu()
+                              recipe.crop.heatmap_alignment, recipe.crop.heatmap_flip,
+                              state.boxes.metadata.get("heatmap_source", recipe.crop.heatmap))[0].cpu()  # the pass's
     gt = run_data.gt_boxes[ids] if run_data.gt_boxes is not None else None
     draw_localization_grid(to_uint8(images, run_data.spec.mean, run_data.spec.std), maps, state.boxes.lookup(ids),
                            path, alpha=recipe.crop.alpha, scale=recipe.crop.scale, ratio=recipe.crop.ratio,
