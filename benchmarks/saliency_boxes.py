@@ -12,6 +12,10 @@ below is turned into boxes by the library's rules (``hub_ccrop.localize.boxes_fr
 - ``border_gaussian``: the Mahalanobis distance from a Gaussian fitted to the border pixels' colours.
 
     .venv/bin/python benchmarks/saliency_boxes.py --rows 8000
+    .venv/bin/python benchmarks/saliency_boxes.py --study room --rows 8000
+
+``room``: how much a localizer can gain over the centred box at all: the objects' own boxes centred, and
+boxes of fixed sides on the objects' true centres against the same boxes centred.
 
 Reads ``$HUB_CCROP_SHARED/data/tiny_imagenet_boxes`` (the pretraining rows of ``tiny_imagenet_boxes.py``);
 writes ``benchmarks/evidence/saliency_boxes[_TAG].json``.
@@ -26,6 +30,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import kornia
 import numpy as np
@@ -42,6 +47,7 @@ from evidence_small_objects import EVIDENCE, machine  # noqa: E402
 from tiny_imagenet_boxes import default_data_dir  # noqa: E402
 
 from hub_ccrop.box_quality import box_quality  # noqa: E402
+from hub_ccrop.boxes import box_centres  # noqa: E402
 from hub_ccrop.localize import boxes_from_maps, normalize_heatmaps  # noqa: E402
 
 BORDER = 4  # pixels of the border strips (1/16 of a 64 px photo)
@@ -104,13 +110,24 @@ SALIENCY: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=8000)
-    parser.add_argument("--tag", default="")
-    args = parser.parse_args()
-    tic = time.perf_counter()
-    images, gt = load_photos(args.rows)
+def room(gt: torch.Tensor) -> dict[str, Any]:
+    """The centred-box baseline of the objects' own boxes, and what knowing the objects' centres is worth."""
+    centres = box_centres(gt)
+    out: dict[str, Any] = {"objects_centre_mean": centres.mean(dim=0).tolist(), "objects_centre_std": centres.std(dim=0).tolist(),
+                           "objects_centred": box_quality(gt, gt).metrics(), "fixed_side": {}}
+    for side in (0.5, 0.6, 0.7, 0.8):
+        boxes = torch.cat([centres - side / 2, centres + side / 2], dim=1).clamp(0, 1)
+        q = box_quality(boxes, gt).metrics()
+        out["fixed_side"][side] = q
+        print(f"side {side}: on the objects' centres {q['box_iou']:.3f} vs centred {q['box_iou_centred']:.3f}; small "
+              f"{q['box_iou_small']:.3f} vs {q['box_iou_centred_small']:.3f}")
+    q = out["objects_centred"]
+    print(f"the objects' own boxes, centred: IoU {q['box_iou_centred']:.3f} (small {q['box_iou_centred_small']:.3f}); "
+          f"objects' centre {out['objects_centre_mean']} +- {out['objects_centre_std']}")
+    return out
+
+
+def saliency_study(images: torch.Tensor, gt: torch.Tensor) -> dict[str, Any]:
     results = []
     for name, saliency in SALIENCY.items():
         maps, constant = normalize_heatmaps(torch.cat([saliency(batch) for batch in images.split(1000)]))
@@ -127,10 +144,22 @@ def main() -> None:
     best_small = max(results, key=lambda r: r["gain_small"])
     print(f"best overall: {best['saliency']} {best['rule']} k {best['k']} {best['gain']:+.3f}; best on small objects: "
           f"{best_small['saliency']} {best_small['rule']} k {best_small['k']} {best_small['gain_small']:+.3f}")
-    out = {"images": len(images), "results": results,
-           "meta": {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "seconds": time.perf_counter() - tic,
-                    "command": " ".join([".venv/bin/python", "benchmarks/saliency_boxes.py", *sys.argv[1:]])}}
-    path = EVIDENCE / f"saliency_boxes{'_' + args.tag if args.tag else ''}.json"
+    return {"results": results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study", choices=("saliency", "room"), default="saliency")
+    parser.add_argument("--rows", type=int, default=8000)
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args()
+    tic = time.perf_counter()
+    images, gt = load_photos(args.rows)
+    out = {"images": len(images), **(saliency_study(images, gt) if args.study == "saliency" else room(gt))}
+    out["meta"] = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "seconds": time.perf_counter() - tic,
+                   "command": " ".join([".venv/bin/python", "benchmarks/saliency_boxes.py", *sys.argv[1:]])}
+    name = "saliency_boxes" if args.study == "saliency" else "box_room"
+    path = EVIDENCE / f"{name}{'_' + args.tag if args.tag else ''}.json"
     path.write_text(json.dumps(out, indent=1))
     print(f"wrote {path}")
 
