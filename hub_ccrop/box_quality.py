@@ -27,7 +27,7 @@ from torch import Tensor
 from hub_ccrop.boxes import box_centres, pairwise_box_iou
 from hub_ccrop.localize import TRAINED_BACKBONE
 
-__all__ = ["BOX_KEYS", "SMALL_AREA", "BoxQuality", "box_areas", "box_centres", "box_quality", "box_verdict",
+__all__ = ["BOX_KEYS", "FOLLOW_OF", "SMALL_AREA", "BoxQuality", "box_areas", "box_centres", "box_quality", "box_verdict",
            "centred_boxes", "pass_line", "quality_line"]
 
 SMALL_AREA = 0.25  # "small object": ground-truth box area <= 25% of the image
@@ -40,6 +40,9 @@ FOLLOWS, DOES_NOT_FOLLOW = 0.5, 0.2
 BOX_KEYS = ("box_iou", "box_iou_whole_image", "box_iou_centred", "box_iou_small", "box_iou_whole_image_small",
             "box_iou_centred_small", "small_objects", "box_area", "box_centre_x", "box_centre_y", "gt_centre_x",
             "gt_centre_y", "box_follow")
+
+
+FOLLOW_OF = "box_follow_of_"  # + a heatmap source: a pass record's follow score of each map it chose between
 
 
 def box_areas(boxes: Tensor) -> Tensor:
@@ -178,7 +181,12 @@ def box_verdict(metrics: Mapping[str, Any]) -> str | None:
 
 
 def pass_line(record: Mapping[str, Any]) -> str:
-    """A localization pass's log line: how many images, how long, with which localizer, and :func:`quality_line`."""
+    """A localization pass's log line: how many images, how long, with which localizer (and which of a ViT's
+    heatmaps, when the pass chose), and :func:`quality_line`."""
     who = record.get("localizer", TRAINED_BACKBONE)
     by = "" if who == TRAINED_BACKBONE else f" with {who}"
+    scores = {key.removeprefix(FOLLOW_OF): value for key, value in record.items() if key.startswith(FOLLOW_OF)}
+    if len(scores) > 1:
+        by += (f", heatmap {record['heatmap_source']} (its boxes follow the content best: "
+               + ", ".join(f"{name} {score:.2f}" for name, score in scores.items()) + ")")
     return f"localized {record['loc_images']} images in {record['loc_seconds']:.1f}s{by}: {quality_line(record)}"

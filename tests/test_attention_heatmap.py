@@ -202,6 +202,7 @@ def test_recipe_heatmap_source_reaches_the_pass_and_the_box_table(heatmap, follo
     box table's metadata says which, with the scores it was chosen by."""
     import contextlib
     import io
+    import json
 
     from hub_ccrop.boxes import BoxTable
     from hub_ccrop.recipe import load_recipe
@@ -214,15 +215,22 @@ def test_recipe_heatmap_source_reaches_the_pass_and_the_box_table(heatmap, follo
         "data.image_size=32", "method.options.out_dim=64", "train.epochs=2", "train.knn_every=0",
         "train.show_images=0", "crop.warmup_epochs=1", "crop.loc_interval=1", f"crop.heatmap={heatmap}",
         f"crop.follow_images={follow_images}"])
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
         train(recipe, tmp_path / "run")
     table = BoxTable.load(tmp_path / "run" / "boxes.parquet")
     scores = table.metadata.get("heatmap_follow")
+    record = [r for r in json.loads((tmp_path / "run" / "metrics.json").read_text())["history"] if "loc_images" in r][-1]
     if expected is None:  # chosen: the better follow score (attention on a tie)
         assert set(scores) == set(VIT_HEATMAPS)
         expected = max(VIT_HEATMAPS, key=lambda source: (scores[source], source == "cls_attention"))
+        assert record["box_follow"] == pytest.approx(scores[expected], abs=1e-4)
+        assert {name: record[f"box_follow_of_{name}"] for name in VIT_HEATMAPS} == pytest.approx(scores, abs=1e-4)
+        assert (f"heatmap {expected} (its boxes follow the content best: cls_attention "
+                f"{scores['cls_attention']:.2f}, feature_norm {scores['feature_norm']:.2f})") in printed.getvalue()
     else:
-        assert scores is None
+        assert scores is None and not any(key.startswith("box_follow_of_") for key in record)
+        assert "follow the content best" not in printed.getvalue()
+    assert record["heatmap_source"] == expected
     assert table.metadata["heatmap_source"] == expected and table.metadata["backbone"] == "vit_tiny_patch16_224"
     assert table.metadata["localizer_network"] == "vit_tiny_patch16_224"  # the teacher, a ViT of that architecture
 

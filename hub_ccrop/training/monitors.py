@@ -12,7 +12,7 @@ from accelerate import Accelerator
 
 from hub_ccrop.attention import heatmap_source
 from hub_ccrop.box_follow import FollowCheck
-from hub_ccrop.box_quality import box_centres, box_quality
+from hub_ccrop.box_quality import FOLLOW_OF, box_centres, box_quality
 from hub_ccrop.distributed import default_autocast_dtype
 from hub_ccrop.evaluate import extract_features, knn_accuracy
 from hub_ccrop.inference import evaluating, model_device
@@ -57,12 +57,14 @@ def localization_pass(accelerator: Accelerator, encoder, run_data: RunData, stat
                                 heatmap=recipe.crop.heatmap, follow=follow)
     seconds = time.perf_counter() - start
     state.boxes.update(ids, boxes)
-    state.boxes.metadata.update(epoch=state.epoch, **table_metadata(recipe.crop, localizer),
-                                **heatmap_choice(follow, localizer, recipe.crop.heatmap))
+    choice = heatmap_choice(follow, localizer, recipe.crop.heatmap)
+    state.boxes.metadata.update(epoch=state.epoch, **table_metadata(recipe.crop, localizer), **choice)
     check_same_on_every_process(accelerator, state.boxes.boxes)
     gt = run_data.gt_boxes[ids] if run_data.gt_boxes is not None else None
-    stats = {"loc_seconds": seconds, "loc_images": len(ids), "localizer": localizer.source} | box_quality(
-        boxes, gt, follow=follow.score() if follow is not None else None).metrics()
+    stats = {"loc_seconds": seconds, "loc_images": len(ids), "localizer": localizer.source,
+             "heatmap_source": choice["heatmap_source"],
+             **{f"{FOLLOW_OF}{name}": score for name, score in choice.get("heatmap_follow", {}).items()}}
+    stats |= box_quality(boxes, gt, follow=follow.score() if follow is not None else None).metrics()
     if accelerator.is_main_process:
         for suffix in (".parquet", ".safetensors"):
             state.boxes.save(out / "boxes" / f"epoch_{state.epoch:04d}{suffix}")
