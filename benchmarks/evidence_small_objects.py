@@ -50,6 +50,7 @@ import yaml  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from hub_ccrop.box_follow import FollowCheck  # noqa: E402
 from hub_ccrop.box_quality import box_quality  # noqa: E402
 from hub_ccrop.crop import object_miss_rate  # noqa: E402
 from hub_ccrop.evaluate import extract_features, knn_accuracy, linear_probe_on_features  # noqa: E402
@@ -213,15 +214,17 @@ def analyse_run(recipe: Recipe, run: Path, run_data: RunData, args: argparse.Nam
     for epoch in loc_epochs(args):
         model = backbones[epoch]
         tic = time.perf_counter()
+        check = FollowCheck(c.follow_images) if c.follow_images else None  # as the loop's pass: it may choose the map
         ids, boxes = localize_boxes(model, loader(run_data.pretrain, collate, 512, args.workers), k=c.k,
                                     alignment=c.heatmap_alignment, heatmap=c.heatmap, rule=c.box_rule,
-                                    flip=c.heatmap_flip, progress=False)
+                                    flip=c.heatmap_flip, progress=False, follow=check)
         seconds = time.perf_counter() - tic
         table = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(run_data.num_rows, 1)
         table[ids] = boxes.float()
         miss = object_miss_rate(run_data.gt_boxes, table, sizes, scale=c.scale, ratio=c.ratio, alpha=c.alpha)
         # box_iou beside the whole-image and centred same-size baselines, overall and on small objects
-        record = {"epoch": epoch, **box_quality(boxes, run_data.gt_boxes[ids]).metrics(),
+        record = {"epoch": epoch, "heatmap_source": check.source if check else c.heatmap,
+                  **box_quality(boxes, run_data.gt_boxes[ids], follow=check.score() if check else None).metrics(),
                   "miss_rate_rcrop": miss["rcrop"], "miss_rate_ccrop_with_these_boxes": miss["ccrop"],
                   "loc_seconds": seconds}
         trained = next((h for h in history if h["epoch"] == epoch and "box_iou" in h), None)
@@ -246,14 +249,15 @@ def analyse_run(recipe: Recipe, run: Path, run_data: RunData, args: argparse.Nam
 
 
 def picture(recipe: Recipe, run: Path, run_data: RunData, boxes_backbone: torch.nn.Module, path: Path,
-            n: int) -> None:
-    """Heatmaps, localized boxes (yellow), ground truth (cyan) and crop pairs of the final backbone."""
+            n: int, heatmap: str) -> None:
+    """Heatmaps (of ``heatmap``, the final pass's source), localized boxes (yellow), ground truth (cyan) and crop
+    pairs of the final backbone."""
     positions = torch.linspace(0, len(run_data.pretrain) - 1, n).long()
     rows = [run_data.pretrain[int(i)] for i in positions]
     images, ids, _ = EvalCollate(run_data.spec, purpose="localize")(rows)
     c = recipe.crop
     with torch.no_grad():
-        maps, constant = input_heatmaps(boxes_backbone, images, c.heatmap_alignment, c.heatmap_flip, c.heatmap)
+        maps, constant = input_heatmaps(boxes_backbone, images, c.heatmap_alignment, c.heatmap_flip, heatmap)
     boxes = boxes_from_maps(maps, constant, c.k, c.box_rule, c.heatmap_alignment)
     draw_localization_grid(to_uint8(images, run_data.spec.mean, run_data.spec.std), maps, boxes, path,
                            alpha=recipe.crop.alpha, scale=recipe.crop.scale, ratio=recipe.crop.ratio,
@@ -390,7 +394,7 @@ def main() -> None:
             print(json.dumps({k: result[k] for k in ("mode", "seed", "final", "passes")}, indent=1), flush=True)
             if seed == args.seeds[0] and not args.add_to:  # the pictures of the first study's first seed stay
                 picture(recipe, run, run_data, backbone_from_state(recipe, load_file(str(run / "backbone.safetensors"))),
-                        EVIDENCE / f"small_objects{tag}_boxes_{mode}.png", args.show)
+                        EVIDENCE / f"small_objects{tag}_boxes_{mode}.png", args.show, result["passes"][-1]["heatmap_source"])
                 trained = sorted((run / "pictures").glob("localization_epoch_*.png"))
                 if trained:  # the training loop's own picture after its last localization pass
                     shutil.copy(trained[-1], EVIDENCE / f"small_objects{tag}_train_loop_{trained[-1].name}")

@@ -119,6 +119,10 @@ def show(source: str, *, inputs: list[str] | None = None, num_images: int = 8, k
                                   title=f"{source}: {follow.source} heatmaps at k={k} ({alignment} alignment), "
                                         f"crops at alpha={alpha}")
     print(f"wrote {path} ({len(images)} images: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
+    scores = follow.scores()
+    if len(follow.sources) > 1:  # a ViT: say which of its two maps drew the boxes, and why
+        print(f"heatmap: {follow.source} (its boxes follow the content best: "
+              + ", ".join(f"{name} {score:.2f}" for name, score in zip(follow.sources, scores.tolist(), strict=True)) + ")")
     metrics = box_quality(boxes, gt, follow=follow.score()).metrics()
     verdict = box_verdict(metrics)
     print(f"boxes of these {len(images)} images: {quality_line(metrics)}" + (f"\n  so {verdict}" if verdict else ""))

@@ -4,6 +4,7 @@ the box, patch cells are centred, registers are left out, and the map equals tim
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import timm
@@ -274,3 +275,26 @@ def test_auto_pass_keeps_the_vit_map_whose_boxes_follow_the_content(follows):
     # without the check there is nothing to choose by: the attention, as before
     _, unchecked = localize_boxes(model, loader, k=0.5, heatmap="auto", progress=False)
     assert torch.equal(unchecked, localize_boxes(model, loader, k=0.5, heatmap="cls_attention", progress=False)[1])
+
+
+def test_show_says_which_vit_map_drew_the_boxes(tmp_path, capsys):
+    """hub-ccrop show on a ViT chooses between its two maps as a pass does, and says which and why."""
+    from PIL import Image
+    from test_hub import make_run
+
+    from hub_ccrop.show import show
+
+    run, _ = make_run(tmp_path / "run", model_name="vit_tiny_patch16_224", image_size=224)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for k in range(3):
+        image = Image.new("RGB", (80, 64), (30, 30, 30))
+        image.paste((250, 200, 40), (10 + 20 * k, 12, 40 + 20 * k, 44))
+        image.save(photos / f"p{k}.png")
+    show(str(run), inputs=[str(photos)], out=tmp_path / "show.png")
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("heatmap: "))
+    chosen = line.split()[1]
+    scores = {name: float(score) for name, score in re.findall(r"(cls_attention|feature_norm) (-?\d+\.\d\d)", line)}
+    assert set(scores) == set(VIT_HEATMAPS) and scores[chosen] == max(scores.values())
+    assert f"boxes follow the content {scores[chosen]:.2f}" in out
