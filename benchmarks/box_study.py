@@ -231,7 +231,7 @@ def follow(args: argparse.Namespace) -> dict[str, Any]:
         check = FollowCheck(images=len(images))
         _, boxes = localize_boxes(model, loader, heatmap=c.heatmap, **box_settings(c), progress=False, follow=check)
         q = box_quality(boxes, gt, follow=check.score()).metrics()
-        scores = dict(zip(check.sources, check.scores().tolist(), strict=True))
+        scores = check.source_scores()
         out[run.name] = {"dataset": recipe.data.dataset, "heatmap": c.heatmap, "heatmap_chosen": check.source,
                          "heatmap_follow": scores, "heatmap_flip": c.heatmap_flip, "k": c.k, "box_rule": c.box_rule,
                          **q, "gain": q["box_iou"] - q["box_iou_centred"],

@@ -103,6 +103,13 @@ class FollowCheck:
         """The name of :attr:`best` when :meth:`record` was given the sources."""
         return self.sources[self.best] if self.sources else None
 
+    def source_scores(self) -> dict[str, float]:
+        """``{source: score}`` of the named sources (empty without names or scores)."""
+        scores = self.scores()
+        if scores is None or not self.sources:
+            return {}
+        return {name: float(score) for name, score in zip(self.sources, scores, strict=True)}
+
     def score(self) -> float | None:
         """The score of :attr:`best`; None when no image was checked."""
         scores = self.scores()

@@ -28,7 +28,7 @@ from hub_ccrop.boxes import box_centres, pairwise_box_iou
 from hub_ccrop.localize import TRAINED_BACKBONE
 
 __all__ = ["BOX_KEYS", "FOLLOW_OF", "SMALL_AREA", "BoxQuality", "box_areas", "box_centres", "box_quality", "box_verdict",
-           "centred_boxes", "pass_line", "quality_line"]
+           "centred_boxes", "heatmap_choice_line", "pass_line", "quality_line"]
 
 SMALL_AREA = 0.25  # "small object": ground-truth box area <= 25% of the image
 KNOWS_GAIN = 0.02  # IoU over the centred box of the same size that counts as knowing where the objects are
@@ -180,6 +180,12 @@ def box_verdict(metrics: Mapping[str, Any]) -> str | None:
     return f"the boxes follow the image content only in part (box_follow {follow:.2f})"
 
 
+def heatmap_choice_line(source: str, scores: Mapping[str, float]) -> str:
+    """Which heatmap a pass (or ``show``) chose among several, and the follow scores it chose by."""
+    return (f"heatmap {source} (its boxes follow the content best: "
+            + ", ".join(f"{name} {score:.2f}" for name, score in scores.items()) + ")")
+
+
 def pass_line(record: Mapping[str, Any]) -> str:
     """A localization pass's log line: how many images, how long, with which localizer (and which of a ViT's
     heatmaps, when the pass chose), and :func:`quality_line`."""
@@ -187,6 +193,5 @@ def pass_line(record: Mapping[str, Any]) -> str:
     by = "" if who == TRAINED_BACKBONE else f" with {who}"
     scores = {key.removeprefix(FOLLOW_OF): value for key, value in record.items() if key.startswith(FOLLOW_OF)}
     if len(scores) > 1:
-        by += (f", heatmap {record['heatmap_source']} (its boxes follow the content best: "
-               + ", ".join(f"{name} {score:.2f}" for name, score in scores.items()) + ")")
+        by += f", {heatmap_choice_line(record['heatmap_source'], scores)}"
     return f"localized {record['loc_images']} images in {record['loc_seconds']:.1f}s{by}: {quality_line(record)}"

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from hub_ccrop.box_follow import FollowCheck
-from hub_ccrop.box_quality import box_quality, box_verdict, quality_line
+from hub_ccrop.box_quality import box_quality, box_verdict, heatmap_choice_line, quality_line
 from hub_ccrop.data import decode_to_tensor
 from hub_ccrop.errors import UserError
 from hub_ccrop.evaluate import backbone_data_config, load_backbone
@@ -119,10 +119,8 @@ def show(source: str, *, inputs: list[str] | None = None, num_images: int = 8, k
                                   title=f"{source}: {follow.source} heatmaps at k={k} ({alignment} alignment), "
                                         f"crops at alpha={alpha}")
     print(f"wrote {path} ({len(images)} images: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
-    scores = follow.scores()
     if len(follow.sources) > 1:  # a ViT: say which of its two maps drew the boxes, and why
-        print(f"heatmap: {follow.source} (its boxes follow the content best: "
-              + ", ".join(f"{name} {score:.2f}" for name, score in zip(follow.sources, scores.tolist(), strict=True)) + ")")
+        print(heatmap_choice_line(follow.source, follow.source_scores()))
     metrics = box_quality(boxes, gt, follow=follow.score()).metrics()
     verdict = box_verdict(metrics)
     print(f"boxes of these {len(images)} images: {quality_line(metrics)}" + (f"\n  so {verdict}" if verdict else ""))

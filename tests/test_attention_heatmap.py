@@ -293,7 +293,7 @@ def test_show_says_which_vit_map_drew_the_boxes(tmp_path, capsys):
         image.save(photos / f"p{k}.png")
     show(str(run), inputs=[str(photos)], out=tmp_path / "show.png")
     out = capsys.readouterr().out
-    line = next(line for line in out.splitlines() if line.startswith("heatmap: "))
+    line = next(line for line in out.splitlines() if line.startswith("heatmap "))
     chosen = line.split()[1]
     scores = {name: float(score) for name, score in re.findall(r"(cls_attention|feature_norm) (-?\d+\.\d\d)", line)}
     assert set(scores) == set(VIT_HEATMAPS) and scores[chosen] == max(scores.values())

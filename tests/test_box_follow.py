@@ -162,7 +162,8 @@ def test_several_sources_the_best_follower_wins():
     check.record(offsets, ("attention", "norm", "half"))
     torch.testing.assert_close(check.scores(), torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64))
     assert (check.best, check.source, check.score()) == (1, "norm", 1.0)
+    assert check.source_scores() == {"attention": 0.0, "norm": 1.0, "half": 0.5}
     check.record(torch.stack([content, content], dim=1), ("attention", "norm"))
     assert (check.best, check.source) == (0, "attention")
     check.record(content)  # one source, no names: the single-source pass
-    assert (check.best, check.source, check.score()) == (0, None, 1.0)
+    assert (check.best, check.source, check.score(), check.source_scores()) == (0, None, 1.0, {})

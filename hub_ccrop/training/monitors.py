@@ -79,11 +79,10 @@ def heatmap_choice(follow: FollowCheck | None, localizer: Localizer, heatmap: st
     it among several (``crop.heatmap: auto`` on a ViT), every candidate's follow score."""
     if follow is None or follow.source is None:
         return {"heatmap_source": heatmap_source(localizer.model, heatmap)}
-    scores = follow.scores()
-    choice: dict[str, object] = {"heatmap_source": follow.source}
-    if len(follow.sources) > 1 and scores is not None:
-        choice["heatmap_follow"] = {name: round(float(score), 4) for name, score in zip(follow.sources, scores, strict=True)}
-    return choice
+    scores = follow.source_scores()
+    if len(scores) < 2:
+        return {"heatmap_source": follow.source}
+    return {"heatmap_source": follow.source, "heatmap_follow": {name: round(score, 4) for name, score in scores.items()}}
 
 
 def sync_buffers(accelerator: Accelerator, module: torch.nn.Module) -> None:
