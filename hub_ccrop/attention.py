@@ -9,13 +9,13 @@ softmax is recomputed from it (``q`` of one token against every ``k``: ``O(N)`` 
 
 The two can disagree: a briefly trained ViT's attention can be inverted (cold on every object) while its
 token norm sits on the objects (``benchmarks/README.md``, the DINO ViT study). So both maps come from the
-same forward pass (:func:`vit_heatmaps`), and with ``auto`` a localization pass keeps the one whose boxes
-follow the content best (:mod:`hub_ccrop.box_follow`).
+same forward pass (:func:`vit_heatmaps`), and with ``auto`` a localization pass keeps the attention unless
+its boxes fail the follow check (:mod:`hub_ccrop.box_follow`), then the map whose boxes follow the content best.
 
 Heatmap sources (a recipe's ``crop.heatmap``): ``cls_attention`` (this module), ``feature_norm`` (the
 last feature map: channel sum for CNNs, token L2 norm for ViTs) and ``auto`` (for a ViT with class-token
-attention, the one of the two that the pass's follow check prefers, attention when the check is off; the
-feature map otherwise).
+attention, the attention, or the token norm in a pass where the attention's boxes fail the follow check;
+the feature map otherwise).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def heatmap_source(model: nn.Module, source: str = "auto") -> str:
 
 def heatmap_candidates(model: nn.Module, source: str = "auto") -> tuple[str, ...]:
     """The sources a pass may choose between: both ViT maps for ``auto`` on a model with class-token
-    attention (the pass keeps the one whose boxes follow the content best), else ``heatmap_source``'s one."""
+    attention, the preferred one first (:attr:`hub_ccrop.box_follow.FollowCheck.best`), else ``heatmap_source``'s one."""
     if source == "auto" and supports_cls_attention(model):
         return VIT_HEATMAPS
     return (heatmap_source(model, source),)

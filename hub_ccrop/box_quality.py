@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hub_ccrop.box_follow import DOES_NOT_FOLLOW, FOLLOWS
 from hub_ccrop.boxes import box_centres, pairwise_box_iou
 from hub_ccrop.localize import TRAINED_BACKBONE
 
@@ -32,9 +33,6 @@ __all__ = ["BOX_KEYS", "FOLLOW_OF", "SMALL_AREA", "BoxQuality", "box_areas", "bo
 
 SMALL_AREA = 0.25  # "small object": ground-truth box area <= 25% of the image
 KNOWS_GAIN = 0.02  # IoU over the centred box of the same size that counts as knowing where the objects are
-# box_follow measured (benchmarks/README.md): 0.60-0.77 where boxes beat the centred box by 0.2-0.5, at most
-# 0.17 where they did not
-FOLLOWS, DOES_NOT_FOLLOW = 0.5, 0.2
 
 # the metric keys of BoxQuality.metrics(), in print order (train.py keeps the latest of each)
 BOX_KEYS = ("box_iou", "box_iou_whole_image", "box_iou_centred", "box_iou_small", "box_iou_whole_image_small",
@@ -182,7 +180,7 @@ def box_verdict(metrics: Mapping[str, Any]) -> str | None:
 
 def heatmap_choice_line(source: str, scores: Mapping[str, float]) -> str:
     """Which heatmap a pass (or ``show``) chose among several, and the follow scores it chose by."""
-    return (f"heatmap {source} (its boxes follow the content best: "
+    return (f"heatmap {source} (chosen by the follow check: "
             + ", ".join(f"{name} {score:.2f}" for name, score in scores.items()) + ")")
 
 

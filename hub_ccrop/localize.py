@@ -494,7 +494,8 @@ def localize_boxes(
     normalization and size, :class:`hub_ccrop.localizer.Localizer`); boxes are fractions of the image either way.
     ``follow``: a :class:`hub_ccrop.box_follow.FollowCheck`, run on the first images (its ``score()`` after).
     With ``heatmap="auto"`` on a ViT it checks both ViT maps (:func:`hub_ccrop.attention.heatmap_candidates`)
-    and the pass keeps the boxes of the one whose boxes follow the content best (``follow.source``).
+    and the pass keeps the attention's boxes unless they fail the check, then those of the map whose boxes
+    follow the content best (:attr:`hub_ccrop.box_follow.FollowCheck.best`; the kept one: ``follow.source``).
     """
     _check_alignment(alignment)
     _check_rule(rule)

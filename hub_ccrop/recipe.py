@@ -76,7 +76,7 @@ class CropConfig:
     alpha: float = 0.1  # Beta(alpha, alpha) of the crop centres inside the box (1: uniform; small: spread to the box's edges)
     k: float = 0.1  # heatmap threshold: the box bounds the pixels above k in the min-max normalized heatmap
     heatmap_alignment: str = "receptive_field"  # receptive_field | official (the official code's boxes, for reproduction)
-    heatmap: str = "auto"  # auto | cls_attention | feature_norm: where heatmaps come from (auto: the feature map for CNNs; for ViTs, attention or token norm, whichever's boxes follow the content better in each pass)
+    heatmap: str = "auto"  # auto | cls_attention | feature_norm: where heatmaps come from (auto: the feature map for CNNs; for ViTs the class-token attention, or the token norm in a pass where the attention's boxes fail the follow check)
     box_rule: str = "threshold"  # threshold (the paper's: around every pixel above k) | largest_component | quantile (k: each map's quantile)
     heatmap_flip: bool = True  # average each heatmap with the 180-degree-rotated image's: no positional prior
     follow_images: int = 512  # images per pass also localized through two shifted windows: do boxes follow the content? (0: off)

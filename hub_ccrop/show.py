@@ -107,7 +107,7 @@ def show(source: str, *, inputs: list[str] | None = None, num_images: int = 8, k
         raise ValueError("give --input FILES_OR_FOLDER (this source is not a run folder with its own data)")
     batch = localization_batch(images, cfg)
     # as a pass with crop.heatmap auto: the feature map of a CNN; of a ViT's two maps (class-token attention,
-    # token norm), the one whose boxes follow the content best on these images
+    # token norm), the attention unless its boxes fail the follow check on these images
     follow = FollowCheck(len(batch))
     _, boxes = localize_boxes(model, [(batch, torch.arange(len(batch)))], k=k, alignment=alignment,
                               rule=schedule.box_rule, flip=schedule.heatmap_flip, heatmap="auto", progress=False,

@@ -20,7 +20,7 @@ from hub_ccrop.attention import (
     supports_cls_attention,
     vit_heatmaps,
 )
-from hub_ccrop.box_follow import FollowCheck
+from hub_ccrop.box_follow import FOLLOWS, FollowCheck
 from hub_ccrop.localize import heatmaps, localize_boxes, model_boxes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -221,16 +221,17 @@ def test_recipe_heatmap_source_reaches_the_pass_and_the_box_table(heatmap, follo
     table = BoxTable.load(tmp_path / "run" / "boxes.parquet")
     scores = table.metadata.get("heatmap_follow")
     record = [r for r in json.loads((tmp_path / "run" / "metrics.json").read_text())["history"] if "loc_images" in r][-1]
-    if expected is None:  # chosen: the better follow score (attention on a tie)
+    if expected is None:  # chosen by the follow check
         assert set(scores) == set(VIT_HEATMAPS)
-        expected = max(VIT_HEATMAPS, key=lambda source: (scores[source], source == "cls_attention"))
+        keep = scores["cls_attention"] >= FOLLOWS  # the attention while its boxes follow, else the better follower
+        expected = "cls_attention" if keep else max(VIT_HEATMAPS, key=lambda s: (scores[s], s == "cls_attention"))
         assert record["box_follow"] == pytest.approx(scores[expected], abs=1e-4)
         assert {name: record[f"box_follow_of_{name}"] for name in VIT_HEATMAPS} == pytest.approx(scores, abs=1e-4)
-        assert (f"heatmap {expected} (its boxes follow the content best: cls_attention "
+        assert (f"heatmap {expected} (chosen by the follow check: cls_attention "
                 f"{scores['cls_attention']:.2f}, feature_norm {scores['feature_norm']:.2f})") in printed.getvalue()
     else:
         assert scores is None and not any(key.startswith("box_follow_of_") for key in record)
-        assert "follow the content best" not in printed.getvalue()
+        assert "chosen by the follow check" not in printed.getvalue()
     assert record["heatmap_source"] == expected
     assert table.metadata["heatmap_source"] == expected and table.metadata["backbone"] == "vit_tiny_patch16_224"
     assert table.metadata["localizer_network"] == "vit_tiny_patch16_224"  # the teacher, a ViT of that architecture

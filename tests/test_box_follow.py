@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from hub_ccrop.box_follow import FollowCheck, follow_offsets, window_boxes
+from hub_ccrop.box_follow import FOLLOWS, FollowCheck, follow_offsets, window_boxes
 from hub_ccrop.box_quality import box_quality, quality_line
 from hub_ccrop.localize import localize_boxes
 
@@ -152,9 +152,10 @@ def test_a_pass_reports_whether_its_boxes_follow_the_content(flip):
     assert abs(scores["prior"]) < 0.05
 
 
-def test_several_sources_the_best_follower_wins():
-    """Offsets [N, S, 2] of a pass that compared heatmap sources: a score per source, the best one (the first
-    on a tie) gives the pass's score and name; rows past the checked images (NaN) are left out."""
+def test_several_sources_the_preferred_one_unless_it_fails():
+    """Offsets [N, S, 2] of a pass that compared heatmap sources (the preferred one first): a score per source;
+    the preferred one is kept while its boxes follow the content (>= FOLLOWS), else the best follower (the
+    first on a tie); rows past the checked images (NaN) are left out."""
     frame, content = torch.ones(6, 2), torch.zeros(6, 2)  # moves with the frame / stays on the content
     offsets = torch.stack([frame, content, content + 0.5], dim=1)
     offsets[4:] = float("nan")
@@ -165,5 +166,9 @@ def test_several_sources_the_best_follower_wins():
     assert check.source_scores() == {"attention": 0.0, "norm": 1.0, "half": 0.5}
     check.record(torch.stack([content, content], dim=1), ("attention", "norm"))
     assert (check.best, check.source) == (0, "attention")
+    check.record(torch.stack([content + 1 - FOLLOWS, content], dim=1), ("attention", "norm"))
+    assert (check.best, check.score()) == (0, pytest.approx(FOLLOWS))  # follows just enough: kept, though norm does better
+    check.record(torch.stack([content + 1 - FOLLOWS + 0.01, content], dim=1), ("attention", "norm"))
+    assert (check.best, check.score()) == (1, 1.0)
     check.record(content)  # one source, no names: the single-source pass
     assert (check.best, check.source, check.score(), check.source_scores()) == (0, None, 1.0, {})
