@@ -29,7 +29,7 @@ from hub_ccrop.choices import HEATMAP_SOURCES
 __all__ = ["HEATMAP_SOURCES", "VIT_HEATMAPS", "cls_attention_maps", "heatmap_candidates", "heatmap_source",
            "supports_cls_attention", "vit_heatmaps"]
 
-VIT_HEATMAPS = ("cls_attention", "feature_norm")  # the order breaks ties: attention first, as DINO shows it
+VIT_HEATMAPS = ("cls_attention", "feature_norm")  # preferred first: the attention, the map DINO shows
 
 
 def _last_attention(model: nn.Module) -> Attention | None:
