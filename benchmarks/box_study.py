@@ -229,15 +229,19 @@ def follow(args: argparse.Namespace) -> dict[str, Any]:
         ids = torch.arange(len(images))
         loader = [(images[i:i + 500], ids[i:i + 500]) for i in range(0, len(images), 500)]
         check = FollowCheck(images=len(images))
+        tic = time.perf_counter()
         _, boxes = localize_boxes(model, loader, heatmap=c.heatmap, **box_settings(c), progress=False, follow=check)
+        seconds = time.perf_counter() - tic
         q = box_quality(boxes, gt, follow=check.score()).metrics()
         scores = check.source_scores()
         out[run.name] = {"dataset": recipe.data.dataset, "heatmap": c.heatmap, "heatmap_chosen": check.source,
                          "heatmap_follow": scores, "heatmap_flip": c.heatmap_flip, "k": c.k, "box_rule": c.box_rule,
+                         "follow_images": check.images, "pass_seconds": seconds,
                          **q, "gain": q["box_iou"] - q["box_iou_centred"],
                          "gain_small": q["box_iou_small"] - q["box_iou_centred_small"]}
         print(f"{run.name}: {check.source} gain {out[run.name]['gain']:+.3f} (small {out[run.name]['gain_small']:+.3f}), "
-              f"box_follow {q['box_follow']:.2f} ({', '.join(f'{k} {v:.2f}' for k, v in scores.items())})", flush=True)
+              f"box_follow {q['box_follow']:.2f} ({', '.join(f'{k} {v:.2f}' for k, v in scores.items())}); "
+              f"{len(images)} images in {seconds:.1f}s", flush=True)
     return out
 
 
