@@ -82,13 +82,10 @@ def spectral_residual(images: torch.Tensor) -> torch.Tensor:
     return blur(saliency[:, None], 2.5)[:, 0]
 
 
-def border_strips(lab: torch.Tensor) -> list[torch.Tensor]:
-    return [lab[:, :, :BORDER], lab[:, :, -BORDER:], lab[:, :, :, :BORDER], lab[:, :, :, -BORDER:]]
-
-
 def border_contrast(images: torch.Tensor) -> torch.Tensor:
     lab = blur(kornia.color.rgb_to_lab(images), 1.0)
-    means = [strip.mean(dim=(2, 3))[:, :, None, None] for strip in border_strips(lab)]
+    strips = [lab[:, :, :BORDER], lab[:, :, -BORDER:], lab[:, :, :, :BORDER], lab[:, :, :, -BORDER:]]
+    means = [strip.mean(dim=(2, 3))[:, :, None, None] for strip in strips]
     return torch.stack([(lab - mean).norm(dim=1) for mean in means]).min(dim=0).values
 
 

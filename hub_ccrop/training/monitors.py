@@ -77,11 +77,9 @@ def localization_pass(accelerator: Accelerator, encoder, run_data: RunData, stat
 def heatmap_choice(follow: FollowCheck | None, localizer: Localizer, heatmap: str) -> dict[str, object]:
     """What a box table records about its heatmap: the source the pass used and, when the follow check chose
     it among several (``crop.heatmap: auto`` on a ViT), every candidate's follow score."""
-    if follow is None or follow.source is None:
+    scores = follow.source_scores() if follow is not None else {}
+    if len(scores) < 2:  # no choice was made: the recipe's source
         return {"heatmap_source": heatmap_source(localizer.model, heatmap)}
-    scores = follow.source_scores()
-    if len(scores) < 2:
-        return {"heatmap_source": follow.source}
     return {"heatmap_source": follow.source, "heatmap_follow": {name: round(score, 4) for name, score in scores.items()}}
 
 
